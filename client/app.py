@@ -1,0 +1,42 @@
+"""The CareFL ClientApp: one per hospital node.
+
+``app`` is what ``flwr run`` and ``flower-supernode`` load; :func:`create_client_app` lets the
+local simulation pass site defaults (data path, cache root) that a real node sets in its node
+config instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from flwr.app import Context
+from flwr.client import Client
+from flwr.clientapp import ClientApp
+
+from client.backbone_mod import make_backbone_mod
+from client.numpy_client import SiteClient
+from client.site import site_environment
+from shared.offline import configure_flower_env
+
+
+def create_client_app(defaults: Mapping[str, str] | None = None) -> ClientApp:
+    """Build the ClientApp.
+
+    Parameters
+    ----------
+    defaults : Mapping[str, str], optional
+        Fallbacks for node-config keys (``data-path``, ``cache-root``).
+    """
+    configure_flower_env()
+    site_defaults = dict(defaults or {})
+
+    def client_fn(context: Context) -> Client:
+        return SiteClient(site_environment(context, site_defaults)).to_client()
+
+    def cache_dir_of(context: Context):  # type: ignore[no-untyped-def]
+        return site_environment(context, site_defaults).cache_dir
+
+    return ClientApp(client_fn=client_fn, mods=[make_backbone_mod(cache_dir_of)])
+
+
+app = create_client_app()

@@ -1,0 +1,147 @@
+"""The CareFL ServerApp, run by the consortium.
+
+It resolves and verifies the backbone, builds the initial exchanged tensors, distributes the
+backbone once, then runs Flower's legacy ``DefaultWorkflow`` (the path secure aggregation
+needs) with a delta-aware strategy. ``app`` is what ``flwr run`` loads;
+:func:`create_server_app` lets a local simulation pass overrides and a recorder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.common import Scalar
+from flwr.server import Grid, ServerApp, ServerConfig
+from flwr.server.compat import LegacyContext
+from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow.default_workflows import default_fit_workflow
+
+from shared.backbones import BackboneRegistry, ResolvedBackbone
+from shared.config import RunConfig
+from shared.errors import IntegrityError
+from shared.log import log
+from shared.offline import configure_flower_env
+from shared.params import exchanged_names, full_model_bytes, get_arrays
+from shared.pipeline import Pretrained, build_model, effective_trainable
+from server.distribution import BackboneDistribution
+from server.recorder import FederationRecorder
+from server.result import FederationResult, write_run_folder
+from server.strategy import make_strategy
+
+DISTRIBUTION_TIMEOUT_S = 600.0
+# Run-config keys that describe the server's own machine and are not sent to sites.
+SERVER_ONLY_KEYS = ("data-path", "registry-dir", "run-dir")
+
+
+def resolve_backbone(cfg: RunConfig) -> ResolvedBackbone | None:
+    """Resolve and verify the backbone of a transfer run (``None`` otherwise)."""
+    if cfg.setup != "transfer":
+        return None
+    registry = BackboneRegistry(Path(cfg.registry_dir) if cfg.registry_dir else None)
+    resolved = registry.resolve(cfg.backbone)
+    if cfg.backbone_sha256 and resolved.manifest.sha256 != cfg.backbone_sha256:
+        raise IntegrityError(
+            f"backbone {cfg.backbone!r} has SHA-256 {resolved.manifest.sha256[:16]}..., but the "
+            f"run config requires {cfg.backbone_sha256[:16]}...; refused."
+        )
+    return resolved
+
+
+def site_config(cfg: RunConfig, backbone: ResolvedBackbone | None) -> dict[str, Scalar]:
+    """Return the run config sent to sites: pinned backbone hash, no server paths."""
+    sent: dict[str, Scalar] = {
+        k: v for k, v in cfg.to_run_config().items() if k not in SERVER_ONLY_KEYS
+    }
+    sent["backbone-sha256"] = backbone.manifest.sha256 if backbone else ""
+    return sent
+
+
+def run_federation(
+    grid: Grid, context: Context, cfg: RunConfig, recorder: FederationRecorder
+) -> FederationResult:
+    """Run the federation described by ``cfg`` on ``grid``; returns its result.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower's grid (simulation or deployment).
+    context : Context
+        The ServerApp's context.
+    cfg : RunConfig
+        The validated run configuration.
+    recorder : FederationRecorder
+        Collects metrics and byte counts as the run goes.
+    """
+    backbone = resolve_backbone(cfg)
+    pretrained = Pretrained(backbone.manifest, backbone.path) if backbone else None
+    model = build_model(cfg, pretrained)
+    names = exchanged_names(model, effective_trainable(cfg))
+    initial = get_arrays(model, names)
+    sent = site_config(cfg, backbone)
+    log(
+        INFO,
+        "CareFL %s (%s): backbone %s, %d exchanged tensors, %d rounds, strategy %s",
+        cfg.task, cfg.setup, backbone.manifest.name if backbone else "none (from scratch)",
+        len(names), cfg.num_rounds, cfg.strategy,
+    )  # fmt: skip
+
+    def round_config(server_round: int) -> dict[str, Scalar]:
+        return {**sent, "server-round": server_round}
+
+    strategy = make_strategy(
+        cfg, initial, recorder, fit_config=round_config, evaluate_config=round_config
+    )
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy
+    )
+    fit = BackboneDistribution(default_fit_workflow, backbone, recorder, timeout=DISTRIBUTION_TIMEOUT_S)
+    DefaultWorkflow(fit_workflow=fit)(grid, legacy)
+    return FederationResult(
+        config=cfg,
+        manifest=backbone.manifest if backbone else None,
+        names=names,
+        parameters=strategy.global_arrays,  # type: ignore[attr-defined]
+        rows=list(recorder.rows),
+        upload_bytes=dict(recorder.upload_bytes),
+        full_model_bytes=full_model_bytes(model),
+        backbone_bytes=dict(recorder.backbone_bytes),
+    )
+
+
+def create_server_app(
+    overrides: Mapping[str, Any] | None = None,
+    recorder: FederationRecorder | None = None,
+    results: list[FederationResult] | None = None,
+) -> ServerApp:
+    """Build the ServerApp.
+
+    Parameters
+    ----------
+    overrides : Mapping[str, Any], optional
+        Run-config values (kebab-case) that replace those of ``context.run_config``.
+    recorder : FederationRecorder, optional
+        Receives metrics as rounds finish (e.g. for a live table).
+    results : list[FederationResult], optional
+        The finished run's result is appended here.
+    """
+    configure_flower_env()
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = RunConfig.from_run_config({**context.run_config, **(overrides or {})})
+        result = run_federation(grid, context, cfg, recorder or FederationRecorder())
+        if cfg.run_dir:
+            write_run_folder(Path(cfg.run_dir), result)
+            log(INFO, "run folder written: %s", cfg.run_dir)
+        if results is not None:
+            results.append(result)
+
+    return app
+
+
+app = create_server_app()

@@ -1,0 +1,103 @@
+"""Send the pretrained backbone to each site once, before its first training round.
+
+Wraps a fit workflow (Flower's default one, or SecAgg+'s): before each round, nodes that have
+not confirmed the backbone get an *offer* (manifest + SHA-256, no weights); only those that
+answer ``need`` get the weights. A node that already holds it from an earlier run receives
+nothing but the offer. After this, only the exchanged tensors travel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import INFO, WARNING
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.server import Grid
+from flwr.server.compat import LegacyContext
+
+from client.backbone_mod import BACKBONE_MESSAGE_TYPE, RECORD
+from shared.backbones.registry import ResolvedBackbone
+from shared.log import log
+from server.recorder import FederationRecorder
+
+STATE_RECORD = "carefl.backbone"
+DELIVERED = "delivered"
+
+Workflow = Callable[[Grid, Context], None]
+
+
+class BackboneDistribution:
+    """Fit workflow that distributes the backbone to new nodes, then runs ``inner``.
+
+    Parameters
+    ----------
+    inner : Workflow
+        The fit workflow of one round.
+    backbone : ResolvedBackbone, optional
+        The verified backbone; ``None`` (training from scratch) distributes nothing.
+    recorder : FederationRecorder
+        Receives the bytes sent per node.
+    timeout : float
+        Seconds to wait for the nodes' replies.
+    """
+
+    def __init__(
+        self,
+        inner: Workflow,
+        backbone: ResolvedBackbone | None,
+        recorder: FederationRecorder,
+        *,
+        timeout: float,
+    ) -> None:
+        self._inner = inner
+        self._backbone = backbone
+        self._recorder = recorder
+        self._timeout = timeout
+
+    def __call__(self, grid: Grid, context: LegacyContext) -> None:
+        """Deliver the backbone where needed, then run the inner fit workflow."""
+        if self._backbone is not None:
+            record = context.state.config_records.setdefault(STATE_RECORD, ConfigRecord())
+            delivered = set(record.get(DELIVERED, []))  # type: ignore[arg-type]
+            nodes = sorted(p.node_id for p in context.client_manager.all().values())
+            pending = [n for n in nodes if n not in delivered]
+            if pending:
+                delivered |= self._distribute(grid, pending)
+                record[DELIVERED] = sorted(delivered)
+        self._inner(grid, context)
+
+    def _distribute(self, grid: Grid, nodes: list[int]) -> set[int]:
+        assert self._backbone is not None
+        manifest = self._backbone.manifest
+        offer = {"sha256": manifest.sha256, "manifest": manifest.to_json()}
+        replies = self._send(grid, nodes, offer)
+        have = {n for n, status in replies.items() if status == "have"}
+        need = [n for n, status in replies.items() if status == "need"]
+        if need:
+            weights = self._backbone.read_bytes()
+            log(INFO, "sending backbone %s (%d bytes) to %d node(s)", manifest.name, len(weights), len(need))
+            stored = self._send(grid, need, {**offer, "weights": weights})
+            for node in stored:
+                self._recorder.backbone_bytes[node] = len(weights)
+            have |= {n for n, status in stored.items() if status == "stored"}
+        return have
+
+    def _send(self, grid: Grid, nodes: list[int], record: dict[str, str | bytes]) -> dict[int, str]:
+        messages = [
+            Message(
+                content=RecordDict({RECORD: ConfigRecord(dict(record))}),  # type: ignore[arg-type]
+                dst_node_id=node,
+                message_type=BACKBONE_MESSAGE_TYPE,
+            )
+            for node in nodes
+        ]
+        statuses: dict[int, str] = {}
+        for reply in grid.send_and_receive(messages, timeout=self._timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "node %d refused the backbone: %s", node, reply.error.reason)
+                continue
+            statuses[node] = str(reply.content.config_records[RECORD]["status"])
+        for node in set(nodes) - set(statuses):
+            log(WARNING, "node %d did not confirm the backbone", node)
+        return statuses

@@ -1,0 +1,55 @@
+"""What the server observes during a run: per-site metrics, bytes, the final model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shared.metrics import SiteRoundMetrics
+
+RoundListener = Callable[[int, list[SiteRoundMetrics]], None]
+
+
+@dataclass
+class FederationRecorder:
+    """Collects the observable results of one federated run.
+
+    Attributes
+    ----------
+    rows : list[SiteRoundMetrics]
+        Federated evaluation of each site after each round.
+    upload_bytes : dict[int, list[int]]
+        Per round, the serialized bytes each client uploaded.
+    download_bytes : dict[int, int]
+        Per round, the bytes of the parameters sent to each client.
+    backbone_bytes : dict[int, int]
+        Per node id, the bytes of backbone weights sent to it (once).
+    final_parameters : list[np.ndarray] | None
+        The global exchanged tensors after the last round.
+    failures : dict[int, list[str]]
+        Per round, the reasons of failed client replies.
+    listeners : list[RoundListener]
+        Called with the round and its rows after each evaluation.
+    """
+
+    rows: list[SiteRoundMetrics] = field(default_factory=list)
+    upload_bytes: dict[int, list[int]] = field(default_factory=dict)
+    download_bytes: dict[int, int] = field(default_factory=dict)
+    backbone_bytes: dict[int, int] = field(default_factory=dict)
+    final_parameters: list[np.ndarray] | None = None
+    failures: dict[int, list[str]] = field(default_factory=dict)
+    listeners: list[RoundListener] = field(default_factory=list)
+
+    def add_round(self, server_round: int, rows: list[SiteRoundMetrics]) -> None:
+        """Store the evaluation of one round and notify listeners."""
+        ordered = sorted(rows, key=lambda r: r.site)
+        self.rows.extend(ordered)
+        for listener in self.listeners:
+            listener(server_round, ordered)
+
+    def add_failures(self, server_round: int, reasons: list[str]) -> None:
+        """Store why some clients failed in ``server_round``."""
+        if reasons:
+            self.failures.setdefault(server_round, []).extend(reasons)

@@ -1,0 +1,153 @@
+"""The outcome of a federated run and how it is written to a run folder."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.backbones.manifest import BackboneManifest
+from shared.config import RunConfig
+from shared.metrics import SiteRoundMetrics, weighted_mean
+from shared.plot import plot_site_metrics
+from shared.runfolder import RunFolder, model_card, write_metrics
+
+
+@dataclass
+class FederationResult:
+    """Everything a finished run produced.
+
+    Attributes
+    ----------
+    config : RunConfig
+        The run's configuration.
+    manifest : BackboneManifest | None
+        The pretrained backbone (``None`` when trained from scratch).
+    names : list[str]
+        Keys of the exchanged tensors.
+    parameters : list[np.ndarray]
+        Final global values of those tensors.
+    rows : list[SiteRoundMetrics]
+        Per-site federated evaluation per round.
+    upload_bytes : dict[int, list[int]]
+        Bytes each client uploaded per round.
+    full_model_bytes : int
+        Serialized size of the whole model, for comparison.
+    backbone_bytes : dict[int, int]
+        Backbone bytes sent per node (once).
+    """
+
+    config: RunConfig
+    manifest: BackboneManifest | None
+    names: list[str]
+    parameters: list[np.ndarray]
+    rows: list[SiteRoundMetrics]
+    upload_bytes: dict[int, list[int]] = field(default_factory=dict)
+    full_model_bytes: int = 0
+    backbone_bytes: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def sites(self) -> list[str]:
+        """Sites that reported metrics, sorted."""
+        return sorted({r.site for r in self.rows})
+
+    def final_rows(self) -> list[SiteRoundMetrics]:
+        """Metrics of the last evaluated round."""
+        if not self.rows:
+            return []
+        last = max(r.round for r in self.rows)
+        return [r for r in self.rows if r.round == last]
+
+    def final_summary(self) -> dict[str, float]:
+        """Weighted mean of each metric in the last round."""
+        rows = self.final_rows()
+        return {name: weighted_mean(rows, name) for name in ("loss", "accuracy", "auc")}
+
+    def mean_upload_bytes(self) -> float:
+        """Mean bytes uploaded by one client in one round."""
+        values = [b for per_round in self.upload_bytes.values() for b in per_round]
+        return float(np.mean(values)) if values else math.nan
+
+
+def model_payload(result: FederationResult) -> bytes:
+    """Serialize the final model: exchanged tensors + what identifies the backbone."""
+    state = {n: torch.from_numpy(np.asarray(a)) for n, a in zip(result.names, result.parameters, strict=True)}
+    payload = {
+        "format": "carefl-model/1",
+        "task": result.config.task,
+        "setup": result.config.setup,
+        "config": result.config.to_run_config(),
+        "backbone_name": result.manifest.name if result.manifest else None,
+        "backbone_sha256": result.manifest.sha256 if result.manifest else None,
+        "state_dict": state,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def write_run_folder(
+    path: Path,
+    result: FederationResult,
+    *,
+    baselines: Mapping[str, Mapping[str, float]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    title: str = "",
+) -> Path:
+    """Write metrics, model, model card and plot to ``path`` (all or nothing).
+
+    Parameters
+    ----------
+    path : Path
+        The run folder; must not exist or be empty.
+    result : FederationResult
+        The finished run.
+    baselines : Mapping[str, Mapping[str, float]], optional
+        Comparison figures (label -> metric -> value) drawn on the plot and put on the card.
+    extra : Mapping[str, Any], optional
+        More model-card fields.
+    title : str
+        Plot title.
+    """
+    with RunFolder(path) as folder:
+        write_metrics(folder, result.rows)
+        folder.write_bytes("model.pt", model_payload(result))
+        backbone: dict[str, Any] = {"name": None, "sha256": None, "trained": "from scratch"}
+        if result.manifest is not None:
+            backbone = {
+                "name": result.manifest.name,
+                "sha256": result.manifest.sha256,
+                "architecture": result.manifest.architecture,
+                "source": result.manifest.source,
+                "trained": result.config.trainable,
+            }
+        card = model_card(
+            task=result.config.task,
+            sites=result.sites,
+            rounds=result.config.num_rounds,
+            backbone=backbone,
+            metrics={"final_weighted_mean": result.final_summary(), "final_per_site": {r.site: r.as_row() for r in result.final_rows()}},
+            extra={
+                "setup": result.config.setup,
+                "strategy": result.config.strategy,
+                "exchanged_tensors": result.names,
+                "bytes_uploaded_per_client_per_round": result.mean_upload_bytes(),
+                "full_model_bytes": result.full_model_bytes,
+                **({"baselines": baselines} if baselines else {}),
+                **(dict(extra) if extra else {}),
+            },
+        )
+        folder.write_json("model_card.json", card)
+        plot_site_metrics(
+            result.rows,
+            folder.path("metrics.png"),
+            title=title or f"CareFL {result.config.task} ({result.config.setup})",
+            baselines=baselines,
+        )
+    return path

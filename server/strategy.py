@@ -1,0 +1,182 @@
+"""Flower strategies that receive deltas of the exchanged tensors and record per-site metrics.
+
+Clients upload ``w_local - w_global`` for the exchanged (trainable) tensors only. The
+:class:`DeltaMixin` turns each delta back into weights before the parent strategy aggregates,
+so FedAvg, FedProx, FedAdam and FedYogi keep their own update rules unchanged. The same holds
+when secure aggregation hands over one already-averaged delta.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flwr.common import (
+    EvaluateRes,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+
+from shared.config import RunConfig
+from shared.metrics import SiteRoundMetrics
+from shared.params import add
+from server.recorder import FederationRecorder
+
+ConfigFn = Callable[[int], dict[str, Scalar]]
+
+
+class DeltaMixin:
+    """Strategy mixin: uploads are deltas from the global model; metrics go to a recorder.
+
+    Must precede a :class:`flwr.server.strategy.FedAvg` subclass in the bases.
+    """
+
+    def __init__(self, *args: Any, recorder: FederationRecorder, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        initial = kwargs.get("initial_parameters")
+        if initial is None:
+            raise ValueError("a delta strategy needs `initial_parameters`")
+        self._global: list[np.ndarray] = parameters_to_ndarrays(initial)
+        self.recorder = recorder
+
+    @property
+    def global_arrays(self) -> list[np.ndarray]:
+        """The current global exchanged tensors."""
+        return [a.copy() for a in self._global]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Restore weights from deltas, aggregate with the parent rule, keep the new global."""
+        self.recorder.upload_bytes[server_round] = [
+            sum(len(t) for t in res.parameters.tensors) for _, res in results
+        ]
+        self.recorder.add_failures(server_round, [_reason(f) for f in failures])
+        restored = [
+            (proxy, _with_parameters(res, add(self._global, parameters_to_ndarrays(res.parameters))))
+            for proxy, res in results
+        ]
+        parameters, metrics = super().aggregate_fit(server_round, restored, failures)  # type: ignore[misc]
+        if parameters is not None:
+            self._global = parameters_to_ndarrays(parameters)
+            self.recorder.final_parameters = self.global_arrays
+        return parameters, metrics
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Record each site's metrics, then aggregate with the parent rule."""
+        rows = [
+            SiteRoundMetrics(
+                round=server_round,
+                site=str(res.metrics.get("site", proxy.cid)),
+                num_examples=int(res.num_examples),
+                loss=float(res.loss),
+                accuracy=float(res.metrics.get("accuracy", math.nan)),
+                auc=float(res.metrics.get("auc", math.nan)),
+            )
+            for proxy, res in results
+        ]
+        self.recorder.add_failures(server_round, [_reason(f) for f in failures])
+        self.recorder.add_round(server_round, rows)
+        return super().aggregate_evaluate(server_round, results, failures)  # type: ignore[misc]
+
+
+def _with_parameters(res: FitRes, arrays: list[np.ndarray]) -> FitRes:
+    return FitRes(
+        status=res.status,
+        parameters=ndarrays_to_parameters(arrays),
+        num_examples=res.num_examples,
+        metrics=res.metrics,
+    )
+
+
+def _reason(failure: tuple[ClientProxy, Any] | BaseException) -> str:
+    if isinstance(failure, BaseException):
+        return str(failure)
+    proxy, res = failure
+    return f"node {proxy.node_id}: {res.status.message}"
+
+
+class CareFedAvg(DeltaMixin, FedAvg):
+    """FedAvg on deltas."""
+
+
+class CareFedProx(DeltaMixin, FedProx):
+    """FedProx on deltas (clients add the proximal term)."""
+
+
+class CareFedAdam(DeltaMixin, FedAdam):
+    """FedAdam on deltas."""
+
+
+class CareFedYogi(DeltaMixin, FedYogi):
+    """FedYogi on deltas."""
+
+
+def weighted_metrics(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+    """Example-weighted mean of the numeric metrics clients report (NaNs ignored)."""
+    sums: dict[str, tuple[float, int]] = {}
+    for count, values in metrics:
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                total, n = sums.get(key, (0.0, 0))
+                sums[key] = (total + count * float(value), n + count)
+    return {key: total / n for key, (total, n) in sums.items() if n > 0}
+
+
+def make_strategy(
+    cfg: RunConfig,
+    initial: list[np.ndarray],
+    recorder: FederationRecorder,
+    *,
+    fit_config: ConfigFn,
+    evaluate_config: ConfigFn,
+) -> Strategy:
+    """Build the strategy named by ``cfg.strategy``.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Strategy name and its hyperparameters.
+    initial : list[np.ndarray]
+        The initial global exchanged tensors.
+    recorder : FederationRecorder
+        Receives metrics and byte counts.
+    fit_config, evaluate_config : ConfigFn
+        Per-round configuration sent to clients.
+    """
+    common: dict[str, Any] = {
+        "fraction_fit": cfg.fraction_fit,
+        "fraction_evaluate": cfg.fraction_evaluate,
+        "min_fit_clients": cfg.min_sites,
+        "min_evaluate_clients": cfg.min_sites,
+        "min_available_clients": cfg.min_sites,
+        "on_fit_config_fn": fit_config,
+        "on_evaluate_config_fn": evaluate_config,
+        "initial_parameters": ndarrays_to_parameters(initial),
+        "fit_metrics_aggregation_fn": weighted_metrics,
+        "evaluate_metrics_aggregation_fn": weighted_metrics,
+        "recorder": recorder,
+    }
+    if cfg.strategy == "fedavg":
+        return CareFedAvg(**common)
+    if cfg.strategy == "fedprox":
+        return CareFedProx(proximal_mu=cfg.proximal_mu, **common)
+    adaptive = {"eta": cfg.server_learning_rate, "eta_l": cfg.learning_rate}
+    if cfg.strategy == "fedadam":
+        return CareFedAdam(**adaptive, **common)
+    return CareFedYogi(**adaptive, **common)

@@ -1,0 +1,139 @@
+"""Backbone architectures and the backbone + head model every task trains.
+
+A backbone maps an input batch to ``(batch, feature_dim)`` features; the head is one linear
+layer. With a frozen backbone only the head is trained, shared and (later) noised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shared.backbones.manifest import BackboneManifest
+from shared.errors import IntegrityError
+from shared.tv import torchvision_module
+
+
+class MobileNetV2Features(nn.Module):
+    """MobileNetV2's convolutional trunk followed by global average pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torchvision_module().models.mobilenet_v2(weights=None).features
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``(batch, 1280)`` pooled features."""
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+
+def heart_mlp(in_features: int, hidden: Sequence[int]) -> nn.Sequential:
+    """Build the tabular MLP backbone: ``Linear -> ReLU`` per hidden layer."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU()]
+        width = size
+    return nn.Sequential(*layers)
+
+
+def build_backbone(architecture: str, arch_params: Mapping[str, Any]) -> nn.Module:
+    """Build a randomly initialized backbone of ``architecture``."""
+    if architecture == "mobilenet_v2":
+        return MobileNetV2Features()
+    if architecture == "heart_mlp":
+        return heart_mlp(int(arch_params["in_features"]), list(arch_params["hidden"]))
+    raise ValueError(f"unknown architecture {architecture!r}")
+
+
+def load_backbone_weights(backbone: nn.Module, manifest: BackboneManifest, path: Path) -> None:
+    """Load verified weights from ``path`` into ``backbone`` (all keys must match).
+
+    The caller has checked the file's SHA-256 against the manifest already.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if manifest.architecture == "mobilenet_v2":
+        # torchvision's file holds the whole classifier; keep the convolutional trunk.
+        state = {k: v for k, v in state.items() if k.startswith("features.")}
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise IntegrityError(
+            f"{path}: weights do not fit backbone {manifest.name!r} ({manifest.architecture})."
+        ) from err
+
+
+class BackboneWithHead(nn.Module):
+    """A backbone followed by a linear classification head.
+
+    Parameters
+    ----------
+    backbone : nn.Module
+        Feature extractor returning ``(batch, feature_dim)``.
+    feature_dim : int
+        Width of the backbone's output.
+    num_classes : int
+        Number of output logits.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return class logits."""
+        return self.head(self.backbone(x))
+
+    def freeze_backbone(self) -> None:
+        """Stop gradients into the backbone and keep its normalization layers in eval mode."""
+        for param in self.backbone.parameters():
+            param.requires_grad_(False)
+        self.backbone.eval()
+
+    def train(self, mode: bool = True) -> BackboneWithHead:
+        """Set train mode, but leave a frozen backbone in eval mode (BatchNorm statistics)."""
+        super().train(mode)
+        if not any(p.requires_grad for p in self.backbone.parameters()):
+            self.backbone.eval()
+        return self
+
+
+class ImageNetInput(nn.Module):
+    """Turn grayscale pixels ``(batch, H, W)`` in ``[0, 255]`` into a MobileNet input.
+
+    Scales to ``[0, 1]``, resizes (bilinear, antialiased) to ``image_size``, repeats the
+    channel three times and applies the ImageNet mean and standard deviation.
+
+    Parameters
+    ----------
+    image_size : int
+        Side of the square output.
+    mean, std : Sequence[float]
+        Per-channel normalization (ImageNet's by default).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+    ) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``(batch, 3, image_size, image_size)`` normalized float32 images."""
+        x = x.to(torch.float32).unsqueeze(1) / 255.0
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = nn.functional.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear",
+                antialias=True, align_corners=False,
+            )  # fmt: skip
+        return (x.expand(-1, 3, -1, -1) - self.mean) / self.std

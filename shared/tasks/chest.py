@@ -1,0 +1,50 @@
+"""The ``chest-xray`` task: pediatric chest X-rays (PneumoniaMNIST or an image folder).
+
+A data set (MedMNIST-layout ``.npz`` or one subfolder per class) is split into N hospitals by
+:func:`shared.tasks.chest_data.split_sites` (Dirichlet label skew, seeded). Each site keeps raw
+grayscale pixels; the model's input module does the resizing and ImageNet normalization, so
+features are computed batch by batch and never all held as full-size images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import ConfigError
+from shared.hashing import sha256_bytes
+from shared.tasks.base import SiteData
+from shared.tasks.chest_data import ImageDataset, load_image_dataset, split_sites
+
+
+def load_dataset(data_path: str, *, val_fraction: float, seed: int) -> ImageDataset:
+    """Load the chest-xray data named by ``data_path``."""
+    if not data_path:
+        raise ConfigError(
+            "the chest-xray task needs data: pass --data PATH (a MedMNIST .npz or an image "
+            "folder with one subfolder per class)."
+        )
+    return load_image_dataset(Path(data_path), val_fraction=val_fraction, seed=seed)
+
+
+def load_sites(
+    dataset: ImageDataset, *, num_sites: int, alpha: float, seed: int
+) -> list[SiteData]:
+    """Split ``dataset`` into hospitals and return each one's raw pixels and labels."""
+    sites = []
+    for part in split_sites(dataset, num_sites=num_sites, alpha=alpha, seed=seed):
+        blob = json.dumps({"dataset": dataset.fingerprint, "site": part.name}).encode()
+        fingerprint = sha256_bytes(blob + part.train_idx.tobytes() + part.val_idx.tobytes())
+        sites.append(
+            SiteData(
+                name=part.name,
+                x_train=dataset.train_images[part.train_idx].astype(np.float32),
+                y_train=dataset.train_labels[part.train_idx].astype(np.int64),
+                x_val=dataset.val_images[part.val_idx].astype(np.float32),
+                y_val=dataset.val_labels[part.val_idx].astype(np.int64),
+                fingerprint=fingerprint,
+            )
+        )
+    return sites
