@@ -34,14 +34,17 @@ from server.strategy import make_strategy
 
 DISTRIBUTION_TIMEOUT_S = 600.0
 # Run-config keys that describe the server's own machine and are not sent to sites.
-SERVER_ONLY_KEYS = ("data-path", "registry-dir", "run-dir")
+SERVER_ONLY_KEYS = ("data-path", "registry-dir", "backbone-weights", "run-dir")
 
 
 def resolve_backbone(cfg: RunConfig) -> ResolvedBackbone | None:
     """Resolve and verify the backbone of a transfer run (``None`` otherwise)."""
     if cfg.setup != "transfer":
         return None
-    registry = BackboneRegistry(Path(cfg.registry_dir) if cfg.registry_dir else None)
+    registry = BackboneRegistry(
+        Path(cfg.registry_dir) if cfg.registry_dir else None,
+        weights_file=Path(cfg.backbone_weights) if cfg.backbone_weights else None,
+    )
     resolved = registry.resolve(cfg.backbone)
     if cfg.backbone_sha256 and resolved.manifest.sha256 != cfg.backbone_sha256:
         raise IntegrityError(

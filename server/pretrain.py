@@ -36,7 +36,7 @@ class PretrainResult:
 def pretrain_heart(
     registry_dir: Path,
     *,
-    epochs: int = 100,
+    epochs: int = 20,
     learning_rate: float = 0.01,
     seed: int = 42,
     csv_path: Path | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,7 @@ def write_run_folder(
     *,
     baselines: Mapping[str, Mapping[str, float]] | None = None,
     extra: Mapping[str, Any] | None = None,
+    extra_metrics: Mapping[str, Sequence[SiteRoundMetrics]] | None = None,
     title: str = "",
 ) -> Path:
     """Write metrics, model, model card and plot to ``path`` (all or nothing).
@@ -112,11 +113,15 @@ def write_run_folder(
         Comparison figures (label -> metric -> value) drawn on the plot and put on the card.
     extra : Mapping[str, Any], optional
         More model-card fields.
+    extra_metrics : Mapping[str, Sequence[SiteRoundMetrics]], optional
+        More metric tables, written as ``<stem>.csv`` and ``<stem>.json``.
     title : str
         Plot title.
     """
     with RunFolder(path) as folder:
         write_metrics(folder, result.rows)
+        for stem, rows in (extra_metrics or {}).items():
+            write_metrics(folder, rows, stem=stem)
         folder.write_bytes("model.pt", model_payload(result))
         backbone: dict[str, Any] = {"name": None, "sha256": None, "trained": "from scratch"}
         if result.manifest is not None:

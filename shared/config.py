@@ -7,6 +7,8 @@ invalid one is refused with a message naming the key.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -17,6 +19,7 @@ TASKS: tuple[str, ...] = ("heart-disease", "chest-xray")
 SETUPS: tuple[str, ...] = ("transfer", "benchmark", "scratch")
 TRAINABLE: tuple[str, ...] = ("head", "full")
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class RunConfig:
         Data location in simulation; in a deployment each node's ``data-path`` wins.
     registry_dir : str
         Directory of operator-registered backbones (e.g. from ``carefl pretrain``).
+    backbone_weights : str
+        A weights file named by the operator, tried first for built-in backbones.
     run_dir : str
         Where the server writes the run folder; empty: nothing written by the ServerApp.
     """
@@ -76,7 +81,7 @@ class RunConfig:
     trainable: str = "head"
     strategy: str = "fedavg"
     num_rounds: int = 5
-    local_epochs: int = 2
+    local_epochs: int = 5
     batch_size: int = 32
     learning_rate: float = 0.05
     proximal_mu: float = 0.01
@@ -91,6 +96,7 @@ class RunConfig:
     val_fraction: float = 0.2
     data_path: str = ""
     registry_dir: str = ""
+    backbone_weights: str = ""
     run_dir: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -101,6 +107,9 @@ class RunConfig:
         for name in ("num_rounds", "local_epochs", "batch_size", "min_sites", "num_sites"):
             _at_least(name, getattr(self, name), 1)
         _at_least("image_size", self.image_size, 8)
+        for name in ("learning_rate", "server_learning_rate", "dirichlet_alpha", "proximal_mu"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"`{_kebab(name)}` must be a finite number, got {getattr(self, name)!r}.")
         for name in ("learning_rate", "server_learning_rate", "dirichlet_alpha"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"`{_kebab(name)}` must be > 0, got {getattr(self, name)!r}.")
@@ -111,8 +120,11 @@ class RunConfig:
                 raise ConfigError(f"`{_kebab(name)}` must be in (0, 1], got {getattr(self, name)!r}.")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"`val-fraction` must be in (0, 1), got {self.val_fraction!r}.")
-        if self.backbone_sha256 and len(self.backbone_sha256) != 64:
-            raise ConfigError("`backbone-sha256` must be 64 hex digits (a full SHA-256).")
+        if self.backbone_sha256 and not _SHA256.match(self.backbone_sha256):
+            raise ConfigError(
+                "`backbone-sha256` must be 64 lowercase hex digits (a full SHA-256), "
+                f"got {self.backbone_sha256!r}."
+            )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:

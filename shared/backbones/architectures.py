@@ -41,12 +41,28 @@ def heart_mlp(in_features: int, hidden: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def small_cnn(channels: Sequence[int]) -> nn.Sequential:
+    """Build a compact CNN trained from scratch: ``conv3x3 -> ReLU -> maxpool`` per width.
+
+    No BatchNorm, so that DP-SGD can train it as it is; ends in global average pooling.
+    """
+    layers: list[nn.Module] = []
+    width = 3
+    for size in channels:
+        layers += [nn.Conv2d(width, size, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        width = size
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
 def build_backbone(architecture: str, arch_params: Mapping[str, Any]) -> nn.Module:
     """Build a randomly initialized backbone of ``architecture``."""
     if architecture == "mobilenet_v2":
         return MobileNetV2Features()
     if architecture == "heart_mlp":
         return heart_mlp(int(arch_params["in_features"]), list(arch_params["hidden"]))
+    if architecture == "small_cnn":
+        return small_cnn(list(arch_params["channels"]))
     raise ValueError(f"unknown architecture {architecture!r}")
 
 

@@ -11,8 +11,10 @@ from typing import Any
 
 from shared.errors import InputError
 
-ARCHITECTURES: tuple[str, ...] = ("mobilenet_v2", "heart_mlp")
+ARCHITECTURES: tuple[str, ...] = ("mobilenet_v2", "heart_mlp", "small_cnn")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Names and file names become paths in registries and caches: no separators, no dot-dot.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,13 @@ class BackboneManifest:
     source: str = ""
 
     def __post_init__(self) -> None:
+        for key in ("name", "filename"):
+            value = getattr(self, key)
+            if not _SAFE_NAME.match(value) or ".." in value:
+                raise InputError(
+                    f"backbone manifest: `{key}` {value!r} must be letters, digits, '.', '_' "
+                    "or '-' (it becomes a file name)."
+                )
         if self.architecture not in ARCHITECTURES:
             raise InputError(
                 f"backbone {self.name!r}: unknown architecture {self.architecture!r}; "

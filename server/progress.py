@@ -1,0 +1,85 @@
+"""A live table of per-site metrics, updated as rounds finish."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from shared.metrics import SiteRoundMetrics, weighted_mean
+
+
+def _fmt(value: float) -> str:
+    return "-" if not math.isfinite(value) else f"{value:.3f}"
+
+
+class RoundTable:
+    """Rich live table: one row per round, accuracy and AUC per site plus the weighted mean.
+
+    On a console that is not a terminal (a log file, CI) each round is printed as one line
+    instead, and the whole table once at the end.
+
+    Parameters
+    ----------
+    title : str
+        Table title.
+    total_rounds : int
+        Rounds planned (shown in the caption).
+    console : Console, optional
+        Where to draw.
+    """
+
+    def __init__(self, title: str, total_rounds: int, console: Console | None = None) -> None:
+        self.title = title
+        self.total_rounds = total_rounds
+        self._rounds: list[tuple[int, list[SiteRoundMetrics]]] = []
+        self._console = console or Console()
+        self._live: Live | None = None
+        if self._console.is_terminal:
+            self._live = Live(self._render(), console=self._console, refresh_per_second=4)
+
+    def __enter__(self) -> RoundTable:
+        if self._live is not None:
+            self._live.__enter__()
+        else:
+            self._console.print(f"{self.title}: {self.total_rounds} rounds")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)  # type: ignore[arg-type]
+        elif self._rounds:
+            self._console.print(self._render())
+
+    def __call__(self, server_round: int, rows: list[SiteRoundMetrics]) -> None:
+        """Add a finished round (a :class:`~server.recorder.FederationRecorder` listener)."""
+        self._rounds.append((server_round, rows))
+        if self._live is not None:
+            self._live.update(self._render())
+            return
+        sites = ", ".join(f"{r.site} {_fmt(r.accuracy)}/{_fmt(r.auc)}" for r in rows)
+        mean = f"{_fmt(weighted_mean(rows, 'accuracy'))}/{_fmt(weighted_mean(rows, 'auc'))}"
+        self._console.print(f"  round {server_round}/{self.total_rounds}: {sites} | mean acc/AUC {mean}", highlight=False)
+
+    def _sites(self) -> Sequence[str]:
+        return sorted({r.site for _, rows in self._rounds for r in rows})
+
+    def _render(self) -> Table:
+        done = len(self._rounds)
+        table = Table(title=self.title, caption=f"round {done} of {self.total_rounds}")
+        table.add_column("round", justify="right")
+        for site in self._sites():
+            table.add_column(f"{site}\nacc / AUC", justify="right")
+        table.add_column("weighted mean\nacc / AUC", justify="right", style="bold")
+        for server_round, rows in self._rounds:
+            by_site = {r.site: r for r in rows}
+            cells = [
+                f"{_fmt(by_site[s].accuracy)} / {_fmt(by_site[s].auc)}" if s in by_site else "-"
+                for s in self._sites()
+            ]
+            mean = f"{_fmt(weighted_mean(rows, 'accuracy'))} / {_fmt(weighted_mean(rows, 'auc'))}"
+            table.add_row(str(server_round), *cells, mean)
+        return table

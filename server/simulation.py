@@ -1,0 +1,69 @@
+"""Run a CareFL federation on Flower's simulation engine, on this machine."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+from shared.config import RunConfig
+from shared.offline import configure_flower_env
+from server.recorder import FederationRecorder
+from server.result import FederationResult
+
+
+def simulate(
+    cfg: RunConfig,
+    *,
+    num_sites: int,
+    cache_root: Path,
+    recorder: FederationRecorder | None = None,
+    quiet: bool = True,
+) -> FederationResult:
+    """Run ``cfg`` with one simulated SuperNode per site and return the result.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run configuration (``data-path`` is given to the sites as their data).
+    num_sites : int
+        Number of simulated hospitals.
+    cache_root : Path
+        Parent of the sites' private caches (``site-<i>`` each).
+    recorder : FederationRecorder, optional
+        Receives per-round metrics (e.g. for a live table).
+    quiet : bool
+        Keep Flower's and Ray's per-round logging off the console.
+
+    Raises
+    ------
+    RuntimeError
+        If the federation produced no result.
+    """
+    configure_flower_env()
+    from flwr.simulation import run_simulation
+
+    from client.app import create_client_app
+    from server.app import create_server_app
+
+    results: list[FederationResult] = []
+    overrides = {k: v for k, v in cfg.to_run_config().items() if k != "run-dir"}
+    server_app = create_server_app(overrides, recorder, results)
+    client_app = create_client_app({"data-path": cfg.data_path, "cache-root": str(cache_root)})
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": 2, "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": not quiet},
+    }
+    flwr_logger = logging.getLogger("flwr")
+    previous = flwr_logger.level
+    if quiet:
+        flwr_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_simulation(server_app, client_app, num_supernodes=num_sites, backend_config=backend)  # type: ignore[arg-type]
+    finally:
+        flwr_logger.setLevel(previous)
+    if not results:
+        raise RuntimeError("the federation ended without a result; see the log above.")
+    return results[0]
