@@ -20,6 +20,10 @@ from flwr.server.compat import LegacyContext
 from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.default_workflows import default_fit_workflow
 
+from server.distribution import BackboneDistribution
+from server.recorder import FederationRecorder
+from server.result import FederationResult, write_run_folder
+from server.strategy import make_strategy
 from shared.backbones import BackboneRegistry, ResolvedBackbone
 from shared.config import RunConfig
 from shared.errors import IntegrityError
@@ -27,10 +31,6 @@ from shared.log import log
 from shared.offline import configure_flower_env
 from shared.params import exchanged_names, full_model_bytes, get_arrays
 from shared.pipeline import Pretrained, build_model, effective_trainable
-from server.distribution import BackboneDistribution
-from server.recorder import FederationRecorder
-from server.result import FederationResult, write_run_folder
-from server.strategy import make_strategy
 
 DISTRIBUTION_TIMEOUT_S = 600.0
 # Run-config keys that describe the server's own machine and are not sent to sites.

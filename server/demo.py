@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from server.baselines import site_alone
+from server.progress import RoundTable
+from server.recorder import FederationRecorder
+from server.result import FederationResult, write_run_folder
+from server.simulation import simulate
 from shared.backbones import BackboneRegistry
 from shared.config import RunConfig
 from shared.errors import InputError
 from shared.metrics import SiteRoundMetrics, weighted_mean
 from shared.pipeline import Pretrained
 from shared.tasks import load_sites
-from server.baselines import site_alone
-from server.progress import RoundTable
-from server.recorder import FederationRecorder
-from server.result import FederationResult, write_run_folder
-from server.simulation import simulate
 
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "heart-disease": {"backbone": "heart-mlp-cleveland"},
@@ -59,7 +59,7 @@ class DemoOptions:
 
 def default_out_dir(task: str, now: datetime | None = None) -> Path:
     """Return ``runs/<task>-<UTC time>``."""
-    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{task}-{stamp}"
 
 

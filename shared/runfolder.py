@@ -24,7 +24,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from logging import INFO, WARNING
 from pathlib import Path
@@ -419,12 +419,12 @@ def model_card(
     """
     if rounds < 0:
         raise ValueError(f"`rounds` must be 0 or more, got {rounds}")
-    created = datetime.now(timezone.utc) if now is None else now
+    created = datetime.now(UTC) if now is None else now
     if created.tzinfo is None:
         raise ValueError("`now` must be timezone-aware, e.g. datetime.now(timezone.utc)")
     card: dict[str, Any] = {
         "carefl_version": _carefl_version(),
-        "created_utc": created.astimezone(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": created.astimezone(UTC).isoformat(timespec="seconds"),
         "task": task,
         "sites": list(sites),
         "rounds": int(rounds),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -99,5 +100,7 @@ def predict_proba(module: nn.Module, x: np.ndarray, *, batch_size: int = 512) ->
 
 
 def evaluate(module: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Return loss, accuracy and ROC AUC of ``module`` on ``(x, y)``."""
+    """Return loss, accuracy and ROC AUC of ``module`` on ``(x, y)`` (NaNs when empty)."""
+    if len(y) == 0:
+        return math.nan, math.nan, math.nan
     return classification_metrics(y, predict_proba(module, x))

@@ -45,7 +45,7 @@ def _register_missing_schemas() -> None:
         "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
     )
     # Keep a reference on the torch module so the library is not garbage collected.
-    setattr(torch, "_carefl_torchvision_library", library)
+    torch._carefl_torchvision_library = library
 
 
 @functools.cache

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,16 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from shared.backbones.architectures import IMAGENET_MEAN, IMAGENET_STD, ImageNetInput
 from shared.errors import ConfigError, InputError
 from shared.tasks.chest_data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     ImageDataset,
     dirichlet_split,
     load_image_dataset,
     partition_indices,
-    preprocess,
-    preprocessing_spec,
     split_sites,
 )
 
@@ -401,13 +397,13 @@ def test_dirichlet_split_gives_up_after_bounded_redraws() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_preprocess_white_image_maps_to_normalised_one() -> None:
+def test_input_module_maps_white_to_normalised_one() -> None:
     # Prepare
-    white = np.full((2, 28, 28), 255, dtype=np.uint8)
+    white = torch.full((2, 28, 28), 255, dtype=torch.uint8)
     expected = (1.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
 
     # Execute
-    out = preprocess(white, image_size=64)
+    out = ImageNetInput(64)(white)
 
     # Assert
     assert out.shape == (2, 3, 64, 64)
@@ -417,31 +413,16 @@ def test_preprocess_white_image_maps_to_normalised_one() -> None:
     )
 
 
-def test_preprocess_chunks_match_whole_and_downsample(real_dataset: ImageDataset) -> None:
+def test_input_module_is_batch_independent_and_gray_in_all_channels(real_dataset: ImageDataset) -> None:
     # Prepare
-    images = real_dataset.train_images[:600]
+    images = torch.from_numpy(real_dataset.train_images[:600].astype(np.float32))
+    module = ImageNetInput(16)
 
     # Execute
-    whole = preprocess(images, image_size=16)
-    tail = preprocess(images[500:], image_size=16)
+    whole = module(images)
+    tail = module(images[500:])
 
     # Assert
     assert whole.shape == (600, 3, 16, 16)
     torch.testing.assert_close(whole[500:], tail)
     torch.testing.assert_close(whole[:, 0], whole[:, 1] * 0.224 / 0.229 + (0.456 - 0.485) / 0.229)
-
-
-def test_preprocessing_spec_is_json_and_deterministic() -> None:
-    # Execute
-    spec = preprocessing_spec(64)
-
-    # Assert
-    assert json.dumps(spec, sort_keys=True) == json.dumps(preprocessing_spec(64), sort_keys=True)
-    assert spec == {
-        "grayscale_to_rgb": True,
-        "resize": 64,
-        "interpolation": "bilinear-antialias",
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
-    }
-    assert preprocessing_spec(32) != spec

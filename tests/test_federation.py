@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from flwr.common import ndarray_to_bytes
 
+from server.result import write_run_folder
+from server.simulation import simulate
 from shared.backbones import BackboneRegistry
 from shared.config import RunConfig
 from shared.params import get_arrays
 from shared.pipeline import Pretrained, build_model
-from server.result import write_run_folder
-from server.simulation import simulate
 
 
 def _head_bytes(model_arrays: list[np.ndarray]) -> int:

@@ -322,3 +322,20 @@ def test_transfer_setup_without_weights_is_refused() -> None:
     # Prepare / Execute / Assert
     with pytest.raises(ValueError, match="pretrained"):
         build_model(CHEST_CFG, None)
+
+
+def test_evaluate_on_a_site_without_held_out_data_gives_nan() -> None:
+    # Prepare
+    import math
+
+    from shared.training import evaluate
+
+    head = torch.nn.Linear(4, 2)
+    empty_x = np.zeros((0, 4), dtype=np.float32)
+    empty_y = np.zeros((0,), dtype=np.int64)
+
+    # Execute
+    loss, accuracy, auc = evaluate(head, empty_x, empty_y)
+
+    # Assert
+    assert math.isnan(loss) and math.isnan(accuracy) and math.isnan(auc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import matplotlib.image
@@ -268,7 +268,7 @@ def test_plot_refuses_unknown_metric(tmp_path: Path) -> None:
 
 def test_model_card_fields() -> None:
     # Prepare
-    now = datetime(2024, 5, 1, 12, 30, tzinfo=timezone.utc)
+    now = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
 
     # Execute
     card = model_card(

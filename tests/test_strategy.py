@@ -12,9 +12,9 @@ from flwr.common import (
 )
 from flwr.server.client_proxy import ClientProxy
 
-from shared.config import RunConfig
 from server.recorder import FederationRecorder
 from server.strategy import make_strategy
+from shared.config import RunConfig
 
 
 class _Proxy(ClientProxy):

@@ -17,6 +17,9 @@ from shared.backbones.manifest import BackboneManifest
 from shared.errors import IntegrityError
 from shared.tv import torchvision_module
 
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
 
 class MobileNetV2Features(nn.Module):
     """MobileNetV2's convolutional trunk followed by global average pooling."""
@@ -136,8 +139,8 @@ class ImageNetInput(nn.Module):
     def __init__(
         self,
         image_size: int,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         self.image_size = image_size

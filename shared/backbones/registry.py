@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.atomic import atomic_write_bytes, atomic_write_text
+from shared.backbones.architectures import IMAGENET_MEAN, IMAGENET_STD
 from shared.backbones.manifest import BackboneManifest
 from shared.errors import ConfigError, InputError, IntegrityError
 from shared.hashing import sha256_bytes, sha256_file
@@ -26,8 +27,8 @@ MANIFEST_FILE = "manifest.json"
 
 IMAGENET_PREPROCESSING: dict[str, object] = {
     "channels": 3,
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
+    "mean": list(IMAGENET_MEAN),
+    "std": list(IMAGENET_STD),
     "value_range": [0.0, 1.0],
 }
 

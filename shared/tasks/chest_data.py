@@ -33,7 +33,6 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from shared.errors import ConfigError, InputError
@@ -42,10 +41,7 @@ from shared.log import log
 
 NPZ_KEYS: tuple[str, ...] = ("train_images", "train_labels", "val_images", "val_labels")
 BINARY_CLASSES: tuple[str, ...] = ("normal", "pneumonia")
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 IMAGE_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG"})
-PREPROCESS_CHUNK = 512
 MAX_REDRAWS = 1000
 
 _NPZ_ERRORS = (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, zlib.error)
@@ -593,69 +589,3 @@ def split_sites(
 # ---------------------------------------------------------------------------------------------
 # Preprocessing
 # ---------------------------------------------------------------------------------------------
-
-
-def preprocess(images: np.ndarray, *, image_size: int) -> torch.Tensor:
-    """Turn uint8 grayscale images into ImageNet-normalised 3-channel tensors.
-
-    Scales to [0, 1], resizes to ``image_size`` (bilinear, antialiased), repeats the gray
-    channel three times and normalises with the ImageNet mean and std; works in chunks of
-    512 images to bound memory.
-
-    Parameters
-    ----------
-    images : np.ndarray
-        uint8, shape (N, H, W).
-    image_size : int
-        Output side length S (>= 1).
-
-    Returns
-    -------
-    torch.Tensor
-        float32, shape (N, 3, S, S).
-    """
-    if image_size < 1:
-        raise ConfigError(f"`image_size` must be >= 1, got {image_size}")
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise InputError(
-            f"images must be uint8 of shape (N,H,W), got {images.dtype} {images.shape}"
-        )
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    out = torch.empty((len(images), 3, image_size, image_size), dtype=torch.float32)
-    for start in range(0, len(images), PREPROCESS_CHUNK):
-        chunk = images[start : start + PREPROCESS_CHUNK].astype(np.float32)  # writable copy
-        gray = torch.from_numpy(chunk).unsqueeze(1).div_(255.0)
-        resized = torch.nn.functional.interpolate(
-            gray,
-            size=(image_size, image_size),
-            mode="bilinear",
-            antialias=True,
-            align_corners=False,
-        )
-        out[start : start + len(chunk)] = (resized.expand(-1, 3, -1, -1) - mean) / std
-    return out
-
-
-def preprocessing_spec(image_size: int) -> dict[str, object]:
-    """Describe :func:`preprocess` as JSON-able data (part of cache keys).
-
-    Parameters
-    ----------
-    image_size : int
-        Output side length.
-
-    Returns
-    -------
-    dict[str, object]
-        ``grayscale_to_rgb``, ``resize``, ``interpolation``, ``mean`` and ``std``.
-    """
-    if image_size < 1:
-        raise ConfigError(f"`image_size` must be >= 1, got {image_size}")
-    return {
-        "grayscale_to_rgb": True,
-        "resize": int(image_size),
-        "interpolation": "bilinear-antialias",
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-    }
