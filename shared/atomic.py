@@ -32,7 +32,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -40,10 +40,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Flush a directory entry so a rename survives a power loss (best effort)."""
+def fsync_path(path: Path) -> None:
+    """Fsync a file or a directory, so a write or rename survives a power loss (best effort).
+
+    Some file systems refuse to fsync directories; that is ignored.
+    """
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:

@@ -33,6 +33,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from shared.atomic import fsync_path
 from shared.errors import InputError
 from shared.log import log
 from shared.metrics import METRIC_NAMES, SiteRoundMetrics, rounds_of, weighted_mean
@@ -176,29 +177,15 @@ def _publish(staging: Path, final: Path) -> None:
                 f"run folder {final} was filled by someone else during the run; choose another path"
             ) from err
     os.replace(staging, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
 
 
 def _fsync_tree(root: Path) -> None:
     """Fsync every file and directory under ``root`` (directories after their content)."""
     for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
         for filename in filenames:
-            _fsync_path(Path(dirpath) / filename)
-        _fsync_path(Path(dirpath))
-
-
-def _fsync_path(path: Path) -> None:
-    """Fsync one file or directory (best effort: some file systems refuse directories)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+            fsync_path(Path(dirpath) / filename)
+        fsync_path(Path(dirpath))
 
 
 def json_ready(obj: object) -> object:

@@ -19,21 +19,11 @@ from shared.tasks.chest_data import (
     split_sites,
 )
 
-REAL_NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist.npz"
-
 
 @pytest.fixture(scope="module")
-def real_npz() -> Path:
-    """Path of the real PneumoniaMNIST file; skips the test when it is absent."""
-    if not REAL_NPZ.is_file():
-        pytest.skip(f"{REAL_NPZ} not available")
-    return REAL_NPZ
-
-
-@pytest.fixture(scope="module")
-def real_dataset(real_npz: Path) -> ImageDataset:
+def real_dataset(pneumonia_npz: Path) -> ImageDataset:
     """The real data set, loaded once per module."""
-    return load_image_dataset(real_npz)
+    return load_image_dataset(pneumonia_npz)
 
 
 def _subset_arrays(dataset: ImageDataset, n_train: int, n_val: int) -> dict[str, np.ndarray]:
@@ -95,7 +85,7 @@ def test_real_npz_loads_with_official_sizes(real_dataset: ImageDataset) -> None:
 
 
 def test_fingerprint_is_stable_and_changes_with_one_pixel(
-    real_npz: Path, real_dataset: ImageDataset, tmp_path: Path
+    pneumonia_npz: Path, real_dataset: ImageDataset, tmp_path: Path
 ) -> None:
     # Prepare
     arrays = _subset_arrays(real_dataset, 300, 60)
@@ -104,7 +94,7 @@ def test_fingerprint_is_stable_and_changes_with_one_pixel(
     changed = _write_npz(tmp_path / "b.npz", arrays)
 
     # Execute
-    again = load_image_dataset(real_npz)
+    again = load_image_dataset(pneumonia_npz)
     small = load_image_dataset(original)
     small_again = load_image_dataset(original)
     one_pixel = load_image_dataset(changed)
@@ -158,10 +148,10 @@ def test_file_that_is_not_npz_raises_input_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("keep_fraction", [0.0, 0.1, 0.5, 0.95])
 def test_truncated_npz_raises_input_error(
-    real_npz: Path, tmp_path: Path, keep_fraction: float
+    pneumonia_npz: Path, tmp_path: Path, keep_fraction: float
 ) -> None:
     # Prepare
-    content = real_npz.read_bytes()
+    content = pneumonia_npz.read_bytes()
     path = tmp_path / "truncated.npz"
     path.write_bytes(content[: int(len(content) * keep_fraction)])
 
@@ -172,10 +162,10 @@ def test_truncated_npz_raises_input_error(
 
 @pytest.mark.parametrize("position", [100, 1000, 2_000_000])
 def test_npz_with_corrupted_bytes_raises_input_error(
-    real_npz: Path, tmp_path: Path, position: int
+    pneumonia_npz: Path, tmp_path: Path, position: int
 ) -> None:
     # Prepare
-    content = bytearray(real_npz.read_bytes())
+    content = bytearray(pneumonia_npz.read_bytes())
     content[position : position + 16] = b"\xff" * 16
     path = tmp_path / "corrupt.npz"
     path.write_bytes(bytes(content))

@@ -6,8 +6,6 @@ ImageNet MobileNetV2 backbone (frozen) resolved from the offline weights package
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -27,9 +25,9 @@ from shared.params import (
 )
 from shared.pipeline import Pretrained, build_model
 from shared.tasks import heart
+from tests.conftest import PNEUMONIA_NPZ
 
 HEAD_NAMES = ["head.weight", "head.bias"]
-REAL_NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist.npz"
 HEART_CFG = RunConfig(setup="scratch")
 CHEST_CFG = RunConfig(task="chest-xray", setup="transfer", backbone="mobilenet_v2-imagenet")
 
@@ -58,9 +56,9 @@ def heart_rows() -> np.ndarray:
 
 def _chest_pixels(count: int) -> np.ndarray:
     """Real PneumoniaMNIST images as float32 pixels in [0, 255]."""
-    if not REAL_NPZ.is_file():
-        pytest.skip(f"{REAL_NPZ} not available")
-    with np.load(REAL_NPZ) as data:
+    if not PNEUMONIA_NPZ.is_file():
+        pytest.skip(f"{PNEUMONIA_NPZ} not available")
+    with np.load(PNEUMONIA_NPZ) as data:
         return data["train_images"][:count].astype(np.float32)
 
 
