@@ -8,6 +8,7 @@ config instead.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.client import Client
@@ -15,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from client.backbone_mod import make_backbone_mod
 from client.numpy_client import SiteClient
+from client.refusal_mod import refusal_mod
 from client.site import site_environment
 from shared.offline import configure_flower_env
 
@@ -25,18 +27,18 @@ def create_client_app(defaults: Mapping[str, str] | None = None) -> ClientApp:
     Parameters
     ----------
     defaults : Mapping[str, str], optional
-        Fallbacks for node-config keys (``data-path``, ``cache-root``).
+        Fallbacks for node-config keys (``data-path``, ``sites-root``).
     """
     configure_flower_env()
     site_defaults = dict(defaults or {})
 
     def client_fn(context: Context) -> Client:
-        return SiteClient(site_environment(context, site_defaults)).to_client()
+        return SiteClient(site_environment(context, site_defaults), str(context.run_id)).to_client()
 
-    def cache_dir_of(context: Context):  # type: ignore[no-untyped-def]
-        return site_environment(context, site_defaults).cache_dir
+    def site_dir_of(context: Context) -> Path:
+        return site_environment(context, site_defaults).site_dir
 
-    return ClientApp(client_fn=client_fn, mods=[make_backbone_mod(cache_dir_of)])
+    return ClientApp(client_fn=client_fn, mods=[refusal_mod, make_backbone_mod(site_dir_of)])
 
 
 app = create_client_app()

@@ -22,19 +22,19 @@ RECORD = "backbone"
 ERROR_CODE = 4001
 
 
-def make_backbone_mod(cache_dir_of: Callable[[Context], Path]) -> Mod:
+def make_backbone_mod(site_dir_of: Callable[[Context], Path]) -> Mod:
     """Return a mod that handles backbone offers and deliveries.
 
     Parameters
     ----------
-    cache_dir_of : Callable[[Context], Path]
-        Maps the node's context to its cache directory.
+    site_dir_of : Callable[[Context], Path]
+        Maps the node's context to its private site directory.
     """
 
     def backbone_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if message.metadata.message_type != BACKBONE_MESSAGE_TYPE:
             return call_next(message, context)
-        store = BackboneStore(cache_dir_of(context))
+        store = BackboneStore(site_dir_of(context))
         record = message.content.config_records[RECORD]
         sha256 = str(record["sha256"])
         try:

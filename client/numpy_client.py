@@ -1,32 +1,40 @@
 """The site's Flower client: trains the exchanged tensors locally and returns their delta.
 
-It only translates between Flower's messages and :mod:`shared.pipeline`; the data, the model
-and the training loop live there.
+It only translates between Flower's messages and the site's modules: data and model in
+:mod:`shared.pipeline`, privacy in :mod:`client.privacy`, policy in :mod:`client.policy`.
 """
 
 from __future__ import annotations
+
+import math
+from logging import INFO, WARNING
 
 import torch
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
+from client.ledger import PrivacyLedger
+from client.policy import SitePolicy
+from client.privacy import check_request, plan_round, site_delta
 from client.site import SiteEnvironment
 from client.store import BackboneStore
 from shared.config import RunConfig
+from shared.dp import same_schedule, train_dp
+from shared.errors import CareFLError
+from shared.log import log
 from shared.params import get_arrays, set_arrays, subtract
-from shared.pipeline import (
-    LocalProblem,
-    build_model,
-    local_problem,
-    train_settings,
-)
-from shared.tasks import load_site
+from shared.pipeline import LocalProblem, build_model, local_problem, train_settings
+from shared.tasks import load_site, site_name
 from shared.training import evaluate, train
 
 # Keys the server adds to the run config it sends each round.
 ROUND_KEY = "server-round"
 PROX_KEY = "proximal_mu"
 SERVER_KEYS = (ROUND_KEY, PROX_KEY)
+
+
+class SiteRefusal(CareFLError):
+    """The site declines a request; the message starts with the site's name."""
 
 
 def config_from_message(config: dict[str, Scalar]) -> tuple[RunConfig, int, float]:
@@ -43,44 +51,91 @@ class SiteClient(NumPyClient):
     Parameters
     ----------
     env : SiteEnvironment
-        The site's data and cache locations.
+        The site's data, private directory and policy.
+    run_id : str
+        Flower's run id (the privacy ledger's run key).
     """
 
-    def __init__(self, env: SiteEnvironment) -> None:
+    def __init__(self, env: SiteEnvironment, run_id: str) -> None:
         self.env = env
+        self.run_id = run_id
         torch.set_num_threads(1)
 
     def _problem(self, cfg: RunConfig) -> LocalProblem:
         pretrained = None
         sha = ""
         if cfg.setup == "transfer":
-            pretrained = BackboneStore(self.env.cache_dir).get(cfg.backbone_sha256)
+            pretrained = BackboneStore(self.env.site_dir).get(cfg.backbone_sha256)
             sha = pretrained.manifest.sha256
         model = build_model(cfg, pretrained)
         site = load_site(cfg, self.env.index, self.env.data_path)
-        return local_problem(cfg, model, site, backbone_sha256=sha, cache_dir=self.env.cache_dir)
+        return local_problem(cfg, model, site, backbone_sha256=sha, cache_dir=self.env.site_dir)
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        """Train from the global tensors; return the delta, the example count and the loss."""
+        """Check policy and budget, charge the ledger, train; return the delta and privacy spent."""
         cfg, server_round, mu = config_from_message(config)
-        problem = self._problem(cfg)
-        set_arrays(problem.model, problem.names, parameters)
-        reference = [p.detach().clone() for p in problem.module.parameters() if p.requires_grad]
-        loss = train(
-            problem.module,
-            problem.x_train,
-            problem.y_train,
-            train_settings(cfg, server_round=server_round, proximal_mu=mu),
-            reference=reference,
-        )
+        name = site_name(cfg, self.env.index)
+        try:
+            policy = SitePolicy.load(self.env.policy_path)
+            problem = self._problem(cfg)
+            n = len(problem.y_train)
+            noise = check_request(cfg, policy, num_records=n, backbone_sha256=cfg.backbone_sha256)
+            set_arrays(problem.model, problem.names, parameters)
+            settings = train_settings(cfg, server_round=server_round, proximal_mu=mu)
+            metrics: dict[str, Scalar] = {"site": name}
+            if cfg.dp:
+                ledger = PrivacyLedger.open(self.env.site_dir)
+                plan = plan_round(cfg, policy, ledger, run_id=self.run_id, num_records=n, noise_multiplier=noise)
+                ledger.charge(
+                    run_id=self.run_id, round=server_round, charge=plan.charge, delta=plan.delta,
+                    accountant=cfg.accountant, max_grad_norm=cfg.max_grad_norm,
+                    expect_entries=len(ledger.entries()),
+                )  # fmt: skip
+                log(INFO, "%s: round %d charged to the ledger (run epsilon %.3f)", name, server_round, plan.run_epsilon_after)
+                result = train_dp(
+                    problem.module, problem.x_train, problem.y_train, settings,
+                    noise_multiplier=plan.charge.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+                    accountant=cfg.accountant,
+                )  # fmt: skip
+                if not same_schedule([plan.charge], result.charges):
+                    raise SiteRefusal(f"DP-SGD ran {result.charges}, not the charged {plan.charge}; update withheld.")
+                metrics.update({
+                    "train-loss": result.loss, "epsilon": plan.run_epsilon_after, "delta": plan.delta,
+                    "lifetime-epsilon": plan.lifetime_epsilon_after,
+                    "noise-multiplier": plan.charge.noise_multiplier,
+                })  # fmt: skip
+            else:
+                reference = [p.detach().clone() for p in problem.module.parameters() if p.requires_grad]
+                metrics["train-loss"] = train(
+                    problem.module, problem.x_train, problem.y_train, settings, reference=reference
+                )
+        except CareFLError as err:
+            log(WARNING, "%s declines round %d: %s", name, server_round, err)
+            raise SiteRefusal(f"{name}: {err}") from err
         delta = subtract(get_arrays(problem.model, problem.names), parameters)
-        return delta, len(problem.y_train), {"site": problem.site_name, "train-loss": loss}
+        return delta, n, metrics
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
-        """Evaluate the global tensors on the site's held-out part."""
+        """Evaluate the global tensors on the site's held-out part; report the run's epsilon."""
         cfg, _, _ = config_from_message(config)
-        problem = self._problem(cfg)
+        name = site_name(cfg, self.env.index)
+        try:
+            problem = self._problem(cfg)
+        except CareFLError as err:
+            raise SiteRefusal(f"{name}: {err}") from err
         set_arrays(problem.model, problem.names, parameters)
         loss, accuracy, auc = evaluate(problem.module, problem.x_val, problem.y_val)
         metrics: dict[str, Scalar] = {"site": problem.site_name, "accuracy": accuracy, "auc": auc}
+        metrics.update(self._privacy_spent(cfg, len(problem.y_train)))
         return loss, len(problem.y_val), metrics
+
+    def _privacy_spent(self, cfg: RunConfig, num_records: int) -> dict[str, Scalar]:
+        """The run's epsilon and delta at this site so far (NaN without DP or ledger)."""
+        if not cfg.dp:
+            return {"epsilon": math.nan, "delta": math.nan}
+        delta = site_delta(cfg, num_records)
+        try:
+            spent = PrivacyLedger.open(self.env.site_dir).spent(run_id=self.run_id, delta=delta, accountant=cfg.accountant)
+        except CareFLError:
+            spent = math.nan
+        return {"epsilon": spent, "delta": delta}

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from flwr.app import Context
 
-DEFAULT_CACHE_ROOT = Path(os.path.expanduser("~")) / ".carefl" / "cache"
+DEFAULT_SITES_ROOT = Path(os.path.expanduser("~")) / ".carefl" / "sites"
+POLICY_FILE = "policy.toml"
 
 
 @dataclass(frozen=True)
 class SiteEnvironment:
-    """Where this site's data and cache are.
+    """Where this site's data, private state and policy are.
 
     Attributes
     ----------
@@ -22,17 +23,23 @@ class SiteEnvironment:
         Which site of the federation this node holds (``partition-id`` in simulation).
     data_path : str
         The site's data (empty: the task's built-in source).
-    cache_dir : Path
-        The site's private cache: received backbones and backbone features.
+    site_dir : Path
+        The site's private directory: privacy ledger, received backbones, feature cache.
+    policy_path : Path
+        The site's privacy policy (TOML).
     """
 
     index: int
     data_path: str
-    cache_dir: Path
+    site_dir: Path
+    policy_path: Path
 
 
 def site_environment(context: Context, defaults: Mapping[str, str]) -> SiteEnvironment:
     """Resolve the site's environment: node config, then the app's defaults, then run config.
+
+    Node-config keys: ``site-index`` (or simulation's ``partition-id``), ``data-path``,
+    ``site-dir``, ``policy``.
 
     Parameters
     ----------
@@ -40,16 +47,16 @@ def site_environment(context: Context, defaults: Mapping[str, str]) -> SiteEnvir
         The ClientApp's context.
     defaults : Mapping[str, str]
         Fallbacks set by whoever built the ClientApp (the local simulation passes
-        ``data-path`` and ``cache-root``).
+        ``data-path`` and ``sites-root``).
     """
     node = context.node_config
     index = int(node.get("site-index", node.get("partition-id", 0)))
     data_path = str(
         node.get("data-path") or defaults.get("data-path") or context.run_config.get("data-path", "")
     )
-    if "cache-dir" in node:
-        cache_dir = Path(str(node["cache-dir"]))
+    if "site-dir" in node:
+        site_dir = Path(str(node["site-dir"]))
     else:
-        root = Path(defaults.get("cache-root") or DEFAULT_CACHE_ROOT)
-        cache_dir = root / f"site-{index}"
-    return SiteEnvironment(index=index, data_path=data_path, cache_dir=cache_dir)
+        site_dir = Path(defaults.get("sites-root") or DEFAULT_SITES_ROOT) / f"site-{index}"
+    policy = Path(str(node["policy"])) if "policy" in node else site_dir / POLICY_FILE
+    return SiteEnvironment(index=index, data_path=data_path, site_dir=site_dir, policy_path=policy)

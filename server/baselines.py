@@ -2,18 +2,24 @@
 
 Each site starts from the same model as the federation and runs as many local epochs as it
 would over the whole federated run (rounds x local epochs), then is evaluated on its own
-held-out part, exactly like the federated model.
+held-out part, exactly like the federated model. With DP, it trains with the noise
+multiplier calibrated for the same target epsilon and number of steps, so both methods give
+each site's data the same guarantee. This is a researcher's counterfactual: it is not
+charged to any hospital's ledger.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from shared.config import RunConfig
+from shared.dp import train_dp
 from shared.metrics import SiteRoundMetrics
 from shared.pipeline import Pretrained, build_model, local_problem, train_settings
+from shared.privacy import calibrate_noise, epsilon, poisson_schedule, run_delta, run_steps
 from shared.tasks.base import SiteData
 from shared.training import evaluate, train
 
@@ -45,7 +51,22 @@ def site_alone(
         sha = pretrained.manifest.sha256 if pretrained else ""
         problem = local_problem(cfg, model, site, backbone_sha256=sha, cache_dir=cache_root)
         settings = replace(train_settings(cfg, server_round=1), epochs=total_epochs)
-        train(problem.module, problem.x_train, problem.y_train, settings)
+        eps = delta = math.nan
+        if cfg.dp:
+            n = site.num_train
+            q, _ = poisson_schedule(n, cfg.batch_size)
+            steps = run_steps(n, cfg.batch_size, rounds=cfg.num_rounds, local_epochs=cfg.local_epochs)
+            delta = run_delta(cfg.target_delta, n)
+            noise = calibrate_noise(
+                target_epsilon=cfg.target_epsilon, delta=delta, sample_rate=q, steps=steps, accountant=cfg.accountant
+            )
+            result = train_dp(
+                problem.module, problem.x_train, problem.y_train, settings,
+                noise_multiplier=noise, max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant,
+            )  # fmt: skip
+            eps = epsilon(result.charges, delta=delta, accountant=cfg.accountant)
+        else:
+            train(problem.module, problem.x_train, problem.y_train, settings)
         loss, accuracy, auc = evaluate(problem.module, problem.x_val, problem.y_val)
-        rows.append(SiteRoundMetrics(cfg.num_rounds, site.name, site.num_val, loss, accuracy, auc))
+        rows.append(SiteRoundMetrics(cfg.num_rounds, site.name, site.num_val, loss, accuracy, auc, eps, delta))
     return rows

@@ -22,6 +22,7 @@ from server.progress import RoundTable
 from server.recorder import FederationRecorder
 from server.result import FederationResult, write_run_folder
 from server.simulation import simulate
+from client.policy import SitePolicy
 from shared.backbones import BackboneRegistry
 from shared.config import RunConfig
 from shared.errors import InputError
@@ -45,15 +46,17 @@ class DemoOptions:
         The federation to run (transfer setup).
     out_dir : Path
         The run folder to write (must not exist or be empty).
-    cache_root : Path
-        Parent of the simulated sites' caches.
+    sites_root : Path
+        Parent of the simulated hospitals' private directories (ledger, policy, caches).
+        The demo uses a fresh one per run folder: each demo simulates new hospitals, whose
+        lifetime privacy budget starts unspent.
     compare : bool
         Also run the baselines.
     """
 
     config: RunConfig
     out_dir: Path
-    cache_root: Path
+    sites_root: Path
     compare: bool = True
 
 
@@ -90,19 +93,33 @@ def ensure_backbone(cfg: RunConfig, console: Console) -> Pretrained:
     return Pretrained(resolved.manifest, resolved.path)
 
 
-def _federate(cfg: RunConfig, title: str, num_sites: int, cache_root: Path, console: Console) -> FederationResult:
+def _federate(cfg: RunConfig, title: str, num_sites: int, sites_root: Path, console: Console) -> FederationResult:
     recorder = FederationRecorder()
+    # The demo's researcher operates every simulated hospital: their policy follows --dp.
+    policy = SitePolicy(require_dp=cfg.dp)
     with RoundTable(title, cfg.num_rounds, console=console) as table:
         recorder.listeners.append(table)
-        return simulate(cfg, num_sites=num_sites, cache_root=cache_root, recorder=recorder)
+        return simulate(cfg, num_sites=num_sites, sites_root=sites_root, recorder=recorder, policy=policy)
 
 
 def summarize(rows: list[SiteRoundMetrics]) -> dict[str, Any]:
-    """Per-site and weighted-mean accuracy/AUC of one method's final rows."""
+    """Per-site and weighted-mean accuracy/AUC, and each site's (epsilon, delta)."""
     return {
         "weighted_mean": {m: weighted_mean(rows, m) for m in ("accuracy", "auc")},
-        "per_site": {r.site: {"accuracy": r.accuracy, "auc": r.auc, "num_examples": r.num_examples} for r in rows},
+        "per_site": {
+            r.site: {"accuracy": r.accuracy, "auc": r.auc, "num_examples": r.num_examples,
+                     "epsilon": r.epsilon, "delta": r.delta}
+            for r in rows
+        },  # fmt: skip
     }
+
+
+def privacy_line(cfg: RunConfig, rows: list[SiteRoundMetrics]) -> str:
+    """One line stating the guarantee each site's data got."""
+    if not cfg.dp:
+        return "Differential privacy: off (no formal guarantee for any site)."
+    parts = ", ".join(f"{r.site} ({r.epsilon:.2f}, {r.delta:.1e})" for r in sorted(rows, key=lambda r: r.site))
+    return f"DP-SGD ({cfg.accountant.upper()} accountant), (epsilon, delta) spent per site: {parts}."
 
 
 def comparison_table(comparison: dict[str, dict[str, Any]]) -> Table:
@@ -141,17 +158,21 @@ def run_demo(options: DemoOptions, console: Console) -> Path:
         f"({', '.join(f'{s.name}: {s.num_train} train / {s.num_val} held-out' for s in sites)})"
     )
     pretrained = ensure_backbone(cfg, console)
-    transfer = _federate(cfg, f"Federated transfer ({cfg.backbone}, {cfg.strategy})", len(sites), options.cache_root, console)
+    dp = f"DP epsilon {cfg.target_epsilon:g}" if cfg.dp else "no DP"
+    transfer = _federate(cfg, f"Federated transfer ({cfg.backbone}, {cfg.strategy}, {dp})", len(sites), options.sites_root / "transfer", console)
     comparison = {"federated transfer": summarize(transfer.final_rows())}
     extra_metrics: dict[str, list[SiteRoundMetrics]] = {}
     if options.compare:
         console.print("Baseline: each site alone (same model, same number of epochs, no federation)...")
-        comparison["each site alone"] = summarize(site_alone(cfg, sites, pretrained, cache_root=options.cache_root))
+        comparison["each site alone"] = summarize(
+            site_alone(cfg, sites, pretrained, cache_root=options.sites_root / "transfer" / "site-0")
+        )
         scratch_cfg = cfg.with_overrides(setup="scratch")
-        scratch = _federate(scratch_cfg, "Federated from scratch (no pretrained backbone)", len(sites), options.cache_root, console)
+        scratch = _federate(scratch_cfg, f"Federated from scratch (no pretrained backbone, {dp})", len(sites), options.sites_root / "scratch", console)
         comparison["federated from scratch"] = summarize(scratch.final_rows())
         extra_metrics["scratch_metrics"] = scratch.rows
     console.print(comparison_table(comparison))
+    console.print(privacy_line(cfg, transfer.final_rows()))
     ratio = transfer.mean_upload_bytes() / transfer.full_model_bytes
     console.print(
         f"Uploaded per site per round: {transfer.mean_upload_bytes():.0f} bytes "

@@ -16,6 +16,11 @@ def _fmt(value: float) -> str:
     return "-" if not math.isfinite(value) else f"{value:.3f}"
 
 
+def _max_epsilon(rows: Sequence[SiteRoundMetrics]) -> float:
+    values = [r.epsilon for r in rows if math.isfinite(r.epsilon)]
+    return max(values) if values else math.nan
+
+
 class RoundTable:
     """Rich live table: one row per round, accuracy and AUC per site plus the weighted mean.
 
@@ -62,7 +67,10 @@ class RoundTable:
             return
         sites = ", ".join(f"{r.site} {_fmt(r.accuracy)}/{_fmt(r.auc)}" for r in rows)
         mean = f"{_fmt(weighted_mean(rows, 'accuracy'))}/{_fmt(weighted_mean(rows, 'auc'))}"
-        self._console.print(f"  round {server_round}/{self.total_rounds}: {sites} | mean acc/AUC {mean}", highlight=False)
+        self._console.print(
+            f"  round {server_round}/{self.total_rounds}: {sites} | mean acc/AUC {mean} | max epsilon {_fmt(_max_epsilon(rows))}",
+            highlight=False,
+        )
 
     def _sites(self) -> Sequence[str]:
         return sorted({r.site for _, rows in self._rounds for r in rows})
@@ -74,6 +82,7 @@ class RoundTable:
         for site in self._sites():
             table.add_column(f"{site}\nacc / AUC", justify="right")
         table.add_column("weighted mean\nacc / AUC", justify="right", style="bold")
+        table.add_column("max epsilon\nspent", justify="right")
         for server_round, rows in self._rounds:
             by_site = {r.site: r for r in rows}
             cells = [
@@ -81,5 +90,5 @@ class RoundTable:
                 for s in self._sites()
             ]
             mean = f"{_fmt(weighted_mean(rows, 'accuracy'))} / {_fmt(weighted_mean(rows, 'auc'))}"
-            table.add_row(str(server_round), *cells, mean)
+            table.add_row(str(server_round), *cells, mean, _fmt(_max_epsilon(rows)))
         return table

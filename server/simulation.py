@@ -6,6 +6,8 @@ import logging
 import warnings
 from pathlib import Path
 
+from client.policy import SitePolicy
+from client.setup import prepare_site_dir
 from server.recorder import FederationRecorder
 from server.result import FederationResult
 from shared.config import RunConfig
@@ -16,9 +18,10 @@ def simulate(
     cfg: RunConfig,
     *,
     num_sites: int,
-    cache_root: Path,
+    sites_root: Path,
     recorder: FederationRecorder | None = None,
     quiet: bool = True,
+    policy: SitePolicy | None = None,
 ) -> FederationResult:
     """Run ``cfg`` with one simulated SuperNode per site and return the result.
 
@@ -28,8 +31,10 @@ def simulate(
         The run configuration (``data-path`` is given to the sites as their data).
     num_sites : int
         Number of simulated hospitals.
-    cache_root : Path
-        Parent of the sites' private caches (``site-<i>`` each).
+    sites_root : Path
+        Parent of the simulated hospitals' private directories (``site-<i>`` each); a
+        directory without a ledger or policy gets a new ledger and ``policy`` (default policy
+        if ``None``), as a hospital's operator would set up.
     recorder : FederationRecorder, optional
         Receives per-round metrics (e.g. for a live table).
     quiet : bool
@@ -45,11 +50,14 @@ def simulate(
 
     from client.app import create_client_app
     from server.app import create_server_app
+    from shared.tasks import site_name
 
+    for index in range(num_sites):
+        prepare_site_dir(sites_root / f"site-{index}", site=site_name(cfg, index), policy=policy)
     results: list[FederationResult] = []
     overrides = {k: v for k, v in cfg.to_run_config().items() if k != "run-dir"}
     server_app = create_server_app(overrides, recorder, results)
-    client_app = create_client_app({"data-path": cfg.data_path, "cache-root": str(cache_root)})
+    client_app = create_client_app({"data-path": cfg.data_path, "sites-root": str(sites_root)})
     backend = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": 2, "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": not quiet},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from logging import WARNING
 from typing import Any
 
 import numpy as np
@@ -26,10 +27,16 @@ from flwr.server.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
 from server.recorder import FederationRecorder
 from shared.config import RunConfig
+from shared.errors import CareFLError
+from shared.log import log
 from shared.metrics import SiteRoundMetrics
 from shared.params import add
 
 ConfigFn = Callable[[int], dict[str, Scalar]]
+
+
+class FederationStopped(CareFLError):
+    """Too few sites took part in a round; the run ends with a clear message."""
 
 
 class DeltaMixin:
@@ -57,11 +64,27 @@ class DeltaMixin:
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Restore weights from deltas, aggregate with the parent rule, keep the new global."""
+        """Restore weights from deltas, aggregate with the parent rule, keep the new global.
+
+        Raises
+        ------
+        FederationStopped
+            If fewer sites than ``min_fit_clients`` trained; the global model is unchanged.
+        """
         self.recorder.upload_bytes[server_round] = [
             sum(len(t) for t in res.parameters.tensors) for _, res in results
         ]
-        self.recorder.add_failures(server_round, [_reason(f) for f in failures])
+        reasons = [_reason(f) for f in failures]
+        self.recorder.add_failures(server_round, reasons)
+        for reason in reasons:
+            log(WARNING, "round %d: a site declined or failed: %s", server_round, reason)
+        minimum = int(getattr(self, "min_fit_clients", 1))
+        if len(results) < minimum:
+            raise FederationStopped(
+                f"round {server_round}: only {len(results)} site(s) trained, fewer than "
+                f"min-sites = {minimum}; the run stops with the global model of round "
+                f"{server_round - 1}. Declined: {' | '.join(reasons) or 'none'}"
+            )
         restored = [
             (proxy, _with_parameters(res, add(self._global, parameters_to_ndarrays(res.parameters))))
             for proxy, res in results
@@ -87,6 +110,8 @@ class DeltaMixin:
                 loss=float(res.loss),
                 accuracy=float(res.metrics.get("accuracy", math.nan)),
                 auc=float(res.metrics.get("auc", math.nan)),
+                epsilon=float(res.metrics.get("epsilon", math.nan)),
+                delta=float(res.metrics.get("delta", math.nan)),
             )
             for proxy, res in results
         ]
@@ -105,8 +130,10 @@ def _with_parameters(res: FitRes, arrays: list[np.ndarray]) -> FitRes:
 
 
 def _reason(failure: tuple[ClientProxy, Any] | BaseException) -> str:
+    """The reason a site gave (its refusal), or what went wrong."""
     if isinstance(failure, BaseException):
-        return str(failure)
+        error = failure.args[0] if failure.args else None
+        return str(getattr(error, "reason", failure))
     proxy, res = failure
     return f"node {proxy.node_id}: {res.status.message}"
 

@@ -44,6 +44,10 @@ def demo(
     alpha: Annotated[float | None, typer.Option(help="Dirichlet label-skew alpha (chest-xray).")] = None,
     image_size: Annotated[int | None, typer.Option(help="Image side fed to the backbone (chest-xray).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of splits and initialization.")] = None,
+    dp: Annotated[bool, typer.Option(help="Train with DP-SGD (Opacus).")] = True,
+    epsilon: Annotated[float | None, typer.Option(help="Target epsilon per site for the whole run.")] = None,
+    accountant: Annotated[str | None, typer.Option(help="rdp or prv.")] = None,
+    trainable: Annotated[str | None, typer.Option(help="head, last (last backbone blocks + head) or full.")] = None,
     compare: Annotated[bool, typer.Option(help="Also run 'each site alone' and 'from scratch'.")] = True,
     state_dir: Annotated[Path, typer.Option(help="Where the registry and site caches live.")] = DEFAULT_STATE,
 ) -> None:
@@ -62,12 +66,17 @@ def demo(
         dirichlet_alpha=alpha,
         image_size=image_size,
         seed=seed,
+        dp=dp,
+        target_epsilon=epsilon,
+        accountant=accountant,
+        trainable=trainable,
         registry_dir=str(state_dir / "registry"),
     )
+    out_dir = out or default_out_dir(task)
     options = DemoOptions(
         config=cfg,
-        out_dir=out or default_out_dir(task),
-        cache_root=state_dir / "cache",
+        out_dir=out_dir,
+        sites_root=state_dir / "sites" / out_dir.name,
         compare=compare,
     )
     run_demo(options, Console())
@@ -114,6 +123,21 @@ def backbones(
                 where = f"[red]{err}[/]"
         table.add_row(name, manifest.architecture, str(manifest.feature_dim), manifest.sha256[:16] + "...", where)
     Console().print(table)
+
+
+@app.command()
+def budget(
+    site_dir: Annotated[Path, typer.Option(help="The hospital's site directory.")],
+    init: Annotated[bool, typer.Option(help="Create the ledger (and a default policy.toml) once.")] = False,
+    site: Annotated[str, typer.Option(help="Site name recorded in a new ledger.")] = "",
+) -> None:
+    """Show a hospital its privacy ledger: spent per run, lifetime, and what remains."""
+    from client.budget import budget_table
+    from client.setup import prepare_site_dir
+
+    if init:
+        prepare_site_dir(site_dir, site=site or site_dir.name)
+    Console().print(budget_table(site_dir))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,8 @@ from shared.errors import ConfigError
 
 TASKS: tuple[str, ...] = ("heart-disease", "chest-xray")
 SETUPS: tuple[str, ...] = ("transfer", "benchmark", "scratch")
-TRAINABLE: tuple[str, ...] = ("head", "full")
+TRAINABLE: tuple[str, ...] = ("head", "last", "full")
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -39,7 +40,10 @@ class RunConfig:
     backbone_sha256 : str
         If set, the backbone's weights must have exactly this SHA-256.
     trainable : str
-        ``head`` (frozen backbone) or ``full``.
+        ``head`` (frozen backbone), ``last`` (the last ``last-blocks`` backbone blocks, their
+        BatchNorm frozen, plus the head) or ``full``.
+    last_blocks : int
+        How many backbone blocks ``last`` trains.
     strategy : str
         One of ``fedavg``, ``fedprox``, ``fedadam``, ``fedyogi``.
     num_rounds, local_epochs, batch_size : int
@@ -72,6 +76,18 @@ class RunConfig:
         A weights file named by the operator, tried first for built-in backbones.
     run_dir : str
         Where the server writes the run folder; empty: nothing written by the ServerApp.
+    dp : bool
+        Train with DP-SGD (a site's policy may require it whatever the server says).
+    target_epsilon : float
+        Epsilon each site's data may spend over the whole run; the noise multiplier is
+        calibrated for it up front.
+    target_delta : float
+        Delta of the guarantee; 0 means each site uses ``min(1e-5, 1 / (10 n))`` for its ``n``
+        training records.
+    max_grad_norm : float
+        Per-sample gradient clipping bound.
+    accountant : str
+        ``rdp`` (default) or ``prv``.
     """
 
     task: str = "heart-disease"
@@ -79,6 +95,7 @@ class RunConfig:
     backbone: str = "heart-mlp-cleveland"
     backbone_sha256: str = ""
     trainable: str = "head"
+    last_blocks: int = 1
     strategy: str = "fedavg"
     num_rounds: int = 5
     local_epochs: int = 5
@@ -98,19 +115,28 @@ class RunConfig:
     registry_dir: str = ""
     backbone_weights: str = ""
     run_dir: str = field(default="")
+    dp: bool = True
+    target_epsilon: float = 3.0
+    target_delta: float = 0.0
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
 
     def __post_init__(self) -> None:
         _one_of("task", self.task, TASKS)
         _one_of("setup", self.setup, SETUPS)
         _one_of("trainable", self.trainable, TRAINABLE)
         _one_of("strategy", self.strategy, STRATEGIES)
-        for name in ("num_rounds", "local_epochs", "batch_size", "min_sites", "num_sites"):
+        _one_of("accountant", self.accountant, ACCOUNTANTS)
+        for name in ("num_rounds", "local_epochs", "batch_size", "min_sites", "num_sites", "last_blocks"):
             _at_least(name, getattr(self, name), 1)
         _at_least("image_size", self.image_size, 8)
-        for name in ("learning_rate", "server_learning_rate", "dirichlet_alpha", "proximal_mu"):
+        for name in (
+            "learning_rate", "server_learning_rate", "dirichlet_alpha", "proximal_mu",
+            "target_epsilon", "target_delta", "max_grad_norm",
+        ):  # fmt: skip
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"`{_kebab(name)}` must be a finite number, got {getattr(self, name)!r}.")
-        for name in ("learning_rate", "server_learning_rate", "dirichlet_alpha"):
+        for name in ("learning_rate", "server_learning_rate", "dirichlet_alpha", "target_epsilon", "max_grad_norm"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"`{_kebab(name)}` must be > 0, got {getattr(self, name)!r}.")
         if self.proximal_mu < 0:
@@ -118,6 +144,10 @@ class RunConfig:
         for name in ("fraction_fit", "fraction_evaluate"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"`{_kebab(name)}` must be in (0, 1], got {getattr(self, name)!r}.")
+        if not 0 <= self.target_delta < 1:
+            raise ConfigError(f"`target-delta` must be in [0, 1) (0: automatic), got {self.target_delta!r}.")
+        if self.dp and self.strategy == "fedprox":
+            raise ConfigError("`strategy` fedprox is not supported with DP-SGD (`dp` = true); use fedavg, fedadam or fedyogi.")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"`val-fraction` must be in (0, 1), got {self.val_fraction!r}.")
         if self.backbone_sha256 and not _SHA256.match(self.backbone_sha256):

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-METRIC_NAMES: tuple[str, ...] = ("loss", "accuracy", "auc")
+METRIC_NAMES: tuple[str, ...] = ("loss", "accuracy", "auc", "epsilon", "delta")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,10 @@ class SiteRoundMetrics:
         Fraction of correct predictions.
     auc : float
         ROC AUC of the positive class (binary tasks); NaN when undefined.
+    epsilon : float
+        Privacy this site's data has spent in the run so far (NaN without DP).
+    delta : float
+        Delta of that guarantee (NaN without DP).
     """
 
     round: int
@@ -37,6 +41,8 @@ class SiteRoundMetrics:
     loss: float
     accuracy: float
     auc: float
+    epsilon: float = math.nan
+    delta: float = math.nan
 
     def as_row(self) -> dict[str, float | int | str]:
         """Return the metrics as a flat dict (one CSV row)."""

@@ -24,11 +24,14 @@ def exchanged_names(model: nn.Module, trainable: str) -> list[str]:
     model : nn.Module
         A :class:`~shared.backbones.architectures.BackboneWithHead`.
     trainable : str
-        ``head`` or ``full``.
+        ``head``, ``last`` (the trainable parameters) or ``full``.
     """
     state = model.state_dict()
     if trainable == "head":
         return [k for k in state if k.startswith(HEAD_PREFIX)]
+    if trainable == "last":
+        trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+        return [k for k in state if k in trainable_names]
     if trainable == "full":
         return [k for k, v in state.items() if torch.is_floating_point(v)]
     raise ValueError(f"unknown trainable mode {trainable!r}")

@@ -18,6 +18,8 @@ from shared.backbones.architectures import (
     ImageNetInput,
     build_backbone,
     load_backbone_weights,
+    split_backbone,
+    unfreeze,
 )
 from shared.backbones.manifest import BackboneManifest
 from shared.config import RunConfig
@@ -65,8 +67,11 @@ def build_model(cfg: RunConfig, pretrained: Pretrained | None) -> BackboneWithHe
     backbone = _with_input_module(task, cfg, trunk)
     torch.manual_seed(cfg.seed + 1)
     model = BackboneWithHead(backbone, feature_dim, task.num_classes)
-    if effective_trainable(cfg) == "head":
+    trainable = effective_trainable(cfg)
+    if trainable in ("head", "last"):
         model.freeze_backbone()
+    if trainable == "last":
+        unfreeze(split_backbone(model.backbone, cfg.last_blocks)[1])
     return model
 
 
@@ -129,16 +134,18 @@ def local_problem(
     """
     trainable = effective_trainable(cfg)
     names = exchanged_names(model, trainable)
-    if trainable == "head":
+    if trainable in ("head", "last"):
+        frozen, module = model.backbone, model.head
+        spec = input_spec(cfg)
+        if trainable == "last":
+            frozen, suffix = split_backbone(model.backbone, cfg.last_blocks)
+            module = nn.Sequential(suffix, model.head)
+            spec = {**spec, "frozen_prefix": f"all but the last {cfg.last_blocks} block(s)"}
         features = site_features(
-            model.backbone,
-            site,
-            backbone_sha256=backbone_sha256,
-            preprocessing=input_spec(cfg),
-            cache_dir=cache_dir,
+            frozen, site, backbone_sha256=backbone_sha256, preprocessing=spec, cache_dir=cache_dir
         )
         return LocalProblem(
-            model, names, model.head, features.train, site.y_train, features.val, site.y_val, site.name
+            model, names, module, features.train, site.y_train, features.val, site.y_val, site.name
         )
     return LocalProblem(
         model, names, model, site.x_train, site.y_train, site.x_val, site.y_val, site.name

@@ -10,6 +10,7 @@ from flwr.common import ndarray_to_bytes
 
 from server.result import write_run_folder
 from server.simulation import simulate
+from client.policy import SitePolicy
 from shared.backbones import BackboneRegistry
 from shared.config import RunConfig
 from shared.params import get_arrays
@@ -26,11 +27,11 @@ def test_heart_transfer_federation(heart_registry: Path, tmp_path: Path) -> None
     resolved = BackboneRegistry(heart_registry).resolve(cfg.backbone)
     initial_model = build_model(cfg, Pretrained(resolved.manifest, resolved.path))
     initial_head = get_arrays(initial_model, ["head.weight", "head.bias"])
-    cache = tmp_path / "cache"
+    sites = tmp_path / "sites"
 
     # Execute
-    first = simulate(cfg, num_sites=3, cache_root=cache)
-    second = simulate(cfg, num_sites=3, cache_root=cache)
+    first = simulate(cfg, num_sites=3, sites_root=sites)
+    second = simulate(cfg, num_sites=3, sites_root=sites)
 
     # Assert: every site evaluated every round
     assert {(r.round, r.site) for r in first.rows} == {
@@ -63,10 +64,11 @@ def test_chest_xray_federation_writes_run_folder(pneumonia_npz: Path, tmp_path: 
         num_rounds=2,
         local_epochs=1,
         learning_rate=0.01,
+        dp=False,  # the pipeline itself; DP utility is measured in scripts/bench_privacy.py
     )
 
     # Execute
-    result = simulate(cfg, num_sites=3, cache_root=tmp_path / "cache")
+    result = simulate(cfg, num_sites=3, sites_root=tmp_path / "sites", policy=SitePolicy(require_dp=False))
     folder = write_run_folder(tmp_path / "run", result)
 
     # Assert
@@ -83,11 +85,12 @@ def test_chest_xray_federation_writes_run_folder(pneumonia_npz: Path, tmp_path: 
 def test_other_strategies_run(heart_registry: Path, tmp_path: Path, strategy: str) -> None:
     # Prepare
     cfg = RunConfig(
-        registry_dir=str(heart_registry), num_rounds=1, local_epochs=1, strategy=strategy
+        registry_dir=str(heart_registry), num_rounds=1, local_epochs=1, strategy=strategy,
+        dp=strategy != "fedprox",  # FedProx's proximal term is refused with DP-SGD
     )
 
     # Execute
-    result = simulate(cfg, num_sites=3, cache_root=tmp_path / "cache")
+    result = simulate(cfg, num_sites=3, sites_root=tmp_path / "sites", policy=SitePolicy(require_dp=cfg.dp))
 
     # Assert
     assert len(result.final_rows()) == 3

@@ -72,7 +72,7 @@ def test_fedadam_moves_towards_the_mean_delta() -> None:
     # Prepare
     global_w = [np.zeros((3,), dtype=np.float32)]
     delta = [np.ones((3,), dtype=np.float32)]
-    cfg = RunConfig(strategy="fedadam", server_learning_rate=0.1)
+    cfg = RunConfig(strategy="fedadam", server_learning_rate=0.1, min_sites=1)
     strategy = make_strategy(
         cfg, global_w, FederationRecorder(), fit_config=lambda r: {}, evaluate_config=lambda r: {}
     )

@@ -115,11 +115,71 @@ class BackboneWithHead(nn.Module):
         self.backbone.eval()
 
     def train(self, mode: bool = True) -> BackboneWithHead:
-        """Set train mode, but leave a frozen backbone in eval mode (BatchNorm statistics)."""
+        """Set train mode, but keep frozen parts in eval mode.
+
+        A fully frozen backbone, and every BatchNorm layer whose parameters are frozen, stay
+        in eval mode, so their pretrained running statistics are used and never updated.
+        """
         super().train(mode)
         if not any(p.requires_grad for p in self.backbone.parameters()):
             self.backbone.eval()
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()
+            ):
+                module.eval()
         return self
+
+
+def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """Return the backbone as a sequence of blocks whose composition is the backbone.
+
+    MobileNetV2: the input module, each of its 19 feature blocks, then pooling; the MLP: one
+    ``Linear -> activation`` pair per hidden layer; any other ``nn.Sequential``: its children.
+    """
+    layers = list(backbone.children()) if isinstance(backbone, nn.Sequential) else [backbone]
+    blocks: list[nn.Module] = []
+    for layer in layers:
+        if isinstance(layer, MobileNetV2Features):
+            blocks += [*layer.features, nn.Sequential(layer.pool, nn.Flatten())]
+        elif blocks and not any(True for _ in layer.parameters()) and isinstance(blocks[-1], nn.Linear):
+            blocks[-1] = nn.Sequential(blocks[-1], layer)
+        else:
+            blocks.append(layer)
+    return blocks
+
+
+def split_backbone(backbone: nn.Module, last_blocks: int) -> tuple[nn.Module, nn.Module]:
+    """Split ``backbone`` into a prefix and a suffix holding its last ``last_blocks`` blocks.
+
+    Blocks without parameters (pooling) after the cut go to the suffix. Both parts share
+    their parameters with ``backbone``.
+
+    Raises
+    ------
+    ValueError
+        If the backbone has fewer parameterized blocks than ``last_blocks``.
+    """
+    blocks = backbone_blocks(backbone)
+    with_params = [i for i, b in enumerate(blocks) if any(True for _ in b.parameters())]
+    if not 1 <= last_blocks <= len(with_params):
+        raise ValueError(f"`last_blocks` must be in [1, {len(with_params)}], got {last_blocks}")
+    cut = with_params[-last_blocks]
+    return nn.Sequential(*blocks[:cut]), nn.Sequential(*blocks[cut:])
+
+
+def unfreeze(module: nn.Module) -> None:
+    """Make ``module``'s parameters trainable, except BatchNorm's (kept frozen for DP-SGD).
+
+    In-place activations are switched off, as Opacus' per-sample gradients require.
+    """
+    for sub in module.modules():
+        if hasattr(sub, "inplace"):
+            sub.inplace = False
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            continue
+        for param in sub.parameters(recurse=False):
+            param.requires_grad_(True)
 
 
 class ImageNetInput(nn.Module):

@@ -93,6 +93,14 @@ def heart_site_names(cfg: RunConfig) -> tuple[str, ...]:
     return tuple(s for s in heart.SITES if s != heart.PRETRAIN_SITE)
 
 
+def site_name(cfg: RunConfig, index: int) -> str:
+    """Return the name of site ``index`` without loading any data."""
+    if cfg.task == HEART.name:
+        names = heart_site_names(cfg)
+        return names[index] if 0 <= index < len(names) else f"site-{index + 1}"
+    return f"site-{index + 1}"
+
+
 def load_sites(cfg: RunConfig, data_path: str = "") -> list[SiteData]:
     """Load every site of the federation described by ``cfg``.
 

@@ -1,0 +1,615 @@
+"""A hospital's privacy ledger: every DP-SGD charge its data ever paid, kept at the site.
+
+The ledger lives in the site directory as two files:
+
+``privacy-ledger.json``
+    A header (format, version, site, creation time, key id), then one entry per charged round
+    (run, round, noise multiplier, sample rate, steps, delta, accountant, clipping norm, time),
+    then the entry count and the last entry's MAC, sealed together.
+``ledger.key``
+    32 random bytes (mode 0600) that authenticate the ledger with HMAC-SHA256.
+
+Epsilon is never stored: :meth:`PrivacyLedger.spent` recomputes it from the charges with
+:func:`shared.privacy.epsilon`, per run or over the site's lifetime (all runs composed). A
+round is charged *before* its model update leaves the site, and :meth:`PrivacyLedger.charge`
+returns only once the new ledger is on disk (temp file, fsync, rename, directory fsync), so a
+crash can only over-count, never under-count.
+
+The ledger fails closed: a missing, unreadable, corrupt or tampered ledger raises
+:class:`LedgerError`, which says how to recover; the node must not train until it verifies.
+It never silently starts again from zero.
+
+Integrity
+---------
+With ``canonical(x) = json.dumps(x, sort_keys=True, separators=(",", ":"))`` and
+``H(label, data) = HMAC-SHA256(key, label + data)``:
+
+- ``header_mac = H("header", canonical(header))``;
+- entry ``i`` stores ``prev_mac`` (``header_mac`` for the first entry, else entry ``i-1``'s
+  ``mac``) and ``mac = H("entry", canonical(entry without mac) + prev_mac)``: a hash chain;
+- ``seal = H("seal", canonical({header, count, head_mac}))`` where ``head_mac`` is the last
+  entry's ``mac`` (``header_mac`` when empty), so dropping entries from the end is detected.
+
+MACs are compared with :func:`hmac.compare_digest`.
+
+What this protects against: any edit, insertion, removal (in the middle or at the end) or
+reordering of entries, and any change of the header, count or seal, made by someone who does
+not hold ``ledger.key``; a key that is not this ledger's; a truncated or half-written file.
+
+What it does not protect against: rolling back *both* files to an older backup (the older
+ledger verifies, and the privacy spent since is forgotten), or anyone holding ``ledger.key``
+(who can write any ledger). Detecting those needs an anchor outside the site directory, such
+as the audit log or the server's receipts of the charges.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import hmac
+import json
+import math
+import os
+import secrets
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from logging import WARNING
+from pathlib import Path
+from typing import Any
+
+from shared.atomic import atomic_write_bytes, fsync_path
+from shared.errors import CareFLError
+from shared.log import log
+from shared.privacy import ACCOUNTANTS, Charge, epsilon
+
+__all__ = ["KEY_FILE", "LEDGER_FILE", "LOCK_FILE", "LedgerEntry", "LedgerError", "PrivacyLedger"]
+
+LEDGER_FILE = "privacy-ledger.json"
+KEY_FILE = "ledger.key"
+LOCK_FILE = "ledger.lock"
+FORMAT = "carefl-privacy-ledger"
+VERSION = 1
+KEY_BYTES = 32
+
+RECOVERY = (
+    f"Restore {LEDGER_FILE} and {KEY_FILE} from the site's backup; the node will not train until "
+    "the ledger verifies. Never delete the ledger: a new one would forget the privacy already spent."
+)
+
+_LABEL_HEADER = b"carefl-ledger/v1/header\x00"
+_LABEL_ENTRY = b"carefl-ledger/v1/entry\x00"
+_LABEL_SEAL = b"carefl-ledger/v1/seal\x00"
+_LABEL_KEY_ID = b"carefl-ledger/v1/key-id\x00"
+_HEADER_KEYS = frozenset({"format", "version", "site", "created_utc", "key_id"})
+_DOC_KEYS = frozenset({"header", "header_mac", "entries", "count", "head_mac", "seal"})
+
+Clock = Callable[[], datetime]
+
+
+class LedgerError(CareFLError):
+    """The privacy ledger is missing, unreadable or does not verify; the node must not train."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One charged round of DP-SGD at this site.
+
+    Attributes
+    ----------
+    seq : int
+        Position in the ledger, from 0.
+    run_id : str
+        The federated run the round belongs to.
+    round : int
+        The server round charged.
+    noise_multiplier : float
+        Noise standard deviation divided by ``max_grad_norm``.
+    sample_rate : float
+        Poisson sampling rate per step.
+    steps : int
+        DP-SGD steps the round may take.
+    delta : float
+        Delta of the run's guarantee.
+    accountant : str
+        Accountant the run used (``rdp`` or ``prv``).
+    max_grad_norm : float
+        Per-sample clipping bound.
+    time_utc : str
+        When the charge was written (ISO 8601, UTC).
+    """
+
+    seq: int
+    run_id: str
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    accountant: str
+    max_grad_norm: float
+    time_utc: str
+
+    @property
+    def charge(self) -> Charge:
+        """The (noise multiplier, sample rate, steps) triple the accountant composes."""
+        return Charge(self.noise_multiplier, self.sample_rate, self.steps)
+
+
+_ENTRY_TYPES: dict[str, type] = {
+    "seq": int,
+    "run_id": str,
+    "round": int,
+    "noise_multiplier": float,
+    "sample_rate": float,
+    "steps": int,
+    "delta": float,
+    "accountant": str,
+    "max_grad_norm": float,
+    "time_utc": str,
+}
+_RECORD_KEYS = frozenset(_ENTRY_TYPES) | {"prev_mac", "mac"}
+
+
+@dataclass(frozen=True)
+class _State:
+    """A verified ledger as read from disk."""
+
+    header: dict[str, Any]
+    entries: tuple[LedgerEntry, ...]
+    records: tuple[dict[str, Any], ...]
+    head_mac: str
+
+
+class PrivacyLedger:
+    """The privacy ledger of one site directory. Create with :meth:`init`, then :meth:`open`.
+
+    Parameters
+    ----------
+    site_dir : Path
+        Directory holding the ledger and its key.
+    state : _State
+        The verified content (internal; use :meth:`open`).
+    now : Callable[[], datetime] | None
+        Clock for entry times (timezone-aware); ``datetime.now(UTC)`` by default.
+    """
+
+    def __init__(self, site_dir: Path, state: _State, *, now: Clock | None = None) -> None:
+        self._dir = Path(site_dir)
+        self._state = state
+        self._now: Clock = now or _utc_now
+
+    # ----------------------------------------------------------------- creation and loading
+    @classmethod
+    def init(cls, site_dir: Path, *, site: str, now: Clock | None = None) -> PrivacyLedger:
+        """Create the key and an empty ledger in ``site_dir``; once per site, ever.
+
+        Parameters
+        ----------
+        site_dir : Path
+            The site directory (created if missing).
+        site : str
+            Name of the site, recorded in the header.
+        now : Callable[[], datetime] | None
+            Clock (timezone-aware); UTC now by default.
+
+        Raises
+        ------
+        LedgerError
+            If a ledger or a key already exists there.
+        """
+        if not isinstance(site, str) or not site.strip():
+            raise ValueError(f"`site` must be a non-empty string, got {site!r}")
+        site_dir = Path(site_dir)
+        site_dir.mkdir(parents=True, exist_ok=True)
+        clock = now or _utc_now
+        with _locked(site_dir):
+            existing = [name for name in (LEDGER_FILE, KEY_FILE) if (site_dir / name).exists()]
+            if existing:
+                raise LedgerError(
+                    f"a ledger already exists in {site_dir} ({', '.join(existing)} found); never "
+                    "re-initialise: that would forget the privacy already spent. Open it instead, or, "
+                    f"if it does not verify: {RECOVERY}"
+                )
+            created = _timestamp(clock)  # before any file is written: a bad clock leaves nothing
+            key = _create_key(site_dir / KEY_FILE)
+            header = {
+                "format": FORMAT,
+                "version": VERSION,
+                "site": site,
+                "created_utc": created,
+                "key_id": _mac(key, _LABEL_KEY_ID, b""),
+            }
+            header_mac = _mac(key, _LABEL_HEADER, _canonical(header))
+            _write(site_dir / LEDGER_FILE, key, header, header_mac, [])
+        return cls.open(site_dir, now=now)
+
+    @classmethod
+    def open(cls, site_dir: Path, *, now: Clock | None = None) -> PrivacyLedger:
+        """Read and verify the ledger of ``site_dir``.
+
+        Parameters
+        ----------
+        site_dir : Path
+            The site directory.
+        now : Callable[[], datetime] | None
+            Clock for later charges (timezone-aware); UTC now by default.
+
+        Raises
+        ------
+        LedgerError
+            If the ledger or its key is missing, unreadable, malformed or does not verify; the
+            message names the file, the problem and how to recover.
+        """
+        site_dir = Path(site_dir)
+        state, _ = _load(site_dir)
+        return cls(site_dir, state, now=now)
+
+    # ----------------------------------------------------------------------------- queries
+    @property
+    def site(self) -> str:
+        """The site named in the header."""
+        return str(self._state.header["site"])
+
+    @property
+    def path(self) -> Path:
+        """The ledger file."""
+        return self._dir / LEDGER_FILE
+
+    @property
+    def key_path(self) -> Path:
+        """The key file."""
+        return self._dir / KEY_FILE
+
+    def entries(self, run_id: str | None = None) -> list[LedgerEntry]:
+        """Return the entries of ``run_id`` (all runs if None), in ledger order."""
+        return [e for e in self._state.entries if run_id is None or e.run_id == run_id]
+
+    def run_ids(self) -> list[str]:
+        """Return the runs charged, in first-seen order."""
+        return list(dict.fromkeys(e.run_id for e in self._state.entries))
+
+    def charges(self, run_id: str | None = None) -> list[Charge]:
+        """Return the charges of ``run_id`` (all runs, i.e. the lifetime, if None)."""
+        return [e.charge for e in self.entries(run_id)]
+
+    def spent(self, *, run_id: str | None, delta: float, accountant: str = "rdp") -> float:
+        """Return the epsilon spent by ``run_id``, or over the site's lifetime if None.
+
+        Recomputed from the charges with :func:`shared.privacy.epsilon`, never summed.
+
+        Parameters
+        ----------
+        run_id : str | None
+            One run, or None for all runs composed.
+        delta : float
+            Delta at which epsilon is reported.
+        accountant : str
+            ``rdp`` or ``prv``.
+        """
+        return epsilon(self.charges(run_id), delta=delta, accountant=accountant)
+
+    def rounds_charged(self, run_id: str) -> list[int]:
+        """Return the distinct rounds of ``run_id`` charged, ascending (a retried round once)."""
+        return sorted({e.round for e in self.entries(run_id)})
+
+    # ----------------------------------------------------------------------------- charging
+    def charge(
+        self,
+        *,
+        run_id: str,
+        round: int,
+        charge: Charge,
+        delta: float,
+        accountant: str,
+        max_grad_norm: float,
+        expect_entries: int | None = None,
+    ) -> LedgerEntry:
+        """Append one round's charge and return once it is durably on disk.
+
+        Call this *before* the round's model update leaves the site. Under an exclusive lock on
+        ``ledger.lock`` the ledger is re-read and verified from disk, the entry appended and the
+        file replaced atomically (fsync'd); this object is then refreshed from the result.
+
+        Parameters
+        ----------
+        run_id : str
+            The federated run.
+        round : int
+            The server round (>= 0).
+        charge : Charge
+            Noise multiplier, sample rate and steps of the round.
+        delta : float
+            Delta of the run, in (0, 1).
+        accountant : str
+            ``rdp`` or ``prv``.
+        max_grad_norm : float
+            Per-sample clipping bound (> 0).
+        expect_entries : int, optional
+            The number of entries the caller's budget check saw; if another process charged
+            the ledger since, nothing is written and :class:`LedgerError` is raised, so a
+            budget is never checked against a stale ledger.
+
+        Raises
+        ------
+        LedgerError
+            If the ledger on disk does not verify, is not the one this object opened, or
+            changed since the caller's budget check.
+        """
+        _check_charge_args(run_id, round, charge, delta, accountant, max_grad_norm)
+        with _locked(self._dir):
+            state, key = _load(self._dir)
+            if state.header != self._state.header:
+                raise LedgerError(
+                    f"{self.path}: the ledger was replaced by another one since it was opened "
+                    f"(header {state.header} != {self._state.header}). {RECOVERY}"
+                )
+            if expect_entries is not None and len(state.entries) != expect_entries:
+                raise LedgerError(
+                    f"{self.path}: another run charged this ledger since the budget was checked "
+                    f"({len(state.entries)} entries, expected {expect_entries}); nothing was "
+                    "charged and the round is declined. It can be retried."
+                )
+            entry = LedgerEntry(
+                seq=len(state.entries),
+                run_id=run_id,
+                round=int(round),
+                noise_multiplier=float(charge.noise_multiplier),
+                sample_rate=float(charge.sample_rate),
+                steps=int(charge.steps),
+                delta=float(delta),
+                accountant=accountant,
+                max_grad_norm=float(max_grad_norm),
+                time_utc=_timestamp(self._now),
+            )
+            header_mac = _mac(key, _LABEL_HEADER, _canonical(state.header))
+            records = [*state.records, _seal_entry(key, entry, state.head_mac)]
+            _write(self.path, key, state.header, header_mac, records)
+            self._state, _ = _load(self._dir)
+        return entry
+
+
+# --------------------------------------------------------------------------------- helpers
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _timestamp(clock: Clock) -> str:
+    """Return ``clock()`` as ISO 8601 in UTC; a naive datetime is refused."""
+    moment = clock()
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError("the ledger clock must return a timezone-aware datetime")
+    return moment.astimezone(UTC).isoformat()
+
+
+def _canonical(obj: object) -> bytes:
+    """Canonical JSON: sorted keys, no spaces, ASCII, floats as their shortest exact repr."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+def _mac(key: bytes, label: bytes, data: bytes) -> str:
+    return hmac.new(key, label + data, hashlib.sha256).hexdigest()
+
+
+def _same(a: object, b: str) -> bool:
+    return isinstance(a, str) and hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+
+
+def _seal_mac(key: bytes, header: dict[str, Any], count: int, head_mac: str) -> str:
+    return _mac(key, _LABEL_SEAL, _canonical({"header": header, "count": count, "head_mac": head_mac}))
+
+
+def _seal_entry(key: bytes, entry: LedgerEntry, prev_mac: str) -> dict[str, Any]:
+    """Return the stored record of ``entry``: its fields, ``prev_mac`` and ``mac``."""
+    record: dict[str, Any] = {**asdict(entry), "prev_mac": prev_mac}
+    record["mac"] = _mac(key, _LABEL_ENTRY, _canonical(record) + prev_mac.encode("ascii"))
+    return record
+
+
+@contextmanager
+def _locked(site_dir: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``site_dir/ledger.lock`` (released on exit or process death)."""
+    fd = os.open(site_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _create_key(path: Path) -> bytes:
+    """Write a fresh 32-byte key to ``path`` (mode 0600, refusing to overwrite) and return it."""
+    key = secrets.token_bytes(KEY_BYTES)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_path(path.parent)
+    return key
+
+
+def _write(
+    path: Path, key: bytes, header: dict[str, Any], header_mac: str, records: list[dict[str, Any]]
+) -> None:
+    head_mac = records[-1]["mac"] if records else header_mac
+    doc = {
+        "header": header,
+        "header_mac": header_mac,
+        "entries": records,
+        "count": len(records),
+        "head_mac": head_mac,
+        "seal": _seal_mac(key, header, len(records), head_mac),
+    }
+    text = json.dumps(doc, sort_keys=True, indent=1, allow_nan=False) + "\n"
+    atomic_write_bytes(path, text.encode("ascii"))
+
+
+def _fail(path: Path, problem: str) -> LedgerError:
+    return LedgerError(f"{path}: {problem}. {RECOVERY}")
+
+
+def _read_key(site_dir: Path) -> bytes:
+    path = site_dir / KEY_FILE
+    try:
+        key = path.read_bytes()
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise _fail(path, f"cannot read the ledger key ({exc.strerror or exc})") from exc
+    if len(key) != KEY_BYTES:
+        raise _fail(path, f"the ledger key is {len(key)} bytes, expected {KEY_BYTES}")
+    if mode & 0o077:
+        log(
+            WARNING,
+            "%s is readable by others (mode %o): anyone who can read it can forge the "
+            "privacy ledger; chmod 600 it",
+            path,
+            mode,
+        )
+    return key
+
+
+def _read_doc(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise _fail(path, f"cannot read the privacy ledger ({exc.strerror or exc})") from exc
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _fail(path, f"the privacy ledger is not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict) or set(doc) != _DOC_KEYS:
+        raise _fail(path, "the privacy ledger is malformed (not the layout of a CareFL privacy ledger)")
+    header = doc["header"]
+    if not isinstance(header, dict) or set(header) != _HEADER_KEYS or header["format"] != FORMAT:
+        raise _fail(path, "the privacy ledger's header is malformed (not a CareFL privacy ledger)")
+    if header["version"] != VERSION:
+        raise _fail(
+            path,
+            f"unsupported ledger format version {header['version']!r}; this CareFL reads version "
+            f"{VERSION} (use the CareFL release that wrote it)",
+        )
+    if not isinstance(doc["entries"], list) or not isinstance(doc["count"], int):
+        raise _fail(path, "the privacy ledger is malformed (entries or count of the wrong type)")
+    return doc
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed in a privacy ledger")
+
+
+def _load(site_dir: Path) -> tuple[_State, bytes]:
+    """Read both files of ``site_dir``, verify the ledger and return it with its key.
+
+    Raises
+    ------
+    LedgerError
+        If either file is missing or unreadable, or the ledger does not verify.
+    """
+    ledger, key_path = site_dir / LEDGER_FILE, site_dir / KEY_FILE
+    has_ledger, has_key = ledger.exists(), key_path.exists()
+    if not has_ledger and not has_key:
+        raise LedgerError(
+            f"no privacy ledger in {site_dir}: initialise it once with "
+            f"`carefl budget --init --site-dir {site_dir}`. If this site has trained before, restore "
+            f"{LEDGER_FILE} and {KEY_FILE} from its backup instead: a new ledger would forget the "
+            "privacy already spent."
+        )
+    if not has_ledger:
+        raise _fail(ledger, f"the privacy ledger is missing although its key {key_path} exists")
+    if not has_key:
+        raise _fail(key_path, f"the ledger key is missing although the privacy ledger {ledger} exists")
+    doc = _read_doc(ledger)
+    key = _read_key(site_dir)
+    return _verify(ledger, key, doc), key
+
+
+def _verify(path: Path, key: bytes, doc: dict[str, Any]) -> _State:
+    """Check key id, header MAC, the entry chain and the seal, in that order."""
+    header = doc["header"]
+    if not _same(header["key_id"], _mac(key, _LABEL_KEY_ID, b"")):
+        raise _fail(path, f"{KEY_FILE} is not the key of this ledger (or the header's key id was altered)")
+    header_mac = _mac(key, _LABEL_HEADER, _canonical(header))
+    if not _same(doc["header_mac"], header_mac):
+        raise _fail(path, "the header was altered (its MAC does not verify)")
+    entries, prev = _verify_chain(path, key, doc["entries"], header_mac)
+    if not _same(doc["seal"], _seal_mac(key, header, doc["count"], doc["head_mac"])):
+        raise _fail(path, "the seal over count and head_mac was altered (its MAC does not verify)")
+    if doc["count"] != len(entries):
+        raise _fail(
+            path,
+            f"the ledger holds {len(entries)} entries but its seal records {doc['count']}: "
+            "entries were removed from (or added at) the end",
+        )
+    if not _same(doc["head_mac"], prev):
+        raise _fail(path, "the last entry is not the one the seal records: entries were replaced at the end")
+    return _State(header=header, entries=tuple(entries), records=tuple(doc["entries"]), head_mac=prev)
+
+
+def _verify_chain(
+    path: Path, key: bytes, records: list[Any], header_mac: str
+) -> tuple[list[LedgerEntry], str]:
+    """Verify each record's link and MAC; return the entries and the last MAC."""
+    entries: list[LedgerEntry] = []
+    prev = header_mac
+    for position, record in enumerate(records):
+        if not isinstance(record, dict) or not all(
+            isinstance(record.get(k), str) for k in ("mac", "prev_mac")
+        ):
+            raise _fail(path, f"entry at position {position} is malformed")
+        if not _same(record["prev_mac"], prev):
+            raise _fail(
+                path,
+                f"entry at position {position} does not follow the entry before it: entries were "
+                "removed, inserted or reordered",
+            )
+        body = {k: v for k, v in record.items() if k != "mac"}
+        try:
+            expected = _mac(key, _LABEL_ENTRY, _canonical(body) + prev.encode("ascii"))
+        except (TypeError, ValueError) as exc:
+            raise _fail(path, f"entry at position {position} is malformed ({exc})") from exc
+        if not _same(record["mac"], expected):
+            raise _fail(path, f"entry at position {position} was altered (its MAC does not verify)")
+        entries.append(_entry_from_record(path, position, record))
+        prev = record["mac"]
+    return entries, prev
+
+
+def _entry_from_record(path: Path, position: int, record: dict[str, Any]) -> LedgerEntry:
+    """Build a :class:`LedgerEntry` from a verified record, checking field names and types."""
+    if set(record) != _RECORD_KEYS:
+        raise _fail(path, f"entry at position {position} has unexpected fields")
+    for name, kind in _ENTRY_TYPES.items():
+        value = record[name]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise _fail(path, f"entry at position {position}: `{name}` is not a {kind.__name__}")
+    values = {name: record[name] for name in _ENTRY_TYPES}
+    entry = LedgerEntry(**values)
+    if entry.seq != position:
+        raise _fail(path, f"entry at position {position} carries sequence number {entry.seq}")
+    try:
+        Charge(entry.noise_multiplier, entry.sample_rate, entry.steps)  # validates the triple
+    except ValueError as exc:
+        raise _fail(path, f"entry at position {position} holds an invalid charge ({exc})") from exc
+    return entry
+
+
+def _check_charge_args(
+    run_id: str, round: int, charge: Charge, delta: float, accountant: str, max_grad_norm: float
+) -> None:
+    """Validate :meth:`PrivacyLedger.charge`'s arguments, naming the bad one."""
+    if not isinstance(run_id, str) or not run_id:
+        raise ValueError(f"`run_id` must be a non-empty string, got {run_id!r}")
+    if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+        raise ValueError(f"`round` must be an int >= 0, got {round!r}")
+    if not isinstance(charge, Charge):
+        raise TypeError(f"`charge` must be a shared.privacy.Charge, got {type(charge).__name__}")
+    if not 0 < delta < 1:
+        raise ValueError(f"`delta` must be in (0, 1), got {delta!r}")
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"`accountant` must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"`max_grad_norm` must be > 0, got {max_grad_norm!r}")

@@ -1,0 +1,159 @@
+"""DP-SGD with Opacus on exactly the trainable parameters, with Poisson sampling.
+
+The caller decides the noise multiplier (calibrated for the whole run, see
+:func:`shared.privacy.calibrate_noise`) and charges the privacy ledger before training; this
+module only trains, and reports the schedule Opacus actually ran so the caller can check it
+against what was charged.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from shared.errors import ConfigError
+from shared.privacy import Charge
+from shared.training import TrainSettings
+
+
+@dataclass(frozen=True)
+class DPTrainResult:
+    """What one DP training call did.
+
+    Attributes
+    ----------
+    loss : float
+        Mean training loss of the last epoch.
+    charges : tuple[Charge, ...]
+        The schedule Opacus' own accountant recorded (noise multiplier, sample rate, steps).
+    """
+
+    loss: float
+    charges: tuple[Charge, ...]
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken."""
+        return sum(c.steps for c in self.charges)
+
+
+def check_dp_compatible(module: nn.Module) -> None:
+    """Refuse modules Opacus cannot train privately (e.g. trainable BatchNorm), with a clear message.
+
+    Raises
+    ------
+    ConfigError
+        Naming the offending layers and what to do instead.
+    """
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(module, strict=False)
+    if errors:
+        details = "; ".join(str(e) for e in errors[:3])
+        raise ConfigError(
+            f"DP-SGD cannot train this model as it is ({details}). Freeze BatchNorm layers "
+            "(train the head or the last blocks with BatchNorm frozen) or use a model without "
+            "BatchNorm."
+        )
+
+
+def train_dp(
+    module: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    settings: TrainSettings,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    accountant: str = "rdp",
+) -> DPTrainResult:
+    """Train ``module`` with DP-SGD (per-sample clipping + Gaussian noise, Poisson sampling).
+
+    Parameters
+    ----------
+    module : nn.Module
+        Maps a batch of ``x`` to logits; only parameters with ``requires_grad`` are trained.
+    x, y : np.ndarray
+        The site's training inputs and labels.
+    settings : TrainSettings
+        Epochs, expected batch size, learning rate, seed (``proximal_mu`` must be 0).
+    noise_multiplier : float
+        Noise standard deviation divided by ``max_grad_norm``.
+    max_grad_norm : float
+        Per-sample gradient clipping bound.
+    accountant : str
+        Opacus accountant recording the schedule (``rdp`` or ``prv``).
+    """
+    from opacus import PrivacyEngine
+
+    if settings.proximal_mu > 0:
+        raise ConfigError("FedProx's proximal term is not supported with DP-SGD; use fedavg, fedadam or fedyogi.")
+    check_dp_compatible(module)
+    generator = torch.Generator().manual_seed(settings.seed)
+    loader = DataLoader(
+        TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
+        batch_size=settings.batch_size,
+        shuffle=True,
+        generator=generator,
+    )
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.momentum)
+    engine = PrivacyEngine(accountant=accountant)
+    private_module, private_optimizer, private_loader = engine.make_private(
+        module=module,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=True,
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    private_module.train()
+    last = float("nan")
+    with warnings.catch_warnings():
+        # A head trained on cached features has inputs without gradients: harmless here.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        last = _epochs(private_module, private_optimizer, private_loader, loss_fn, settings.epochs)
+    charges = tuple(Charge(float(s), float(q), int(n)) for s, q, n in engine.accountant.history)
+    _detach(private_module)
+    return DPTrainResult(loss=last, charges=charges)
+
+
+def _epochs(module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, loss_fn: nn.Module, epochs: int) -> float:
+    last = float("nan")
+    for _ in range(epochs):
+        total, seen = 0.0, 0
+        for inputs, labels in loader:
+            optimizer.zero_grad()
+            if len(labels) == 0:
+                # Poisson sampling drew no record: Opacus still adds noise and counts the step.
+                loss = module(inputs).sum() * 0.0
+            else:
+                loss = loss_fn(module(inputs), labels)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(labels)
+            seen += len(labels)
+        last = total / max(seen, 1)
+    return last
+
+
+def _detach(private_module: nn.Module) -> None:
+    """Remove Opacus' hooks so the module can be evaluated or serialized normally."""
+    to_standard = getattr(private_module, "to_standard_module", None)
+    if callable(to_standard):
+        to_standard()
+
+
+def same_schedule(planned: Sequence[Charge], done: Sequence[Charge]) -> bool:
+    """Return whether Opacus ran at most the planned steps with the planned noise and rate."""
+    if not done:
+        return True
+    rates = {(round(c.noise_multiplier, 12), round(c.sample_rate, 12)) for c in (*planned, *done)}
+    return len(rates) == 1 and sum(c.steps for c in done) <= sum(c.steps for c in planned)
