@@ -6,6 +6,9 @@
 3. held-out accuracy/AUC of federated transfer vs each site alone vs federated from scratch,
    both tasks, on Flower's simulation engine.
 
+Without differential privacy, to measure transfer learning itself; DP is measured by
+``scripts/bench_privacy.py``.
+
 Usage::
 
     .venv/bin/python scripts/bench_transfer.py --data ../shared/data/pneumoniamnist.npz
@@ -25,6 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from client.policy import SitePolicy
 from server.baselines import site_alone
 from server.demo import comparison_table, demo_config, ensure_backbone, summarize
 from server.simulation import simulate
@@ -72,11 +76,14 @@ def compare_methods(cfg: RunConfig, pretrained: Pretrained, cache_root: Path, co
     sites = load_sites(cfg, cfg.data_path)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    transfer = simulate(cfg, num_sites=len(sites), cache_root=cache_root)
+    no_dp = SitePolicy(require_dp=False)
+    transfer = simulate(cfg, num_sites=len(sites), sites_root=cache_root / "transfer", policy=no_dp)
     timings["transfer_s"] = time.perf_counter() - start
-    alone = site_alone(cfg, sites, pretrained, cache_root=cache_root)
+    alone = site_alone(cfg, sites, pretrained, cache_root=cache_root / "transfer" / "site-0")
     start = time.perf_counter()
-    scratch = simulate(cfg.with_overrides(setup="scratch"), num_sites=len(sites), cache_root=cache_root)
+    scratch = simulate(
+        cfg.with_overrides(setup="scratch"), num_sites=len(sites), sites_root=cache_root / "scratch", policy=no_dp
+    )
     timings["scratch_s"] = time.perf_counter() - start
     comparison = {
         "federated transfer": summarize(transfer.final_rows()),
@@ -101,8 +108,8 @@ def main() -> None:
     registry = str(args.state_dir / "registry")
     report: dict[str, Any] = {}
     configs = {
-        "heart-disease": demo_config("heart-disease", registry_dir=registry),
-        "chest-xray": demo_config("chest-xray", registry_dir=registry, data_path=str(args.data)),
+        "heart-disease": demo_config("heart-disease", registry_dir=registry, dp=False),
+        "chest-xray": demo_config("chest-xray", registry_dir=registry, data_path=str(args.data), dp=False),
     }
     for task, cfg in configs.items():
         console.rule(task)

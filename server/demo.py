@@ -17,12 +17,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from client.policy import SitePolicy
 from server.baselines import site_alone
 from server.progress import RoundTable
 from server.recorder import FederationRecorder
 from server.result import FederationResult, write_run_folder
 from server.simulation import simulate
-from client.policy import SitePolicy
 from shared.backbones import BackboneRegistry
 from shared.config import RunConfig
 from shared.errors import InputError

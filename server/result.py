@@ -75,6 +75,22 @@ class FederationResult:
         return float(np.mean(values)) if values else math.nan
 
 
+def privacy_card(result: FederationResult) -> dict[str, Any]:
+    """The guarantee each site's data got in this run, for the model card."""
+    cfg = result.config
+    if not cfg.dp:
+        return {"dp": False, "note": "trained without differential privacy: no formal guarantee"}
+    return {
+        "dp": True,
+        "mechanism": "DP-SGD (Opacus), per-sample clipping, Poisson sampling",
+        "accountant": cfg.accountant,
+        "target_epsilon_per_site": cfg.target_epsilon,
+        "max_grad_norm": cfg.max_grad_norm,
+        "unit": "one patient record at one site",
+        "per_site": {r.site: {"epsilon": r.epsilon, "delta": r.delta} for r in result.final_rows()},
+    }
+
+
 def model_payload(result: FederationResult) -> bytes:
     """Serialize the final model: exchanged tensors + what identifies the backbone."""
     state = {n: torch.from_numpy(np.asarray(a)) for n, a in zip(result.names, result.parameters, strict=True)}
@@ -139,6 +155,7 @@ def write_run_folder(
             backbone=backbone,
             metrics={"final_weighted_mean": result.final_summary(), "final_per_site": {r.site: r.as_row() for r in result.final_rows()}},
             extra={
+                "privacy": privacy_card(result),
                 "setup": result.config.setup,
                 "strategy": result.config.strategy,
                 "exchanged_tensors": result.names,

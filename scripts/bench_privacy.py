@@ -1,0 +1,154 @@
+"""Benchmark of differential privacy (issue 3), printed from one run.
+
+1. Time per training step with DP-SGD vs without, for the head only and for partial
+   fine-tuning (last backbone block + head), on real chest X-ray features. Per-step time is
+   the slope between 1-epoch and 6-epoch runs (median of 3 each, after a warm-up), so
+   Opacus' per-call set-up is not counted as a step (it is printed separately).
+2. Utility vs epsilon in {0.5, 1, 3, 8, none} on Flower's simulation engine:
+   - heart-disease in FLamby's 4-site setup (all sites from one initialization, delta 1e-3):
+     mean per-site test accuracy, the figure FLamby reports;
+   - chest-xray, 4 non-IID hospitals, frozen MobileNetV2 + head: validation accuracy and AUC.
+
+Usage::
+
+    .venv/bin/python scripts/bench_privacy.py --data ../shared/data/pneumoniamnist.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from client.policy import SitePolicy
+from server.demo import demo_config, ensure_backbone
+from server.simulation import simulate
+from shared.config import RunConfig
+from shared.dp import train_dp
+from shared.metrics import weighted_mean
+from shared.pipeline import Pretrained, build_model, local_problem, train_settings
+from shared.tasks import load_sites
+from shared.training import train
+
+EPSILONS: tuple[float | None, ...] = (0.5, 1.0, 3.0, 8.0, None)
+
+
+def _seconds(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+LONG_EPOCHS = 6
+REPEATS = 3
+
+
+def step_times(cfg: RunConfig, pretrained: Pretrained) -> dict[str, float]:
+    """Seconds per step with and without DP (slope between 1 and 6 epochs), and DP set-up."""
+    site = load_sites(cfg, cfg.data_path)[1]
+
+    def problem():  # type: ignore[no-untyped-def]
+        model = build_model(cfg, pretrained)
+        return local_problem(cfg, model, site, backbone_sha256=pretrained.manifest.sha256, cache_dir=None)
+
+    base = problem()
+    x, y = base.x_train, base.y_train
+    steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
+    times: dict[str, float] = {}
+    for label, dp in (("plain", False), ("dp", True)):
+        runs = {}
+        for epochs in (1, 1, LONG_EPOCHS):  # the first 1-epoch pass is a warm-up
+            settings = train_settings(cfg.with_overrides(local_epochs=epochs), server_round=1)
+            samples = []
+            for _ in range(REPEATS):
+                module = problem().module
+                if dp:
+                    samples.append(_seconds(
+                        lambda m=module, s=settings: train_dp(m, x, y, s, noise_multiplier=1.0, max_grad_norm=1.0)
+                    ))  # fmt: skip
+                else:
+                    samples.append(_seconds(lambda m=module, s=settings: train(m, x, y, s)))
+            runs[epochs] = float(np.median(samples))
+        per_step = (runs[LONG_EPOCHS] - runs[1]) / ((LONG_EPOCHS - 1) * steps_per_epoch)
+        times[f"{label}_step_s"] = per_step
+        times[f"{label}_setup_s"] = runs[1] - steps_per_epoch * per_step
+    times["ratio"] = times["dp_step_s"] / times["plain_step_s"]
+    times["trainable_params"] = float(sum(p.numel() for p in base.module.parameters() if p.requires_grad))
+    return times
+
+
+def utility(cfg: RunConfig, eps: float | None, sites_root: Path) -> dict[str, float]:
+    """Final held-out metrics of one federation at ``eps`` (None: no DP)."""
+    run_cfg = cfg.with_overrides(dp=eps is not None, target_epsilon=eps or 1.0)
+    num_sites = len(load_sites(run_cfg, run_cfg.data_path))
+    start = time.perf_counter()
+    result = simulate(
+        run_cfg, num_sites=num_sites, sites_root=sites_root, policy=SitePolicy(require_dp=eps is not None,
+        max_epsilon_per_run=max(eps or 1.0, 1.0), max_lifetime_epsilon=100.0),
+    )  # fmt: skip
+    rows = result.final_rows()
+    return {
+        "mean_site_accuracy": float(np.mean([r.accuracy for r in rows])),
+        "weighted_accuracy": weighted_mean(rows, "accuracy"),
+        "weighted_auc": weighted_mean(rows, "auc"),
+        "max_epsilon": max((r.epsilon for r in rows), default=math.nan),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    """Run the benchmark and print its tables."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="PneumoniaMNIST .npz (or image folder)")
+    parser.add_argument("--state-dir", type=Path, default=Path(".carefl"), help="backbone registry")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    console = Console()
+    registry = str(args.state_dir / "registry")
+    chest = demo_config("chest-xray", registry_dir=registry, data_path=str(args.data))
+    pretrained = ensure_backbone(chest, console)
+    report: dict[str, Any] = {"step_time": {}, "utility": {}}
+    for label, cfg in (("head only", chest), ("last block + head", chest.with_overrides(trainable="last"))):
+        report["step_time"][label] = step_times(cfg, pretrained)
+    heart = demo_config("heart-disease", registry_dir=registry, setup="benchmark", target_delta=1e-3)
+    for task, cfg in (("heart-disease (FLamby 4 sites)", heart), ("chest-xray (4 sites)", chest)):
+        report["utility"][task] = {}
+        for eps in EPSILONS:
+            with tempfile.TemporaryDirectory() as root:
+                report["utility"][task]["none" if eps is None else f"{eps:g}"] = utility(cfg, eps, Path(root))
+
+    table = Table(title="bench_privacy: time per step, DP-SGD vs plain (chest-xray, batch 32)")
+    for column in ("trainable", "params", "plain step", "DP step", "ratio", "DP set-up", "target"):
+        table.add_column(column, justify="right")
+    for label, t in report["step_time"].items():
+        table.add_row(
+            label, f"{t['trainable_params']:.0f}", f"{1e3 * t['plain_step_s']:.2f} ms", f"{1e3 * t['dp_step_s']:.2f} ms",
+            f"{t['ratio']:.2f}x", f"{t['dp_setup_s']:.2f} s", "<= 1.5x" if label == "head only" else "-",
+        )  # fmt: skip
+    console.print(table)
+    for task, by_eps in report["utility"].items():
+        table = Table(title=f"bench_privacy: utility vs epsilon, {task}")
+        for column in ("epsilon", "mean per-site acc", "weighted acc", "weighted AUC", "epsilon spent (max)", "wall"):
+            table.add_column(column, justify="right")
+        for eps, u in by_eps.items():
+            table.add_row(
+                eps, f"{u['mean_site_accuracy']:.3f}", f"{u['weighted_accuracy']:.3f}", f"{u['weighted_auc']:.3f}",
+                "-" if math.isnan(u["max_epsilon"]) else f"{u['max_epsilon']:.3f}", f"{u['seconds']:.0f} s",
+            )  # fmt: skip
+        console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
