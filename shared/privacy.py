@@ -12,6 +12,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from shared.errors import ConfigError
+
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 
 
@@ -101,21 +103,33 @@ def calibrate_noise(
         Planned steps of the whole run (rounds x local epochs x steps per epoch).
     accountant : str
         ``rdp`` or ``prv``.
+
+    Raises
+    ------
+    ConfigError
+        If no noise multiplier reaches the target (the target is too small for the plan).
     """
     from opacus.accountants.utils import get_noise_multiplier
 
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError(f"`target_epsilon` must be > 0, got {target_epsilon!r}")
-    sigma = float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=0.005,
+    try:
+        sigma = float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=0.005,
+            )
         )
-    )
+    except ValueError as err:
+        raise ConfigError(
+            f"target epsilon {target_epsilon:g} at delta {delta:.1e} cannot be reached with "
+            f"{steps} steps at sample rate {sample_rate:.4f} ({err}); raise the target "
+            "epsilon, or lower the rounds or local epochs."
+        ) from err
     # get_noise_multiplier stops within a tolerance *below* the target; check, never exceed.
     spent = epsilon([Charge(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
     if spent > target_epsilon:

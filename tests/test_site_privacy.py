@@ -47,6 +47,7 @@ from shared.privacy import Charge, calibrate_noise, default_delta, poisson_sched
 SITE = "Hungary"  # site index 0 of the heart-disease transfer federation
 SITE_INDEX = 0
 TRAIN_ROWS = 172
+BATCH_SIZE = 32
 ROUNDS = 5
 TARGET_EPSILON = 3.0
 LIFETIME_LIMIT = 4.0
@@ -68,7 +69,10 @@ class Federation:
 
     def config(self, server_round: int, **changes: Any) -> dict[str, Scalar]:
         """The fit config of ``server_round``, as ``server.app`` sends it (changes applied)."""
-        return {**site_config(self.cfg.with_overrides(**changes), self.backbone), "server-round": server_round}
+        return {
+            **site_config(self.cfg.with_overrides(**changes), self.backbone),
+            "server-round": server_round,
+        }
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,9 @@ class FinishedRun:
 
 
 def _environment(site_dir: Path) -> SiteEnvironment:
-    return SiteEnvironment(index=SITE_INDEX, data_path="", site_dir=site_dir, policy_path=site_dir / POLICY_FILE)
+    return SiteEnvironment(
+        index=SITE_INDEX, data_path="", site_dir=site_dir, policy_path=site_dir / POLICY_FILE
+    )
 
 
 def _prepare_site(site_dir: Path, backbone: ResolvedBackbone, policy: SitePolicy) -> SiteEnvironment:
@@ -94,8 +100,8 @@ def _prepare_site(site_dir: Path, backbone: ResolvedBackbone, policy: SitePolicy
 def _round_charge() -> tuple[Charge, float]:
     """Hungary's charge per round and the run's delta, rebuilt from the schedule alone."""
     delta = default_delta(TRAIN_ROWS)
-    rate, steps_per_epoch = poisson_schedule(TRAIN_ROWS, 32)
-    steps = run_steps(TRAIN_ROWS, 32, rounds=ROUNDS, local_epochs=1)
+    rate, steps_per_epoch = poisson_schedule(TRAIN_ROWS, BATCH_SIZE)
+    steps = run_steps(TRAIN_ROWS, BATCH_SIZE, rounds=ROUNDS, local_epochs=1)
     noise = calibrate_noise(target_epsilon=TARGET_EPSILON, delta=delta, sample_rate=rate, steps=steps)
     return Charge(noise, rate, steps_per_epoch), delta
 
@@ -107,7 +113,9 @@ def _rdp(charge: Charge) -> tuple[float, ...]:
     from opacus.accountants.analysis.rdp import compute_rdp
 
     orders = RDPAccountant.DEFAULT_ALPHAS
-    rdp = compute_rdp(q=charge.sample_rate, noise_multiplier=charge.noise_multiplier, steps=charge.steps, orders=orders)
+    rdp = compute_rdp(
+        q=charge.sample_rate, noise_multiplier=charge.noise_multiplier, steps=charge.steps, orders=orders
+    )
     return tuple(float(v) for v in np.atleast_1d(rdp))
 
 
@@ -141,7 +149,11 @@ def crash_after_charge(site_dir: str, parameters: NDArrays, config: dict[str, Sc
 def federation(heart_registry: Path) -> Federation:
     """A heart transfer run of 5 rounds, 1 local epoch, target epsilon 3, as the server builds it."""
     cfg = RunConfig(
-        registry_dir=str(heart_registry), num_rounds=ROUNDS, local_epochs=1, target_epsilon=TARGET_EPSILON
+        registry_dir=str(heart_registry),
+        num_rounds=ROUNDS,
+        local_epochs=1,
+        batch_size=BATCH_SIZE,
+        target_epsilon=TARGET_EPSILON,
     )
     backbone = BackboneRegistry(heart_registry).resolve(cfg.backbone)
     model = build_model(cfg, Pretrained(backbone.manifest, backbone.path))
@@ -155,7 +167,7 @@ def finished_run(federation: Federation, tmp_path_factory: pytest.TempPathFactor
     site_dir = tmp_path_factory.mktemp("finished") / "site"
     policy = SitePolicy(max_epsilon_per_run=TARGET_EPSILON, max_lifetime_epsilon=LIFETIME_LIMIT)
     client = SiteClient(_prepare_site(site_dir, federation.backbone, policy), RUN_A)
-    metrics = []
+    metrics: list[dict[str, Scalar]] = []
     for server_round in range(1, ROUNDS + 1):
         _, num_examples, round_metrics = client.fit(federation.parameters, federation.config(server_round))
         assert num_examples == TRAIN_ROWS
@@ -253,7 +265,6 @@ def test_missing_ledger_is_refused_and_not_recreated(federation: Federation, tmp
     site_dir = tmp_path / "site"
     atomic_write_text(site_dir / POLICY_FILE, SitePolicy().to_toml())
     BackboneStore(site_dir).put(federation.backbone.manifest.to_json(), federation.backbone.read_bytes())
-
     client = SiteClient(_environment(site_dir), RUN_A)
 
     # Execute
@@ -324,6 +335,20 @@ def test_policy_refusal_names_site_and_rule_and_charges_nothing(
     assert PrivacyLedger.open(site_dir).entries() == []
 
 
+def test_unreachable_target_epsilon_is_refused_not_crashed(federation: Federation, tmp_path: Path) -> None:
+    # Prepare
+    site_dir = tmp_path / "site"
+    client = SiteClient(_prepare_site(site_dir, federation.backbone, SitePolicy()), RUN_A)
+
+    # Execute
+    with pytest.raises(SiteRefusal) as refusal:
+        client.fit(federation.parameters, federation.config(1, target_epsilon=1e-4))
+
+    # Assert
+    assert str(refusal.value).startswith(f"{SITE}: ")
+    assert PrivacyLedger.open(site_dir).entries() == []
+
+
 # ------------------------------------------------------------------ on the simulation engine
 @pytest.fixture
 def watchdog() -> Iterator[None]:
@@ -344,7 +369,9 @@ def test_federation_goes_on_without_the_site_that_declines(heart_registry: Path,
     # Prepare: Switzerland allows 0.5 per run; the run asks for 3
     sites_root = tmp_path / "sites"
     _strict_sites(sites_root, {1: "Switzerland"})
-    cfg = RunConfig(registry_dir=str(heart_registry), num_rounds=2, local_epochs=1, target_epsilon=3.0, min_sites=2)
+    cfg = RunConfig(
+        registry_dir=str(heart_registry), num_rounds=2, local_epochs=1, target_epsilon=3.0, min_sites=2
+    )
     recorder = FederationRecorder()
 
     # Execute
@@ -371,7 +398,9 @@ def test_federation_stops_promptly_when_too_few_sites_train(heart_registry: Path
     # Prepare: two of three sites refuse, and a round needs two
     sites_root = tmp_path / "sites"
     _strict_sites(sites_root, {1: "Switzerland", 2: "VA Long Beach"})
-    cfg = RunConfig(registry_dir=str(heart_registry), num_rounds=3, local_epochs=1, target_epsilon=3.0, min_sites=2)
+    cfg = RunConfig(
+        registry_dir=str(heart_registry), num_rounds=3, local_epochs=1, target_epsilon=3.0, min_sites=2
+    )
     recorder = FederationRecorder()
 
     # Execute
@@ -383,7 +412,7 @@ def test_federation_stops_promptly_when_too_few_sites_train(heart_registry: Path
     # Assert: stopped in round 1, saying why, without waiting for anything
     message = str(stopped.value)
     assert isinstance(stopped.value, FederationStopped) or "fewer than min-sites" in message
-    assert message.startswith("round 1: only 1 site(s) trained, fewer than min-sites = 2"), message
+    assert "round 1: only 1 site(s) trained, fewer than min-sites = 2" in message, message
     assert elapsed < SIMULATION_LIMIT_S
     assert list(recorder.failures) == [1]
     assert sorted(reason.split(":")[0] for reason in recorder.failures[1]) == ["Switzerland", "VA Long Beach"]
