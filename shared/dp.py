@@ -94,6 +94,7 @@ def train_dp(
 
     if settings.proximal_mu > 0:
         raise ConfigError("FedProx's proximal term is not supported with DP-SGD; use fedavg, fedadam or fedyogi.")
+    module.train()
     check_dp_compatible(module)
     generator = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(

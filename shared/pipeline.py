@@ -16,6 +16,7 @@ from torch import nn
 from shared.backbones.architectures import (
     BackboneWithHead,
     ImageNetInput,
+    TrainableStack,
     build_backbone,
     load_backbone_weights,
     split_backbone,
@@ -139,7 +140,7 @@ def local_problem(
         spec = input_spec(cfg)
         if trainable == "last":
             frozen, suffix = split_backbone(model.backbone, cfg.last_blocks)
-            module = nn.Sequential(suffix, model.head)
+            module = TrainableStack(suffix, model.head)
             spec = {**spec, "frozen_prefix": f"all but the last {cfg.last_blocks} block(s)"}
         features = site_features(
             frozen, site, backbone_sha256=backbone_sha256, preprocessing=spec, cache_dir=cache_dir

@@ -151,3 +151,33 @@ def test_dp_on_a_fully_trainable_batchnorm_network_is_refused() -> None:
     # Execute / Assert
     with pytest.raises(ConfigError, match="BatchNorm"):
         train_dp(model, x, y, ONE_STEP, noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_dp_training_of_the_last_block_leaves_batchnorm_statistics_untouched() -> None:
+    # Prepare: the module local training runs in `last` mode (last block + head, on cached
+    # activations of the frozen prefix), left in eval mode as evaluation leaves it
+    from shared.config import RunConfig
+    from shared.pipeline import local_problem
+    from shared.tasks.base import SiteData
+
+    model = _chest_model("last")
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, size=(40, 28, 28)).astype(np.float32)
+    labels = rng.integers(0, 2, size=40)
+    site = SiteData("s", images, labels, images[:8], labels[:8], fingerprint="test")
+    cfg = RunConfig(task="chest-xray", backbone="mobilenet_v2-imagenet", trainable="last", image_size=32)
+    problem = local_problem(cfg, model, site, backbone_sha256="a" * 64, cache_dir=None)
+    problem.module.eval()
+    norms = [m for m in problem.module.modules() if isinstance(m, nn.BatchNorm2d)]
+    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    conv = problem.module[0][0][0].weight.detach().clone()
+
+    # Execute
+    settings = TrainSettings(epochs=1, batch_size=8, learning_rate=0.1, seed=0)
+    train_dp(problem.module, problem.x_train, problem.y_train, settings, noise_multiplier=1.0, max_grad_norm=1.0)
+
+    # Assert: the convolution learned, its BatchNorm did not
+    assert norms
+    assert not torch.equal(conv, problem.module[0][0][0].weight)
+    for (mean, var), norm in zip(stats, norms, strict=True):
+        assert torch.equal(mean, norm.running_mean) and torch.equal(var, norm.running_var)

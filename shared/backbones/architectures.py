@@ -115,19 +115,36 @@ class BackboneWithHead(nn.Module):
         self.backbone.eval()
 
     def train(self, mode: bool = True) -> BackboneWithHead:
-        """Set train mode, but keep frozen parts in eval mode.
-
-        A fully frozen backbone, and every BatchNorm layer whose parameters are frozen, stay
-        in eval mode, so their pretrained running statistics are used and never updated.
-        """
+        """Set train mode, but keep frozen parts in eval mode (see :func:`keep_frozen_in_eval`)."""
         super().train(mode)
         if not any(p.requires_grad for p in self.backbone.parameters()):
             self.backbone.eval()
-        for module in self.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-                p.requires_grad for p in module.parameters()
-            ):
-                module.eval()
+        keep_frozen_in_eval(self)
+        return self
+
+
+def keep_frozen_in_eval(module: nn.Module) -> None:
+    """Put every BatchNorm layer whose parameters are frozen back in eval mode.
+
+    Its pretrained running statistics are then used and never updated, whatever
+    ``train()`` was called on.
+    """
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in sub.parameters()):
+            sub.eval()
+
+
+class TrainableStack(nn.Sequential):
+    """The trainable tail of a model (last backbone blocks + head) as one module.
+
+    ``train()`` keeps its frozen BatchNorm layers in eval mode, like
+    :class:`BackboneWithHead` does.
+    """
+
+    def train(self, mode: bool = True) -> TrainableStack:
+        """Set train mode, keeping frozen BatchNorm layers in eval mode."""
+        super().train(mode)
+        keep_frozen_in_eval(self)
         return self
 
 
