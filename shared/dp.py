@@ -4,10 +4,19 @@ The caller decides the noise multiplier (calibrated for the whole run, see
 :func:`shared.privacy.calibrate_noise`) and charges the privacy ledger before training; this
 module only trains, and reports the schedule Opacus actually ran so the caller can check it
 against what was charged.
+
+Randomness: the Gaussian noise and the Poisson sample of every call come from generators
+seeded with fresh OS entropy, never from the global torch RNG or the run's seed. Model code
+reseeds the global RNG (for identical initial heads at all sites), and the run's seed is known
+to the server: noise drawn from either would repeat across rounds or be predictable, which
+cancels the noise between two rounds' updates and voids the subsampling argument. Opacus'
+``secure_mode`` (a CSPRNG) needs ``torchcsprng``, which has no installable wheel here; the
+generators are therefore MT19937 seeded from ``secrets`` (Opacus warns about this).
 """
 
 from __future__ import annotations
 
+import secrets
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,7 +105,7 @@ def train_dp(
         raise ConfigError("FedProx's proximal term is not supported with DP-SGD; use fedavg, fedadam or fedyogi.")
     module.train()
     check_dp_compatible(module)
-    generator = torch.Generator().manual_seed(settings.seed)
+    generator = fresh_generator()  # Poisson sampling: never the run's (server-known) seed
     loader = DataLoader(
         BatchedTensors(torch.from_numpy(x), torch.from_numpy(y)),
         batch_size=settings.batch_size,
@@ -114,6 +123,7 @@ def train_dp(
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
+        noise_generator=fresh_generator(),
     )
     loss_fn = nn.CrossEntropyLoss()
     private_module.train()
@@ -144,6 +154,11 @@ def _epochs(module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoa
             seen += len(labels)
         last = total / max(seen, 1)
     return last
+
+
+def fresh_generator() -> torch.Generator:
+    """A torch generator seeded with 63 bits of OS entropy, independent of any global seed."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 class BatchedTensors(TensorDataset):

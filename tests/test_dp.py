@@ -181,3 +181,24 @@ def test_dp_training_of_the_last_block_leaves_batchnorm_statistics_untouched() -
     assert not torch.equal(conv, problem.module[0][0][0].weight)
     for (mean, var), norm in zip(stats, norms, strict=True):
         assert torch.equal(mean, norm.running_mean) and torch.equal(var, norm.running_var)
+
+
+def test_noise_is_fresh_even_when_the_global_seed_is_reset() -> None:
+    # Prepare: model code reseeds torch's global RNG every round (identical initial heads);
+    # with zero data gradients each update is pure noise.
+    x = np.zeros((64, 512), dtype=np.float32)
+    y = np.zeros(64, dtype=np.int64)
+    steps = []
+
+    # Execute: two "rounds", each starting from the same global seed and the same settings
+    for _ in range(2):
+        torch.manual_seed(0)
+        module = _linear(512)
+        before = _weights(module)
+        train_dp(module, x, y, ONE_STEP, noise_multiplier=1.0, max_grad_norm=1.0)
+        steps.append((_weights(module) - before).numpy())
+
+    # Assert: independent noise, so the difference of two rounds does not cancel it
+    correlation = float(np.corrcoef(steps[0], steps[1])[0, 1])
+    assert abs(correlation) < 0.1
+    assert np.std(steps[0] - steps[1]) == pytest.approx(np.sqrt(2) * np.std(steps[0]), rel=0.1)
