@@ -25,7 +25,7 @@ from shared.log import log
 from shared.params import get_arrays, set_arrays, subtract
 from shared.pipeline import LocalProblem, build_model, local_problem, train_settings
 from shared.tasks import load_site, site_name
-from shared.training import evaluate, train
+from shared.training import TrainSettings, evaluate, train
 
 # Keys the server adds to the run config it sends each round.
 ROUND_KEY = "server-round"
@@ -76,44 +76,59 @@ class SiteClient(NumPyClient):
         cfg, server_round, mu = config_from_message(config)
         name = site_name(cfg, self.env.index)
         try:
-            policy = SitePolicy.load(self.env.policy_path)
-            problem = self._problem(cfg)
-            n = len(problem.y_train)
-            noise = check_request(cfg, policy, num_records=n, backbone_sha256=cfg.backbone_sha256)
-            set_arrays(problem.model, problem.names, parameters)
-            settings = train_settings(cfg, server_round=server_round, proximal_mu=mu)
-            metrics: dict[str, Scalar] = {"site": name}
-            if cfg.dp:
-                ledger = PrivacyLedger.open(self.env.site_dir)
-                plan = plan_round(cfg, policy, ledger, run_id=self.run_id, num_records=n, noise_multiplier=noise)
-                ledger.charge(
-                    run_id=self.run_id, round=server_round, charge=plan.charge, delta=plan.delta,
-                    accountant=cfg.accountant, max_grad_norm=cfg.max_grad_norm,
-                    expect_entries=len(ledger.entries()),
-                )  # fmt: skip
-                log(INFO, "%s: round %d charged to the ledger (run epsilon %.3f)", name, server_round, plan.run_epsilon_after)
-                result = train_dp(
-                    problem.module, problem.x_train, problem.y_train, settings,
-                    noise_multiplier=plan.charge.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
-                    accountant=cfg.accountant,
-                )  # fmt: skip
-                if not same_schedule([plan.charge], result.charges):
-                    raise SiteRefusal(f"DP-SGD ran {result.charges}, not the charged {plan.charge}; update withheld.")
-                metrics.update({
-                    "train-loss": result.loss, "epsilon": plan.run_epsilon_after, "delta": plan.delta,
-                    "lifetime-epsilon": plan.lifetime_epsilon_after,
-                    "noise-multiplier": plan.charge.noise_multiplier,
-                })  # fmt: skip
-            else:
-                reference = [p.detach().clone() for p in problem.module.parameters() if p.requires_grad]
-                metrics["train-loss"] = train(
-                    problem.module, problem.x_train, problem.y_train, settings, reference=reference
-                )
+            problem, metrics = self._train(cfg, parameters, server_round=server_round, proximal_mu=mu)
         except CareFLError as err:
             log(WARNING, "%s declines round %d: %s", name, server_round, err)
             raise SiteRefusal(f"{name}: {err}") from err
         delta = subtract(get_arrays(problem.model, problem.names), parameters)
-        return delta, n, metrics
+        return delta, len(problem.y_train), {"site": name, **metrics}
+
+    def _train(
+        self, cfg: RunConfig, parameters: NDArrays, *, server_round: int, proximal_mu: float
+    ) -> tuple[LocalProblem, dict[str, Scalar]]:
+        """Check the request against the policy, then train (privately when ``cfg.dp``)."""
+        policy = SitePolicy.load(self.env.policy_path)
+        problem = self._problem(cfg)
+        noise = check_request(cfg, policy, num_records=len(problem.y_train), backbone_sha256=cfg.backbone_sha256)
+        set_arrays(problem.model, problem.names, parameters)
+        settings = train_settings(cfg, server_round=server_round, proximal_mu=proximal_mu)
+        if cfg.dp:
+            return problem, self._train_private(cfg, policy, problem, settings, server_round=server_round, noise=noise)
+        reference = [p.detach().clone() for p in problem.module.parameters() if p.requires_grad]
+        loss = train(problem.module, problem.x_train, problem.y_train, settings, reference=reference)
+        return problem, {"train-loss": loss}
+
+    def _train_private(
+        self,
+        cfg: RunConfig,
+        policy: SitePolicy,
+        problem: LocalProblem,
+        settings: TrainSettings,
+        *,
+        server_round: int,
+        noise: float,
+    ) -> dict[str, Scalar]:
+        """Plan the round against the ledger, charge it (before anything leaves), run DP-SGD."""
+        ledger = PrivacyLedger.open(self.env.site_dir)
+        plan = plan_round(cfg, policy, ledger, run_id=self.run_id, num_records=len(problem.y_train), noise_multiplier=noise)
+        ledger.charge(
+            run_id=self.run_id, round=server_round, charge=plan.charge, delta=plan.delta,
+            accountant=cfg.accountant, max_grad_norm=cfg.max_grad_norm, expect_entries=len(ledger.entries()),
+        )  # fmt: skip
+        log(INFO, "%s: round %d charged to the ledger (run epsilon %.3f)", problem.site_name, server_round, plan.run_epsilon_after)
+        result = train_dp(
+            problem.module, problem.x_train, problem.y_train, settings,
+            noise_multiplier=plan.charge.noise_multiplier, max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant,
+        )  # fmt: skip
+        if not same_schedule([plan.charge], result.charges):
+            raise SiteRefusal(f"DP-SGD ran {result.charges}, not the charged {plan.charge}; update withheld.")
+        return {
+            "train-loss": result.loss,
+            "epsilon": plan.run_epsilon_after,
+            "delta": plan.delta,
+            "lifetime-epsilon": plan.lifetime_epsilon_after,
+            "noise-multiplier": plan.charge.noise_multiplier,
+        }
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         """Evaluate the global tensors on the site's held-out part; report the run's epsilon."""
