@@ -128,7 +128,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as root:
                 report["utility"][task]["none" if eps is None else f"{eps:g}"] = utility(cfg, eps, Path(root))
 
-    table = Table(title="bench_privacy: time per step, DP-SGD vs plain (chest-xray, batch 32)")
+    table = Table(title=f"bench_privacy: time per step, DP-SGD vs plain (chest-xray, batch {chest.batch_size})")
     for column in ("trainable", "params", "plain step", "DP step", "ratio", "DP set-up", "target"):
         table.add_column(column, justify="right")
     for label, t in report["step_time"].items():
