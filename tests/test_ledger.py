@@ -276,7 +276,7 @@ def test_key_file_is_private(ledger: PrivacyLedger) -> None:
 
 def test_open_without_ledger_says_how_to_initialise(tmp_path: Path) -> None:
     # Execute / Assert
-    with pytest.raises(LedgerError, match="no privacy ledger in .*carefl budget init --site-dir") as info:
+    with pytest.raises(LedgerError, match="no privacy ledger in .*carefl budget --init --site-dir") as info:
         PrivacyLedger.open(tmp_path)
     assert "would forget the privacy already spent" in str(info.value)
 
