@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flwr.common import ndarray_to_bytes
 
+from client.policy import SitePolicy
 from server.result import write_run_folder
 from server.simulation import simulate
-from client.policy import SitePolicy
 from shared.backbones import BackboneRegistry
 from shared.config import RunConfig
 from shared.params import get_arrays
