@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from shared.errors import ConfigError
 from shared.privacy import Charge
-from shared.training import TrainSettings
+from shared.training import TrainSettings, run_epochs
 
 
 @dataclass(frozen=True)
@@ -125,35 +125,14 @@ def train_dp(
         poisson_sampling=True,
         noise_generator=fresh_generator(),
     )
-    loss_fn = nn.CrossEntropyLoss()
     private_module.train()
-    last = float("nan")
     with warnings.catch_warnings():
         # A head trained on cached features has inputs without gradients: harmless here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        last = _epochs(private_module, private_optimizer, private_loader, loss_fn, settings.epochs)
+        last = run_epochs(private_module, private_optimizer, lambda: private_loader, settings.epochs)
     charges = tuple(Charge(float(s), float(q), int(n)) for s, q, n in engine.accountant.history)
     _detach(private_module)
     return DPTrainResult(loss=last, charges=charges)
-
-
-def _epochs(module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, loss_fn: nn.Module, epochs: int) -> float:
-    last = float("nan")
-    for _ in range(epochs):
-        total, seen = 0.0, 0
-        for inputs, labels in loader:
-            optimizer.zero_grad()
-            if len(labels) == 0:
-                # Poisson sampling drew no record: Opacus still adds noise and counts the step.
-                loss = module(inputs).sum() * 0.0
-            else:
-                loss = loss_fn(module(inputs), labels)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(labels)
-            seen += len(labels)
-        last = total / max(seen, 1)
-    return last
 
 
 def fresh_generator() -> torch.Generator:

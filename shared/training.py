@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,25 +65,63 @@ def train(
     """
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.momentum)
-    loss_fn = nn.CrossEntropyLoss()
     inputs, labels = torch.from_numpy(x), torch.from_numpy(y)
     generator = torch.Generator().manual_seed(settings.seed)
-    module.train()
-    last = float("nan")
-    for _ in range(settings.epochs):
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(labels), generator=generator)
-        total, seen = 0.0, 0
         for start in range(0, len(order), settings.batch_size):
             batch = order[start : start + settings.batch_size]
+            yield inputs[batch], labels[batch]
+
+    penalty = None
+    if reference is not None and settings.proximal_mu > 0:
+
+        def penalty() -> torch.Tensor:
+            prox = sum(((p - r) ** 2).sum() for p, r in zip(params, reference, strict=True))
+            return 0.5 * settings.proximal_mu * prox  # type: ignore[return-value]
+
+    module.train()
+    return run_epochs(module, optimizer, batches, settings.epochs, penalty=penalty)
+
+
+def run_epochs(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    epochs: int,
+    *,
+    penalty: Callable[[], torch.Tensor] | None = None,
+) -> float:
+    """Run ``epochs`` passes of cross-entropy SGD; returns the mean loss of the last one.
+
+    Parameters
+    ----------
+    module : nn.Module
+        Maps inputs to logits (possibly wrapped by Opacus).
+    optimizer : torch.optim.Optimizer
+        Plain or DP optimizer.
+    batches : Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+        Returns one epoch's batches. An empty batch (Poisson sampling drew no record) still
+        takes an optimizer step: a DP optimizer adds its noise and counts the step.
+    epochs : int
+        Number of passes.
+    penalty : Callable[[], torch.Tensor], optional
+        Extra loss term added at every step (FedProx's proximal term).
+    """
+    loss_fn = nn.CrossEntropyLoss()
+    last = float("nan")
+    for _ in range(epochs):
+        total, seen = 0.0, 0
+        for inputs, labels in batches():
             optimizer.zero_grad()
-            loss = loss_fn(module(inputs[batch]), labels[batch])
-            if reference is not None and settings.proximal_mu > 0:
-                prox = sum(((p - r) ** 2).sum() for p, r in zip(params, reference, strict=True))
-                loss = loss + 0.5 * settings.proximal_mu * prox
+            loss = loss_fn(module(inputs), labels) if len(labels) else module(inputs).sum() * 0.0
+            if penalty is not None:
+                loss = loss + penalty()
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * len(batch)
-            seen += len(batch)
+            total += float(loss.detach()) * len(labels)
+            seen += len(labels)
         last = total / max(seen, 1)
     return last
 
