@@ -17,7 +17,9 @@ from flwr.clientapp import ClientApp
 from client.backbone_mod import make_backbone_mod
 from client.numpy_client import SiteClient
 from client.refusal_mod import refusal_mod
+from client.secagg import secure_aggregation_mod
 from client.site import site_environment
+from shared.masks import install_secure_masks
 from shared.offline import configure_flower_env
 
 
@@ -30,6 +32,7 @@ def create_client_app(defaults: Mapping[str, str] | None = None) -> ClientApp:
         Fallbacks for node-config keys (``data-path``, ``sites-root``).
     """
     configure_flower_env()
+    install_secure_masks()
     site_defaults = dict(defaults or {})
 
     def client_fn(context: Context) -> Client:
@@ -38,7 +41,8 @@ def create_client_app(defaults: Mapping[str, str] | None = None) -> ClientApp:
     def site_dir_of(context: Context) -> Path:
         return site_environment(context, site_defaults).site_dir
 
-    return ClientApp(client_fn=client_fn, mods=[refusal_mod, make_backbone_mod(site_dir_of)])
+    mods = [refusal_mod, make_backbone_mod(site_dir_of), secure_aggregation_mod]
+    return ClientApp(client_fn=client_fn, mods=mods)
 
 
 app = create_client_app()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from logging import INFO, WARNING
 
+import numpy as np
 import torch
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
@@ -35,6 +36,17 @@ SERVER_KEYS = (ROUND_KEY, PROX_KEY)
 
 class SiteRefusal(CareFLError):
     """The site declines a request; the message starts with the site's name."""
+
+
+def bound_delta(delta: NDArrays, bound: float) -> tuple[NDArrays, float]:
+    """Clip every value of ``delta`` to ``[-bound, bound]``; returns it and the fraction clipped.
+
+    Post-processing of the site's (DP) update, so it costs no privacy; it guarantees SecAgg+'s
+    quantizer, whose range is ``bound``, never saturates silently.
+    """
+    total = sum(int(np.size(a)) for a in delta)
+    clipped = sum(int(np.count_nonzero(np.abs(a) > bound)) for a in delta)
+    return [np.clip(a, -bound, bound).astype(np.float32) for a in delta], clipped / max(total, 1)
 
 
 def config_from_message(config: dict[str, Scalar]) -> tuple[RunConfig, int, float]:
@@ -81,6 +93,14 @@ class SiteClient(NumPyClient):
             log(WARNING, "%s declines round %d: %s", name, server_round, err)
             raise SiteRefusal(f"{name}: {err}") from err
         delta = subtract(get_arrays(problem.model, problem.names), parameters)
+        if cfg.secure_aggregation:
+            if len(problem.y_train) > cfg.secagg_max_weight:
+                raise SiteRefusal(
+                    f"{name}: {len(problem.y_train)} training records exceed secagg-max-weight "
+                    f"{cfg.secagg_max_weight:g}; secure aggregation would overflow."
+                )
+            delta, clipped = bound_delta(delta, cfg.delta_bound)
+            metrics["delta-clipped-fraction"] = clipped
         return delta, len(problem.y_train), {"site": name, **metrics}
 
     def _train(

@@ -17,10 +17,10 @@ from flwr.app import Context
 from flwr.common import Scalar
 from flwr.server import Grid, ServerApp, ServerConfig
 from flwr.server.compat import LegacyContext
-from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.default_workflows import default_fit_workflow
 
-from server.distribution import BackboneDistribution
+from server.distribution import BackboneDistribution, Workflow
 from server.recorder import FederationRecorder
 from server.result import FederationResult, write_run_folder
 from server.strategy import make_strategy
@@ -28,6 +28,7 @@ from shared.backbones import BackboneRegistry, ResolvedBackbone
 from shared.config import RunConfig
 from shared.errors import IntegrityError
 from shared.log import log
+from shared.masks import install_secure_masks
 from shared.offline import configure_flower_env
 from shared.params import exchanged_names, full_model_bytes, get_arrays
 from shared.pipeline import Pretrained, build_model, effective_trainable
@@ -61,6 +62,27 @@ def site_config(cfg: RunConfig, backbone: ResolvedBackbone | None) -> dict[str, 
     }
     sent["backbone-sha256"] = backbone.manifest.sha256 if backbone else ""
     return sent
+
+
+SECAGG_SHARES = 1.0  # every sampled site receives a share of every other site's secrets
+SECAGG_THRESHOLD = 0.67  # fraction of sites whose shares reconstruct a dropped site's mask
+
+
+def fit_workflow(cfg: RunConfig) -> Workflow:
+    """Return the fit workflow of one round: SecAgg+ when configured, else Flower's default.
+
+    SecAgg+'s clipping range is the sites' delta bound, so its quantizer never saturates.
+    """
+    if not cfg.secure_aggregation:
+        return default_fit_workflow
+    install_secure_masks()
+    return SecAggPlusWorkflow(
+        num_shares=SECAGG_SHARES,
+        reconstruction_threshold=SECAGG_THRESHOLD,
+        max_weight=cfg.secagg_max_weight,
+        clipping_range=cfg.delta_bound,
+        timeout=cfg.stage_timeout,
+    )
 
 
 def run_federation(
@@ -101,7 +123,7 @@ def run_federation(
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy
     )
-    fit = BackboneDistribution(default_fit_workflow, backbone, recorder, timeout=DISTRIBUTION_TIMEOUT_S)
+    fit = BackboneDistribution(fit_workflow(cfg), backbone, recorder, timeout=DISTRIBUTION_TIMEOUT_S)
     DefaultWorkflow(fit_workflow=fit)(grid, legacy)
     return FederationResult(
         config=cfg,
@@ -132,6 +154,7 @@ def create_server_app(
         The finished run's result is appended here.
     """
     configure_flower_env()
+    install_secure_masks()
     app = ServerApp()
 
     @app.main()

@@ -30,7 +30,7 @@ from shared.config import RunConfig
 from shared.errors import CareFLError
 from shared.log import log
 from shared.metrics import SiteRoundMetrics
-from shared.params import add
+from shared.params import add, serialized_bytes
 
 ConfigFn = Callable[[int], dict[str, Scalar]]
 
@@ -45,13 +45,20 @@ class DeltaMixin:
     Must precede a :class:`flwr.server.strategy.FedAvg` subclass in the bases.
     """
 
-    def __init__(self, *args: Any, recorder: FederationRecorder, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, recorder: FederationRecorder, secure: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.secure = secure
         initial = kwargs.get("initial_parameters")
         if initial is None:
             raise ValueError("a delta strategy needs `initial_parameters`")
         self._global: list[np.ndarray] = parameters_to_ndarrays(initial)
         self.recorder = recorder
+
+    def _uploaded_bytes(self, res: FitRes) -> int:
+        """Bytes a site sent: its parameters, or under SecAgg+ its masked int64 vectors."""
+        if not self.secure:
+            return sum(len(t) for t in res.parameters.tensors)
+        return serialized_bytes([np.zeros(a.shape, dtype=np.int64) for a in self._global])
 
     @property
     def global_arrays(self) -> list[np.ndarray]:
@@ -71,9 +78,7 @@ class DeltaMixin:
         FederationStopped
             If fewer sites than ``min_fit_clients`` trained; the global model is unchanged.
         """
-        self.recorder.upload_bytes[server_round] = [
-            sum(len(t) for t in res.parameters.tensors) for _, res in results
-        ]
+        self.recorder.upload_bytes[server_round] = [self._uploaded_bytes(res) for _, res in results]
         reasons = [_reason(f) for f in failures]
         self.recorder.add_failures(server_round, reasons)
         for reason in reasons:
@@ -198,6 +203,7 @@ def make_strategy(
         "fit_metrics_aggregation_fn": weighted_metrics,
         "evaluate_metrics_aggregation_fn": weighted_metrics,
         "recorder": recorder,
+        "secure": cfg.secure_aggregation,
     }
     if cfg.strategy == "fedavg":
         return CareFedAvg(**common)

@@ -88,6 +88,17 @@ class RunConfig:
         Per-sample gradient clipping bound.
     accountant : str
         ``rdp`` (default) or ``prv``.
+    secure_aggregation : bool
+        Aggregate with SecAgg+ (masked uploads; the server learns only the sum).
+    delta_bound : float
+        Each site clips its update (delta) to ``[-delta_bound, delta_bound]`` per value before
+        secure aggregation; SecAgg+'s clipping range is set to it, so the quantizer never
+        saturates.
+    secagg_max_weight : float
+        SecAgg+'s ``max_weight``: sites scale their update by ``n / max_weight``; a site with
+        more training records refuses the round.
+    stage_timeout : float
+        Seconds the server waits at each SecAgg+ stage before treating a site as dropped.
     """
 
     task: str = "heart-disease"
@@ -120,6 +131,10 @@ class RunConfig:
     target_delta: float = 0.0
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    secure_aggregation: bool = False
+    delta_bound: float = 1.0
+    secagg_max_weight: float = 10000.0
+    stage_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         _one_of("task", self.task, TASKS)
@@ -132,11 +147,15 @@ class RunConfig:
         _at_least("image_size", self.image_size, 8)
         for name in (
             "learning_rate", "server_learning_rate", "dirichlet_alpha", "proximal_mu",
-            "target_epsilon", "target_delta", "max_grad_norm",
+            "target_epsilon", "target_delta", "max_grad_norm", "delta_bound", "secagg_max_weight",
+            "stage_timeout",
         ):  # fmt: skip
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"`{_kebab(name)}` must be a finite number, got {getattr(self, name)!r}.")
-        for name in ("learning_rate", "server_learning_rate", "dirichlet_alpha", "target_epsilon", "max_grad_norm"):
+        for name in (
+            "learning_rate", "server_learning_rate", "dirichlet_alpha", "target_epsilon", "max_grad_norm",
+            "delta_bound", "secagg_max_weight", "stage_timeout",
+        ):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ConfigError(f"`{_kebab(name)}` must be > 0, got {getattr(self, name)!r}.")
         if self.proximal_mu < 0:
