@@ -22,8 +22,6 @@ class FederationRecorder:
         Federated evaluation of each site after each round.
     upload_bytes : dict[int, list[int]]
         Per round, the serialized bytes each client uploaded.
-    download_bytes : dict[int, int]
-        Per round, the bytes of the parameters sent to each client.
     backbone_bytes : dict[int, int]
         Per node id, the bytes of backbone weights sent to it (once).
     final_parameters : list[np.ndarray] | None
@@ -36,7 +34,6 @@ class FederationRecorder:
 
     rows: list[SiteRoundMetrics] = field(default_factory=list)
     upload_bytes: dict[int, list[int]] = field(default_factory=dict)
-    download_bytes: dict[int, int] = field(default_factory=dict)
     backbone_bytes: dict[int, int] = field(default_factory=dict)
     final_parameters: list[np.ndarray] | None = None
     failures: dict[int, list[str]] = field(default_factory=dict)

@@ -46,11 +46,6 @@ class DPTrainResult:
     loss: float
     charges: tuple[Charge, ...]
 
-    @property
-    def steps(self) -> int:
-        """Optimizer steps taken."""
-        return sum(c.steps for c in self.charges)
-
 
 def check_dp_compatible(module: nn.Module) -> None:
     """Refuse modules Opacus cannot train privately (e.g. trainable BatchNorm), with a clear message.

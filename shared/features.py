@@ -12,6 +12,7 @@ import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,6 @@ from shared.atomic import atomic_write_bytes
 from shared.hashing import sha256_bytes
 from shared.log import log
 from shared.tasks.base import SiteData
-
-_WARNING = 30
 
 
 @dataclass(frozen=True)
@@ -101,9 +100,9 @@ def _load(path: Path, site: SiteData) -> SiteFeatures | None:
         with np.load(path, allow_pickle=False) as data:
             features = SiteFeatures(train=data["train"], val=data["val"])
     except (OSError, ValueError, KeyError, EOFError) as err:
-        log(_WARNING, "feature cache %s unreadable (%s); recomputing", path, err)
+        log(WARNING, "feature cache %s unreadable (%s); recomputing", path, err)
         return None
     if len(features.train) != site.num_train or len(features.val) != site.num_val:
-        log(_WARNING, "feature cache %s does not fit the site's data; recomputing", path)
+        log(WARNING, "feature cache %s does not fit the site's data; recomputing", path)
         return None
     return features

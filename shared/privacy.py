@@ -9,7 +9,7 @@ lifetime), never accumulated by addition, so composition is exact for the accoun
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from shared.errors import ConfigError
@@ -167,7 +167,3 @@ def run_steps(num_records: int, batch_size: int, *, rounds: int, local_epochs: i
     _, per_epoch = poisson_schedule(num_records, batch_size)
     return rounds * local_epochs * per_epoch
 
-
-def total(charges: Sequence[Charge]) -> int:
-    """Total steps of ``charges``."""
-    return sum(c.steps for c in charges)
