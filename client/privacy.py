@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from client.ledger import PrivacyLedger
 from client.policy import RunRequest, SitePolicy, check_round, check_run
 from shared.config import RunConfig
-from shared.privacy import Charge, calibrate_noise, epsilon, poisson_schedule, run_delta, run_steps
+from shared.privacy import Charge, RunNoise, epsilon, poisson_schedule, run_delta, run_noise
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,19 @@ def lifetime_delta(ledger: PrivacyLedger, current: float | None = None) -> float
     return min(deltas) if deltas else math.nan
 
 
+def cfg_run_noise(cfg: RunConfig, num_records: int) -> RunNoise:
+    """The whole run's DP-SGD noise at a site with ``num_records`` records, for ``cfg``."""
+    return run_noise(
+        target_epsilon=cfg.target_epsilon,
+        target_delta=cfg.target_delta,
+        num_records=num_records,
+        batch_size=cfg.batch_size,
+        rounds=cfg.num_rounds,
+        local_epochs=cfg.local_epochs,
+        accountant=cfg.accountant,
+    )
+
+
 def check_request(cfg: RunConfig, policy: SitePolicy, *, num_records: int, backbone_sha256: str) -> float:
     """Calibrate the run's noise and check the request against the policy; returns the noise.
 
@@ -68,15 +81,10 @@ def check_request(cfg: RunConfig, policy: SitePolicy, *, num_records: int, backb
     client.policy.PolicyViolation
         If the policy refuses the run.
     """
-    noise = math.nan
-    delta = math.nan
+    noise = delta = math.nan
     if cfg.dp:
-        q, _ = poisson_schedule(num_records, cfg.batch_size)
-        delta = site_delta(cfg, num_records)
-        steps = run_steps(num_records, cfg.batch_size, rounds=cfg.num_rounds, local_epochs=cfg.local_epochs)
-        noise = calibrate_noise(
-            target_epsilon=cfg.target_epsilon, delta=delta, sample_rate=q, steps=steps, accountant=cfg.accountant
-        )
+        planned = cfg_run_noise(cfg, num_records)
+        noise, delta = planned.noise_multiplier, planned.delta
     request = RunRequest(
         task=cfg.task,
         backbone_sha256=backbone_sha256,

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from client.privacy import cfg_run_noise
 from shared.config import RunConfig
 from shared.dp import train_dp
 from shared.metrics import SiteRoundMetrics
 from shared.pipeline import Pretrained, build_model, local_problem, train_settings
-from shared.privacy import calibrate_noise, epsilon, poisson_schedule, run_delta, run_steps
+from shared.privacy import epsilon
 from shared.tasks.base import SiteData
 from shared.training import evaluate, train
 
@@ -53,16 +54,12 @@ def site_alone(
         settings = replace(train_settings(cfg, server_round=1), epochs=total_epochs)
         eps = delta = math.nan
         if cfg.dp:
-            n = site.num_train
-            q, _ = poisson_schedule(n, cfg.batch_size)
-            steps = run_steps(n, cfg.batch_size, rounds=cfg.num_rounds, local_epochs=cfg.local_epochs)
-            delta = run_delta(cfg.target_delta, n)
-            noise = calibrate_noise(
-                target_epsilon=cfg.target_epsilon, delta=delta, sample_rate=q, steps=steps, accountant=cfg.accountant
-            )
+            planned = cfg_run_noise(cfg, site.num_train)
+            delta = planned.delta
             result = train_dp(
                 problem.module, problem.x_train, problem.y_train, settings,
-                noise_multiplier=noise, max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant,
+                noise_multiplier=planned.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+                accountant=cfg.accountant,
             )  # fmt: skip
             eps = epsilon(result.charges, delta=delta, accountant=cfg.accountant)
         else:

@@ -167,3 +167,47 @@ def run_steps(num_records: int, batch_size: int, *, rounds: int, local_epochs: i
     _, per_epoch = poisson_schedule(num_records, batch_size)
     return rounds * local_epochs * per_epoch
 
+
+@dataclass(frozen=True)
+class RunNoise:
+    """The DP-SGD parameters of a whole run at one site.
+
+    Attributes
+    ----------
+    noise_multiplier : float
+        Calibrated so the run's planned steps spend at most the target epsilon.
+    delta : float
+        Delta of the guarantee.
+    sample_rate : float
+        Poisson sampling rate.
+    steps : int
+        Planned steps of the run.
+    """
+
+    noise_multiplier: float
+    delta: float
+    sample_rate: float
+    steps: int
+
+
+def run_noise(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    num_records: int,
+    batch_size: int,
+    rounds: int,
+    local_epochs: int,
+    accountant: str = "rdp",
+) -> RunNoise:
+    """Calibrate the noise of a whole run at a site with ``num_records`` training records.
+
+    ``target_delta`` of 0 means :func:`default_delta`.
+    """
+    sample_rate, _ = poisson_schedule(num_records, batch_size)
+    steps = run_steps(num_records, batch_size, rounds=rounds, local_epochs=local_epochs)
+    delta = run_delta(target_delta, num_records)
+    sigma = calibrate_noise(
+        target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+    )
+    return RunNoise(noise_multiplier=sigma, delta=delta, sample_rate=sample_rate, steps=steps)
