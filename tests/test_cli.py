@@ -20,8 +20,9 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
 def _assert_refused(code: int, err: str, *needles: str, out: Path) -> None:
     assert code == EXIT_USER_ERROR
     assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines and lines[0].startswith("error:"), err
+    # Progress lines (e.g. "loaded ... images") may come first; the error is one `error:` line.
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
     for needle in needles:
         assert needle in err, (needle, err)
     assert not out.exists()
