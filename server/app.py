@@ -38,15 +38,19 @@ DISTRIBUTION_TIMEOUT_S = 600.0
 SERVER_ONLY_KEYS = ("data-path", "registry-dir", "backbone-weights", "run-dir")
 
 
+def backbone_registry(cfg: RunConfig) -> BackboneRegistry:
+    """The registry ``cfg`` names: its registry directory and operator weights file."""
+    return BackboneRegistry(
+        Path(cfg.registry_dir) if cfg.registry_dir else None,
+        weights_file=Path(cfg.backbone_weights) if cfg.backbone_weights else None,
+    )
+
+
 def resolve_backbone(cfg: RunConfig) -> ResolvedBackbone | None:
     """Resolve and verify the backbone of a transfer run (``None`` otherwise)."""
     if cfg.setup != "transfer":
         return None
-    registry = BackboneRegistry(
-        Path(cfg.registry_dir) if cfg.registry_dir else None,
-        weights_file=Path(cfg.backbone_weights) if cfg.backbone_weights else None,
-    )
-    resolved = registry.resolve(cfg.backbone)
+    resolved = backbone_registry(cfg).resolve(cfg.backbone)
     if cfg.backbone_sha256 and resolved.manifest.sha256 != cfg.backbone_sha256:
         raise IntegrityError(
             f"backbone {cfg.backbone!r} has SHA-256 {resolved.manifest.sha256[:16]}..., but the "

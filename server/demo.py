@@ -23,7 +23,6 @@ from server.progress import RoundTable
 from server.recorder import FederationRecorder
 from server.result import FederationResult, write_run_folder
 from server.simulation import simulate
-from shared.backbones import BackboneRegistry
 from shared.config import RunConfig
 from shared.errors import InputError
 from shared.metrics import SiteRoundMetrics, weighted_mean
@@ -77,20 +76,18 @@ def demo_config(task: str, **overrides: Any) -> RunConfig:
 
 def ensure_backbone(cfg: RunConfig, console: Console) -> Pretrained:
     """Resolve the transfer backbone; pretrain the heart MLP on Cleveland if not registered."""
+    from server.app import backbone_registry, resolve_backbone
     from server.pretrain import HEART_BACKBONE, pretrain_heart
 
-    registry = BackboneRegistry(
-        Path(cfg.registry_dir) if cfg.registry_dir else None,
-        weights_file=Path(cfg.backbone_weights) if cfg.backbone_weights else None,
-    )
-    if cfg.backbone == HEART_BACKBONE and HEART_BACKBONE not in registry.names():
+    if cfg.backbone == HEART_BACKBONE and HEART_BACKBONE not in backbone_registry(cfg).names():
         console.print(f"Pretraining backbone [bold]{HEART_BACKBONE}[/] on Cleveland (the consortium's public cohort)...")
         done = pretrain_heart(Path(cfg.registry_dir))
         console.print(
             f"  registered {done.manifest.sha256[:16]}... (Cleveland held-out accuracy "
             f"{done.heldout_accuracy:.3f}, AUC {done.heldout_auc:.3f})"
         )
-    resolved = registry.resolve(cfg.backbone)
+    resolved = resolve_backbone(cfg.with_overrides(setup="transfer"))
+    assert resolved is not None
     console.print(f"Backbone [bold]{resolved.manifest.name}[/] verified (sha256 {resolved.manifest.sha256[:16]}..., from {resolved.origin}).")
     return Pretrained(resolved.manifest, resolved.path)
 
