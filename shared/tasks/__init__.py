@@ -101,8 +101,8 @@ def site_name(cfg: RunConfig, index: int) -> str:
     return f"site-{index + 1}"
 
 
-def load_sites(cfg: RunConfig, data_path: str = "") -> list[SiteData]:
-    """Load every site of the federation described by ``cfg``.
+def load_sites(cfg: RunConfig, data_path: str = "", *, only: int | None = None) -> list[SiteData]:
+    """Load the sites of the federation described by ``cfg`` (just site ``only`` if given).
 
     Parameters
     ----------
@@ -110,26 +110,35 @@ def load_sites(cfg: RunConfig, data_path: str = "") -> list[SiteData]:
         The run configuration (task, setup, split parameters).
     data_path : str
         Data location (heart-disease: optional CSV; chest-xray: required).
+    only : int, optional
+        Index (0-based) of the one site to load.
+
+    Raises
+    ------
+    ConfigError
+        If ``only`` is not a site of the federation.
     """
     from pathlib import Path
 
     if cfg.task == HEART.name:
         from shared.tasks import heart
 
-        return heart.load_sites(heart_site_names(cfg), Path(data_path) if data_path else None)
+        names = heart_site_names(cfg)
+        if only is not None:
+            if not 0 <= only < len(names):
+                raise ConfigError(f"site index {only} out of range: the federation has {len(names)} sites.")
+            names = (names[only],)
+        return heart.load_sites(names, Path(data_path) if data_path else None)
     if cfg.task == CHEST.name:
         from shared.tasks import chest
 
         dataset = chest.load_dataset(data_path, val_fraction=cfg.val_fraction, seed=cfg.seed)
         return chest.load_sites(
-            dataset, num_sites=cfg.num_sites, alpha=cfg.dirichlet_alpha, seed=cfg.seed
+            dataset, num_sites=cfg.num_sites, alpha=cfg.dirichlet_alpha, seed=cfg.seed, only=only
         )
     raise ConfigError(f"unknown task {cfg.task!r}")
 
 
 def load_site(cfg: RunConfig, index: int, data_path: str = "") -> SiteData:
-    """Load site number ``index`` (0-based) of the federation described by ``cfg``."""
-    sites = load_sites(cfg, data_path)
-    if not 0 <= index < len(sites):
-        raise ConfigError(f"site index {index} out of range: the federation has {len(sites)} sites.")
-    return sites[index]
+    """Load site number ``index`` (0-based) of the federation described by ``cfg``, only it."""
+    return load_sites(cfg, data_path, only=index)[0]

@@ -16,7 +16,7 @@ import numpy as np
 from shared.errors import ConfigError
 from shared.hashing import sha256_bytes
 from shared.tasks.base import SiteData
-from shared.tasks.chest_data import ImageDataset, load_image_dataset, split_sites
+from shared.tasks.chest_data import ImageDataset, SitePart, load_image_dataset, split_sites
 
 
 def load_dataset(data_path: str, *, val_fraction: float, seed: int) -> ImageDataset:
@@ -30,21 +30,28 @@ def load_dataset(data_path: str, *, val_fraction: float, seed: int) -> ImageData
 
 
 def load_sites(
-    dataset: ImageDataset, *, num_sites: int, alpha: float, seed: int
+    dataset: ImageDataset, *, num_sites: int, alpha: float, seed: int, only: int | None = None
 ) -> list[SiteData]:
-    """Split ``dataset`` into hospitals and return each one's raw pixels and labels."""
-    sites = []
-    for part in split_sites(dataset, num_sites=num_sites, alpha=alpha, seed=seed):
-        blob = json.dumps({"dataset": dataset.fingerprint, "site": part.name}).encode()
-        fingerprint = sha256_bytes(blob + part.train_idx.tobytes() + part.val_idx.tobytes())
-        sites.append(
-            SiteData(
-                name=part.name,
-                x_train=dataset.train_images[part.train_idx].astype(np.float32),
-                y_train=dataset.train_labels[part.train_idx].astype(np.int64),
-                x_val=dataset.val_images[part.val_idx].astype(np.float32),
-                y_val=dataset.val_labels[part.val_idx].astype(np.int64),
-                fingerprint=fingerprint,
-            )
-        )
-    return sites
+    """Split ``dataset`` into hospitals and return each one's raw pixels and labels.
+
+    The split is always computed for every site (it decides who gets which images); with
+    ``only``, just that site's arrays are built (a node needs its own data, not everyone's).
+    """
+    parts = split_sites(dataset, num_sites=num_sites, alpha=alpha, seed=seed)
+    if only is not None:
+        if not 0 <= only < len(parts):
+            raise ConfigError(f"site index {only} out of range: the federation has {len(parts)} sites.")
+        parts = [parts[only]]
+    return [_site(dataset, part) for part in parts]
+
+
+def _site(dataset: ImageDataset, part: SitePart) -> SiteData:
+    blob = json.dumps({"dataset": dataset.fingerprint, "site": part.name}).encode()
+    return SiteData(
+        name=part.name,
+        x_train=dataset.train_images[part.train_idx].astype(np.float32),
+        y_train=dataset.train_labels[part.train_idx].astype(np.int64),
+        x_val=dataset.val_images[part.val_idx].astype(np.float32),
+        y_val=dataset.val_labels[part.val_idx].astype(np.int64),
+        fingerprint=sha256_bytes(blob + part.train_idx.tobytes() + part.val_idx.tobytes()),
+    )
