@@ -7,15 +7,16 @@ config instead.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.client import Client
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
+from client.audit_mod import make_audit_mod
 from client.backbone_mod import make_backbone_mod
-from client.numpy_client import SiteClient
 from client.refusal_mod import refusal_mod
 from client.secagg import secure_aggregation_mod
 from client.site import site_environment
@@ -23,26 +24,33 @@ from shared.masks import install_secure_masks
 from shared.offline import configure_flower_env
 
 
-def create_client_app(defaults: Mapping[str, str] | None = None) -> ClientApp:
+def create_client_app(defaults: Mapping[str, str] | None = None, outer_mods: Sequence[Mod] = ()) -> ClientApp:
     """Build the ClientApp.
 
     Parameters
     ----------
     defaults : Mapping[str, str], optional
         Fallbacks for node-config keys (``data-path``, ``sites-root``).
+    outer_mods : Sequence[Mod]
+        Mods run before (outside) CareFL's own, e.g. a test's fault injection.
     """
     configure_flower_env()
     install_secure_masks()
     site_defaults = dict(defaults or {})
 
     def client_fn(context: Context) -> Client:
+        # Imported here: Flower starts a fresh process per message, and the SecAgg+ stages,
+        # the backbone offer and the audit need neither torch nor the model.
+        from client.numpy_client import SiteClient
+
         return SiteClient(site_environment(context, site_defaults), str(context.run_id)).to_client()
 
     def site_dir_of(context: Context) -> Path:
         return site_environment(context, site_defaults).site_dir
 
-    mods = [refusal_mod, make_backbone_mod(site_dir_of), secure_aggregation_mod]
-    return ClientApp(client_fn=client_fn, mods=mods)
+    # The audit mod is outermost: it records exactly what leaves the site, refusals included.
+    mods = [make_audit_mod(site_dir_of), refusal_mod, make_backbone_mod(site_dir_of), secure_aggregation_mod]
+    return ClientApp(client_fn=client_fn, mods=[*outer_mods, *mods])
 
 
 app = create_client_app()

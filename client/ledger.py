@@ -44,7 +44,6 @@ as the audit log or the server's receipts of the charges.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
 import json
@@ -52,10 +51,7 @@ import math
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -64,6 +60,7 @@ from shared.atomic import atomic_write_bytes, fsync_path
 from shared.errors import CareFLError
 from shared.log import log
 from shared.privacy import ACCOUNTANTS, Charge, epsilon
+from shared.records import Clock, canonical, locked, strict_json, utc_now, utc_timestamp
 
 __all__ = ["KEY_FILE", "LEDGER_FILE", "LOCK_FILE", "LedgerEntry", "LedgerError", "PrivacyLedger"]
 
@@ -86,7 +83,6 @@ _LABEL_KEY_ID = b"carefl-ledger/v1/key-id\x00"
 _HEADER_KEYS = frozenset({"format", "version", "site", "created_utc", "key_id"})
 _DOC_KEYS = frozenset({"header", "header_mac", "entries", "count", "head_mac", "seal"})
 
-Clock = Callable[[], datetime]
 
 
 class LedgerError(CareFLError):
@@ -179,7 +175,7 @@ class PrivacyLedger:
     def __init__(self, site_dir: Path, state: _State, *, now: Clock | None = None) -> None:
         self._dir = Path(site_dir)
         self._state = state
-        self._now: Clock = now or _utc_now
+        self._now: Clock = now or utc_now
 
     # ----------------------------------------------------------------- creation and loading
     @classmethod
@@ -204,8 +200,8 @@ class PrivacyLedger:
             raise ValueError(f"`site` must be a non-empty string, got {site!r}")
         site_dir = Path(site_dir)
         site_dir.mkdir(parents=True, exist_ok=True)
-        clock = now or _utc_now
-        with _locked(site_dir):
+        clock = now or utc_now
+        with locked(site_dir / LOCK_FILE):
             existing = [name for name in (LEDGER_FILE, KEY_FILE) if (site_dir / name).exists()]
             if existing:
                 raise LedgerError(
@@ -213,7 +209,7 @@ class PrivacyLedger:
                     "re-initialise: that would forget the privacy already spent. Open it instead, or, "
                     f"if it does not verify: {RECOVERY}"
                 )
-            created = _timestamp(clock)  # before any file is written: a bad clock leaves nothing
+            created = utc_timestamp(clock, "the ledger")  # before any file is written: a bad clock leaves nothing
             key = _create_key(site_dir / KEY_FILE)
             header = {
                 "format": FORMAT,
@@ -222,7 +218,7 @@ class PrivacyLedger:
                 "created_utc": created,
                 "key_id": _mac(key, _LABEL_KEY_ID, b""),
             }
-            header_mac = _mac(key, _LABEL_HEADER, _canonical(header))
+            header_mac = _mac(key, _LABEL_HEADER, canonical(header))
             _write(site_dir / LEDGER_FILE, key, header, header_mac, [])
         return cls.open(site_dir, now=now)
 
@@ -339,7 +335,7 @@ class PrivacyLedger:
             changed since the caller's budget check.
         """
         _check_charge_args(run_id, round, charge, delta, accountant, max_grad_norm)
-        with _locked(self._dir):
+        with locked(self._dir / LOCK_FILE):
             state, key = _load(self._dir)
             if state.header != self._state.header:
                 raise LedgerError(
@@ -362,9 +358,9 @@ class PrivacyLedger:
                 delta=float(delta),
                 accountant=accountant,
                 max_grad_norm=float(max_grad_norm),
-                time_utc=_timestamp(self._now),
+                time_utc=utc_timestamp(self._now, "the ledger"),
             )
-            header_mac = _mac(key, _LABEL_HEADER, _canonical(state.header))
+            header_mac = _mac(key, _LABEL_HEADER, canonical(state.header))
             records = [*state.records, _seal_entry(key, entry, state.head_mac)]
             _write(self.path, key, state.header, header_mac, records)
             self._state, _ = _load(self._dir)
@@ -372,23 +368,6 @@ class PrivacyLedger:
 
 
 # --------------------------------------------------------------------------------- helpers
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _timestamp(clock: Clock) -> str:
-    """Return ``clock()`` as ISO 8601 in UTC; a naive datetime is refused."""
-    moment = clock()
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        raise ValueError("the ledger clock must return a timezone-aware datetime")
-    return moment.astimezone(UTC).isoformat()
-
-
-def _canonical(obj: object) -> bytes:
-    """Canonical JSON: sorted keys, no spaces, ASCII, floats as their shortest exact repr."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("ascii")
-
-
 def _mac(key: bytes, label: bytes, data: bytes) -> str:
     return hmac.new(key, label + data, hashlib.sha256).hexdigest()
 
@@ -398,25 +377,14 @@ def _same(a: object, b: str) -> bool:
 
 
 def _seal_mac(key: bytes, header: dict[str, Any], count: int, head_mac: str) -> str:
-    return _mac(key, _LABEL_SEAL, _canonical({"header": header, "count": count, "head_mac": head_mac}))
+    return _mac(key, _LABEL_SEAL, canonical({"header": header, "count": count, "head_mac": head_mac}))
 
 
 def _seal_entry(key: bytes, entry: LedgerEntry, prev_mac: str) -> dict[str, Any]:
     """Return the stored record of ``entry``: its fields, ``prev_mac`` and ``mac``."""
     record: dict[str, Any] = {**asdict(entry), "prev_mac": prev_mac}
-    record["mac"] = _mac(key, _LABEL_ENTRY, _canonical(record) + prev_mac.encode("ascii"))
+    record["mac"] = _mac(key, _LABEL_ENTRY, canonical(record) + prev_mac.encode("ascii"))
     return record
-
-
-@contextmanager
-def _locked(site_dir: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``site_dir/ledger.lock`` (released on exit or process death)."""
-    fd = os.open(site_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _create_key(path: Path) -> bytes:
@@ -478,7 +446,7 @@ def _read_doc(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise _fail(path, f"cannot read the privacy ledger ({exc.strerror or exc})") from exc
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        doc = strict_json(raw, "a privacy ledger")
     except (UnicodeDecodeError, ValueError) as exc:
         raise _fail(path, f"the privacy ledger is not valid JSON ({exc})") from exc
     if not isinstance(doc, dict) or set(doc) != _DOC_KEYS:
@@ -495,10 +463,6 @@ def _read_doc(path: Path) -> dict[str, Any]:
     if not isinstance(doc["entries"], list) or not isinstance(doc["count"], int):
         raise _fail(path, "the privacy ledger is malformed (entries or count of the wrong type)")
     return doc
-
-
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not allowed in a privacy ledger")
 
 
 def _load(site_dir: Path) -> tuple[_State, bytes]:
@@ -532,7 +496,7 @@ def _verify(path: Path, key: bytes, doc: dict[str, Any]) -> _State:
     header = doc["header"]
     if not _same(header["key_id"], _mac(key, _LABEL_KEY_ID, b"")):
         raise _fail(path, f"{KEY_FILE} is not the key of this ledger (or the header's key id was altered)")
-    header_mac = _mac(key, _LABEL_HEADER, _canonical(header))
+    header_mac = _mac(key, _LABEL_HEADER, canonical(header))
     if not _same(doc["header_mac"], header_mac):
         raise _fail(path, "the header was altered (its MAC does not verify)")
     entries, prev = _verify_chain(path, key, doc["entries"], header_mac)
@@ -568,7 +532,7 @@ def _verify_chain(
             )
         body = {k: v for k, v in record.items() if k != "mac"}
         try:
-            expected = _mac(key, _LABEL_ENTRY, _canonical(body) + prev.encode("ascii"))
+            expected = _mac(key, _LABEL_ENTRY, canonical(body) + prev.encode("ascii"))
         except (TypeError, ValueError) as exc:
             raise _fail(path, f"entry at position {position} is malformed ({exc})") from exc
         if not _same(record["mac"], expected):

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.atomic import atomic_write_bytes, atomic_write_text
 from shared.backbones.manifest import BackboneManifest
 from shared.backbones.registry import verify_bytes, verify_file
 from shared.errors import InputError, IntegrityError
-from shared.pipeline import Pretrained
+
+if TYPE_CHECKING:
+    from shared.pipeline import Pretrained
 
 WEIGHTS_FILE = "weights"
 MANIFEST_FILE = "manifest.json"
@@ -78,4 +81,6 @@ class BackboneStore:
         if manifest.sha256 != sha256:
             raise IntegrityError(f"{folder}: manifest names another backbone; refused.")
         verify_file(folder / WEIGHTS_FILE, manifest)
+        from shared.pipeline import Pretrained  # torch: only where a model is built
+
         return Pretrained(manifest=manifest, path=folder / WEIGHTS_FILE)

@@ -17,12 +17,14 @@ from flwr.app import Context
 from flwr.common import Scalar
 from flwr.server import Grid, ServerApp, ServerConfig
 from flwr.server.compat import LegacyContext
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.default_workflows import default_fit_workflow
 
+from server.checkpoint import RunCheckpoints
 from server.distribution import BackboneDistribution, Workflow
+from server.progress import RoundLog
 from server.recorder import FederationRecorder
 from server.result import FederationResult, write_run_folder
+from server.secure import SecureFitWorkflow
 from server.strategy import make_strategy
 from shared.backbones import BackboneRegistry, ResolvedBackbone
 from shared.config import RunConfig
@@ -35,7 +37,7 @@ from shared.pipeline import Pretrained, build_model, effective_trainable
 
 DISTRIBUTION_TIMEOUT_S = 600.0
 # Run-config keys that describe the server's own machine and are not sent to sites.
-SERVER_ONLY_KEYS = ("data-path", "registry-dir", "backbone-weights", "run-dir")
+SERVER_ONLY_KEYS = ("data-path", "registry-dir", "backbone-weights", "run-dir", "checkpoint-dir", "resume")
 
 
 def backbone_registry(cfg: RunConfig) -> BackboneRegistry:
@@ -68,25 +70,14 @@ def site_config(cfg: RunConfig, backbone: ResolvedBackbone | None) -> dict[str, 
     return sent
 
 
-SECAGG_SHARES = 1.0  # every sampled site receives a share of every other site's secrets
-SECAGG_THRESHOLD = 0.67  # fraction of sites whose shares reconstruct a dropped site's mask
-
-
-def fit_workflow(cfg: RunConfig) -> Workflow:
+def fit_workflow(cfg: RunConfig, recorder: FederationRecorder) -> Workflow:
     """Return the fit workflow of one round: SecAgg+ when configured, else Flower's default.
 
     SecAgg+'s clipping range is the sites' delta bound, so its quantizer never saturates.
     """
     if not cfg.secure_aggregation:
         return default_fit_workflow
-    install_secure_masks()
-    return SecAggPlusWorkflow(
-        num_shares=SECAGG_SHARES,
-        reconstruction_threshold=SECAGG_THRESHOLD,
-        max_weight=cfg.secagg_max_weight,
-        clipping_range=cfg.delta_bound,
-        timeout=cfg.stage_timeout,
-    )
+    return SecureFitWorkflow(cfg.secagg, recorder)
 
 
 def run_federation(
@@ -109,7 +100,9 @@ def run_federation(
     pretrained = Pretrained(backbone.manifest, backbone.path) if backbone else None
     model = build_model(cfg, pretrained)
     names = exchanged_names(model, effective_trainable(cfg))
-    initial = get_arrays(model, names)
+    checkpoints = RunCheckpoints(cfg, names, backbone.manifest.sha256 if backbone else "", context.run_id)
+    start = checkpoints.resume_point()
+    initial = start.arrays if start else get_arrays(model, names)
     sent = site_config(cfg, backbone)
     log(
         INFO,
@@ -124,11 +117,12 @@ def run_federation(
     strategy = make_strategy(
         cfg, initial, recorder, fit_config=round_config, evaluate_config=round_config
     )
+    checkpoints.restore(strategy, recorder)
     legacy = LegacyContext(
-        context=context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy
+        context=context, config=ServerConfig(num_rounds=cfg.num_rounds - checkpoints.done), strategy=strategy
     )
-    fit = BackboneDistribution(fit_workflow(cfg), backbone, recorder, timeout=DISTRIBUTION_TIMEOUT_S)
-    DefaultWorkflow(fit_workflow=fit)(grid, legacy)
+    fit = BackboneDistribution(fit_workflow(cfg, recorder), backbone, recorder, timeout=DISTRIBUTION_TIMEOUT_S)
+    checkpoints.workflow(fit, strategy, recorder)(grid, legacy)
     return FederationResult(
         config=cfg,
         manifest=backbone.manifest if backbone else None,
@@ -138,6 +132,7 @@ def run_federation(
         upload_bytes=dict(recorder.upload_bytes),
         full_model_bytes=full_model_bytes(model),
         backbone_bytes=dict(recorder.backbone_bytes),
+        resumed=checkpoints.card(recorder.rows),
     )
 
 
@@ -164,7 +159,7 @@ def create_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_run_config({**context.run_config, **(overrides or {})})
-        result = run_federation(grid, context, cfg, recorder or FederationRecorder())
+        result = run_federation(grid, context, cfg, recorder or FederationRecorder(listeners=[RoundLog(cfg.num_rounds)]))
         if cfg.run_dir:
             write_run_folder(Path(cfg.run_dir), result)
             log(INFO, "run folder written: %s", cfg.run_dir)

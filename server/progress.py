@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from logging import INFO
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from shared.log import log
 from shared.metrics import SiteRoundMetrics, weighted_mean
 
 
@@ -19,6 +21,36 @@ def _fmt(value: float) -> str:
 def _max_epsilon(rows: Sequence[SiteRoundMetrics]) -> float:
     values = [r.epsilon for r in rows if math.isfinite(r.epsilon)]
     return max(values) if values else math.nan
+
+
+ROUND_LINE_PREFIX = "round "
+
+
+def round_line(server_round: int, total_rounds: int, rows: Sequence[SiteRoundMetrics]) -> str:
+    """One line per finished round: accuracy/AUC per site, their weighted mean, max epsilon."""
+    sites = ", ".join(f"{r.site} {_fmt(r.accuracy)}/{_fmt(r.auc)}" for r in rows)
+    mean = f"{_fmt(weighted_mean(rows, 'accuracy'))}/{_fmt(weighted_mean(rows, 'auc'))}"
+    return (
+        f"{ROUND_LINE_PREFIX}{server_round}/{total_rounds}: {sites} | mean acc/AUC {mean} "
+        f"| max epsilon {_fmt(_max_epsilon(rows))}"
+    )
+
+
+class RoundLog:
+    """Recorder listener logging :func:`round_line` (a deployment's ServerApp has no console).
+
+    Parameters
+    ----------
+    total_rounds : int
+        Rounds planned.
+    """
+
+    def __init__(self, total_rounds: int) -> None:
+        self.total_rounds = total_rounds
+
+    def __call__(self, server_round: int, rows: list[SiteRoundMetrics]) -> None:
+        """Log the finished round."""
+        log(INFO, "%s", round_line(server_round, self.total_rounds, rows))
 
 
 class RoundTable:
@@ -65,12 +97,7 @@ class RoundTable:
         if self._live is not None:
             self._live.update(self._render())
             return
-        sites = ", ".join(f"{r.site} {_fmt(r.accuracy)}/{_fmt(r.auc)}" for r in rows)
-        mean = f"{_fmt(weighted_mean(rows, 'accuracy'))}/{_fmt(weighted_mean(rows, 'auc'))}"
-        self._console.print(
-            f"  round {server_round}/{self.total_rounds}: {sites} | mean acc/AUC {mean} | max epsilon {_fmt(_max_epsilon(rows))}",
-            highlight=False,
-        )
+        self._console.print(f"  {round_line(server_round, self.total_rounds, rows)}", highlight=False)
 
     def _sites(self) -> Sequence[str]:
         return sorted({r.site for _, rows in self._rounds for r in rows})

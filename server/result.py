@@ -41,6 +41,9 @@ class FederationResult:
         Serialized size of the whole model, for comparison.
     backbone_bytes : dict[int, int]
         Backbone bytes sent per node (once).
+    resumed : dict[str, Any] | None
+        How the run was resumed from a checkpoint (:meth:`server.checkpoint.RunCheckpoints.card`);
+        ``None`` if it ran in one go.
     """
 
     config: RunConfig
@@ -51,6 +54,7 @@ class FederationResult:
     upload_bytes: dict[int, list[int]] = field(default_factory=dict)
     full_model_bytes: int = 0
     backbone_bytes: dict[int, int] = field(default_factory=dict)
+    resumed: dict[str, Any] | None = None
 
     @property
     def sites(self) -> list[str]:
@@ -162,6 +166,7 @@ def write_run_folder(
                 "bytes_uploaded_per_client_per_round": result.mean_upload_bytes(),
                 "full_model_bytes": result.full_model_bytes,
                 **({"baselines": baselines} if baselines else {}),
+                **({"resumed": result.resumed} if result.resumed else {}),
                 **(dict(extra) if extra else {}),
             },
         )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from client.policy import SitePolicy
 from client.setup import prepare_site_dir
@@ -12,6 +14,9 @@ from server.recorder import FederationRecorder
 from server.result import FederationResult
 from shared.config import RunConfig
 from shared.offline import configure_flower_env
+
+if TYPE_CHECKING:
+    from flwr.clientapp.typing import Mod
 
 
 def simulate(
@@ -22,6 +27,7 @@ def simulate(
     recorder: FederationRecorder | None = None,
     quiet: bool = True,
     policy: SitePolicy | None = None,
+    client_mods: Sequence[Mod] = (),
 ) -> FederationResult:
     """Run ``cfg`` with one simulated SuperNode per site and return the result.
 
@@ -39,6 +45,8 @@ def simulate(
         Receives per-round metrics (e.g. for a live table).
     quiet : bool
         Keep Flower's and Ray's per-round logging off the console.
+    client_mods : Sequence[Mod]
+        Mods run at every site outside CareFL's own (tests inject faults with them).
 
     Raises
     ------
@@ -57,7 +65,7 @@ def simulate(
     results: list[FederationResult] = []
     overrides = {k: v for k, v in cfg.to_run_config().items() if k != "run-dir"}
     server_app = create_server_app(overrides, recorder, results)
-    client_app = create_client_app({"data-path": cfg.data_path, "sites-root": str(sites_root)})
+    client_app = create_client_app({"data-path": cfg.data_path, "sites-root": str(sites_root)}, client_mods)
     backend = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": 2, "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": not quiet},

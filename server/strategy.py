@@ -55,10 +55,15 @@ class DeltaMixin:
         self.recorder = recorder
 
     def _uploaded_bytes(self, res: FitRes) -> int:
-        """Bytes a site sent: its parameters, or under SecAgg+ its masked int64 vectors."""
+        """Bytes a site sent: its parameters, or under SecAgg+ its masked int64 vectors.
+
+        SecAgg+ sends the site's quantized weight as one more masked vector of one value
+        (``factor_combine``) before the update's arrays.
+        """
         if not self.secure:
             return sum(len(t) for t in res.parameters.tensors)
-        return serialized_bytes([np.zeros(a.shape, dtype=np.int64) for a in self._global])
+        masked = [np.zeros(1, dtype=np.int64)] + [np.zeros(a.shape, dtype=np.int64) for a in self._global]
+        return serialized_bytes(masked)
 
     @property
     def global_arrays(self) -> list[np.ndarray]:
@@ -79,7 +84,7 @@ class DeltaMixin:
             If fewer sites than ``min_fit_clients`` trained; the global model is unchanged.
         """
         self.recorder.upload_bytes[server_round] = [self._uploaded_bytes(res) for _, res in results]
-        reasons = [_reason(f) for f in failures]
+        reasons = [failure_reason(f) for f in failures]
         self.recorder.add_failures(server_round, reasons)
         for reason in reasons:
             log(WARNING, "round %d: a site declined or failed: %s", server_round, reason)
@@ -120,7 +125,7 @@ class DeltaMixin:
             )
             for proxy, res in results
         ]
-        self.recorder.add_failures(server_round, [_reason(f) for f in failures])
+        self.recorder.add_failures(server_round, [failure_reason(f) for f in failures])
         self.recorder.add_round(server_round, rows)
         return super().aggregate_evaluate(server_round, results, failures)  # type: ignore[misc]
 
@@ -134,7 +139,7 @@ def _with_parameters(res: FitRes, arrays: list[np.ndarray]) -> FitRes:
     )
 
 
-def _reason(failure: tuple[ClientProxy, Any] | BaseException) -> str:
+def failure_reason(failure: tuple[ClientProxy, Any] | BaseException) -> str:
     """The reason a site gave (its refusal), or what went wrong."""
     if isinstance(failure, BaseException):
         error = failure.args[0] if failure.args else None

@@ -14,7 +14,7 @@ import click
 import typer
 from rich.console import Console
 
-from shared.errors import CareFLError
+from shared.errors import CareFLError, ConfigError
 from shared.offline import configure_flower_env
 
 DEFAULT_STATE = Path(".carefl")
@@ -50,6 +50,9 @@ def demo(
     trainable: Annotated[str | None, typer.Option(help="head, last (last backbone blocks + head) or full.")] = None,
     compare: Annotated[bool, typer.Option(help="Also run 'each site alone' and 'from scratch'.")] = True,
     state_dir: Annotated[Path, typer.Option(help="Where the registry and site caches live.")] = DEFAULT_STATE,
+    deployment: Annotated[bool, typer.Option(help="Run as real Flower processes on 127.0.0.1: a TLS SuperLink, one SuperNode per hospital, `flwr run` (no baselines).")] = False,
+    secure_aggregation: Annotated[bool, typer.Option(help="Aggregate with SecAgg+ (masked uploads).")] = True,
+    resume: Annotated[bool, typer.Option(help="With --deployment and the same --out: continue an interrupted run from its last checkpoint.")] = False,
 ) -> None:
     """Run a local federation of hospitals on real data, offline, and compare with baselines."""
     from server.demo import DemoOptions, default_out_dir, demo_config, run_demo
@@ -71,8 +74,17 @@ def demo(
         accountant=accountant,
         trainable=trainable,
         registry_dir=str(state_dir / "registry"),
+        secure_aggregation=secure_aggregation,
     )
+    if resume and not (deployment and out):
+        raise ConfigError("--resume continues an interrupted `carefl demo --deployment`: give --deployment and its --out.")
     out_dir = out or default_out_dir(task)
+    if deployment:
+        from server.local_deployment import DeploymentDemoOptions, run_local_deployment
+
+        work_dir = state_dir / "deployments" / out_dir.name
+        run_local_deployment(DeploymentDemoOptions(cfg, out_dir, work_dir, resume=resume), Console())
+        return
     options = DemoOptions(
         config=cfg,
         out_dir=out_dir,
@@ -140,12 +152,112 @@ def budget(
     Console().print(budget_table(site_dir))
 
 
+@app.command()
+def provision(
+    out: Annotated[Path, typer.Option(help="Folder to write the consortium's CA, certificates and keys into.")],
+    hospital: Annotated[list[str], typer.Option(help="A hospital's name (repeat for each hospital).")],
+    host: Annotated[list[str] | None, typer.Option(help="A name or IP address of the SuperLink (repeat; default localhost and 127.0.0.1).")] = None,
+    days: Annotated[int, typer.Option(help="Validity of the certificates, in days.")] = 365,
+    force: Annotated[bool, typer.Option(help="Replace an existing consortium in --out (new CA and keys for all).")] = False,
+) -> None:
+    """Create a consortium's CA, the SuperLink's TLS certificate and one node key per hospital."""
+    from shared.provision import DEFAULT_HOSTS
+    from shared.provision import provision as make_consortium
+
+    layout = make_consortium(out, hospital, hosts=host or DEFAULT_HOSTS, days=days, force=force)
+    console = Console()
+    console.print(f"provisioned {len(hospital)} hospitals in {layout.root}", highlight=False, soft_wrap=True)
+    console.print(f"  keep offline (the CA's key): {layout.ca_key.parent}", highlight=False, soft_wrap=True)
+    console.print(f"  to the SuperLink operator:   {layout.server_cert.parent}", highlight=False, soft_wrap=True)
+    for name in layout.hospitals():
+        console.print(f"  to {name}: {layout.hospital_dir(name)}", highlight=False, soft_wrap=True)
+    console.print(
+        f"register each node key on the SuperLink: flwr supernode register {layout.node_keys_dir}/<hospital>.pub",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def server(
+    consortium: Annotated[Path | None, typer.Option(help="The consortium folder from `carefl provision` (TLS certificate, node keys).")] = None,
+    state_dir: Annotated[Path, typer.Option(help="Keeps the SuperLink's state database, flwr-home (connection) and logs.")] = DEFAULT_STATE / "superlink",
+    host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of its Fleet, Control and Runtime APIs (Flower's default 8000).")] = 8000,
+    insecure: Annotated[bool, typer.Option(help="No TLS, no node authentication: a local test only.")] = False,
+) -> None:
+    """Run the consortium's SuperLink (TLS, node authentication, state database) and register its hospitals."""
+    from server.service import ServerOptions, serve_superlink
+
+    serve_superlink(ServerOptions(consortium, state_dir, host=host, port=port, insecure=insecure), Console())
+
+
+@app.command()
+def node(
+    superlink: Annotated[str, typer.Option(help="The SuperLink's address, host:port.")],
+    site_dir: Annotated[Path, typer.Option(help="The hospital's site directory (prepared once with `carefl budget --init`).")],
+    credentials: Annotated[Path | None, typer.Option(help="The hospital's folder from `carefl provision` (node.key, ca.crt).")] = None,
+    site_index: Annotated[int, typer.Option(help="Which site of the federation this hospital is (0-based).")] = 0,
+    data: Annotated[str, typer.Option(help="The site's data (default: the task's built-in source).")] = "",
+    policy: Annotated[Path | None, typer.Option(help="The site's policy file (default: SITE_DIR/policy.toml).")] = None,
+    port: Annotated[int, typer.Option(help="Port of the SuperNode's Runtime API (distinct per node on one machine).")] = 9094,
+    insecure: Annotated[bool, typer.Option(help="No TLS, no node key: a local test only.")] = False,
+) -> None:
+    """Run a hospital's SuperNode: TLS to the SuperLink, authenticated with its node key."""
+    from client.service import node_options, serve_node
+
+    options = node_options(
+        superlink=superlink, site_dir=site_dir, site_index=site_index, credentials=credentials,
+        insecure=insecure, data_path=data, policy=policy, port=port,
+    )  # fmt: skip
+    serve_node(options, Console())
+
+
+@app.command()
+def federate(
+    state_dir: Annotated[Path, typer.Option(help="`carefl server`'s state folder (its flwr-home holds the connection).")] = DEFAULT_STATE / "superlink",
+    run_config: Annotated[str, typer.Option(help="Run-config values, 'key=value key2=\"text\"' (see pyproject.toml).")] = "",
+    out: Annotated[Path | None, typer.Option(help="Run folder the ServerApp writes.")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Where the ServerApp checkpoints every round.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run checkpointed in --checkpoint-dir.")] = False,
+) -> None:
+    """Submit a federated run to `carefl server`'s SuperLink and follow it to the end."""
+    from flwr.common.config import parse_config_args
+
+    from server.service import FederateOptions
+    from server.service import federate as submit
+
+    try:
+        overrides = parse_config_args([run_config]) if run_config else {}
+    except click.ClickException as err:
+        raise ConfigError(f"--run-config: {err.message}") from None
+    submit(FederateOptions(state_dir, overrides, out_dir=out, checkpoint_dir=checkpoint_dir, resume=resume), Console())
+
+
+audit_app = typer.Typer(help="The hospital's audit log of what left the site.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    site_dir: Annotated[Path, typer.Option(help="The hospital's site directory.")],
+) -> None:
+    """Check the audit log's hash chain; report the first altered, removed or reordered entry."""
+    from client.audit import verify
+    from shared.errors import IntegrityError
+
+    report = verify(site_dir)
+    if report.problem is not None:
+        raise IntegrityError(f"{report.path}: {report.problem} ({report.entries} entries verified before it)")
+    Console().print(f"ok: {report.entries} entries, head {report.head_hash[:16]}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``carefl`` console script; returns the exit status."""
     configure_flower_env()
     err = Console(stderr=True)
     try:
-        app(args=argv, standalone_mode=False)
+        status = app(args=argv, standalone_mode=False)
     except CareFLError as error:
         err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         return EXIT_USER_ERROR
@@ -153,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         error.show()
         return error.exit_code
     except (KeyboardInterrupt, click.exceptions.Abort):
+        status = EXIT_INTERRUPTED
+    if status == EXIT_INTERRUPTED:  # click >= 8.2 returns 130 on Ctrl-C instead of raising Abort
         err.print("interrupted; nothing was written.")
         return EXIT_INTERRUPTED
     return 0

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from shared.errors import ConfigError
+from shared.secagg import SecAggSettings
 
 TASKS: tuple[str, ...] = ("heart-disease", "chest-xray")
 SETUPS: tuple[str, ...] = ("transfer", "benchmark", "scratch")
@@ -76,6 +77,11 @@ class RunConfig:
         A weights file named by the operator, tried first for built-in backbones.
     run_dir : str
         Where the server writes the run folder; empty: nothing written by the ServerApp.
+    checkpoint_dir : str
+        Where the server checkpoints the run after every round (global model, strategy state,
+        metrics); empty: no checkpoints.
+    resume : bool
+        Continue the run checkpointed in ``checkpoint-dir`` from its last completed round.
     dp : bool
         Train with DP-SGD (a site's policy may require it whatever the server says).
     target_epsilon : float
@@ -97,6 +103,14 @@ class RunConfig:
     secagg_max_weight : float
         SecAgg+'s ``max_weight``: sites scale their update by ``n / max_weight``; a site with
         more training records refuses the round.
+    secagg_threshold : int
+        Sites whose key shares reconstruct a dropped site's masks (SecAgg+'s reconstruction
+        threshold); 0 means two thirds of the sites sampled in a round (at least 2).
+    secagg_quantization_range : int
+        Integer levels each value is quantized to over ``[-delta_bound, delta_bound]``.
+    secagg_modulus : int
+        Power of two the masked sums are taken modulo; at least ``num_sites`` times the
+        quantization range, so the sum of quantized values never wraps around.
     stage_timeout : float
         Seconds the server waits at each SecAgg+ stage before treating a site as dropped.
     """
@@ -126,14 +140,19 @@ class RunConfig:
     registry_dir: str = ""
     backbone_weights: str = ""
     run_dir: str = field(default="")
+    checkpoint_dir: str = ""
+    resume: bool = False
     dp: bool = True
     target_epsilon: float = 3.0
     target_delta: float = 0.0
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
-    secure_aggregation: bool = False
+    secure_aggregation: bool = True
     delta_bound: float = 1.0
     secagg_max_weight: float = 10000.0
+    secagg_threshold: int = 0
+    secagg_quantization_range: int = 1 << 22
+    secagg_modulus: int = 1 << 32
     stage_timeout: float = 120.0
 
     def __post_init__(self) -> None:
@@ -169,11 +188,27 @@ class RunConfig:
             raise ConfigError("`strategy` fedprox is not supported with DP-SGD (`dp` = true); use fedavg, fedadam or fedyogi.")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"`val-fraction` must be in (0, 1), got {self.val_fraction!r}.")
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("`resume` = true needs the `checkpoint-dir` of the run to continue.")
         if self.backbone_sha256 and not _SHA256.match(self.backbone_sha256):
             raise ConfigError(
                 "`backbone-sha256` must be 64 lowercase hex digits (a full SHA-256), "
                 f"got {self.backbone_sha256!r}."
             )
+        if self.secure_aggregation:
+            self.secagg.check(self.num_sites)
+
+    @property
+    def secagg(self) -> SecAggSettings:
+        """The SecAgg+ parameters of this run."""
+        return SecAggSettings(
+            clipping_range=self.delta_bound,
+            max_weight=self.secagg_max_weight,
+            quantization_range=self.secagg_quantization_range,
+            modulus=self.secagg_modulus,
+            threshold=self.secagg_threshold,
+            timeout=self.stage_timeout,
+        )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:

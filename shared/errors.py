@@ -22,3 +22,7 @@ class ConfigError(CareFLError):
 
 class IntegrityError(CareFLError):
     """Content does not match the hash it is expected to have (tampered or truncated)."""
+
+
+class DeploymentError(CareFLError):
+    """A Flower process (SuperLink, SuperNode, ``flwr``) failed to start, to connect or to finish."""

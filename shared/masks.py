@@ -4,8 +4,10 @@ Flower 1.41 expands each SecAgg+ mask seed (32 bytes) by XOR-folding it to 32 bi
 numpy's MT19937: a curious server can search all 2^32 seeds, and its ``randint(0, range - 1)``
 never produces ``range - 1``. :func:`expand_masks` has the same signature and expands the
 *full* seed with ChaCha20 (from ``cryptography``): the key is ``SHA-256(domain || seed)``, the
-keystream is read as little-endian 64-bit words, and values are uniform over ``[0, range)``
-without bias (masking for a power-of-two range, rejection sampling otherwise).
+nonce and counter start at zero, and values are uniform over ``[0, range)`` without bias. For a
+power-of-two range up to 2^32 (SecAgg+'s modulus) each value is one little-endian 32-bit word
+of the keystream masked to the range; larger ranges read 64-bit words, and a range that is not
+a power of two uses rejection sampling on 64-bit words.
 
 :func:`install_secure_masks` replaces Flower's generator where the SecAgg+ server workflow and
 client mod imported it. The server and every client must call it (CareFL's apps do at start-up)
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-DOMAIN = b"carefl/secagg-mask/v1"
+DOMAIN = b"carefl/secagg-mask/v2"
 FLOWER_UTILS = "flwr.common.secure_aggregation.secaggplus_utils"
 FLOWER_TARGETS: tuple[str, ...] = (
     "flwr.server.workflow.secure_aggregation.secaggplus_workflow",
@@ -33,13 +35,14 @@ _ATTRIBUTE = "pseudo_rand_gen"
 _NONCE = bytes(16)  # one key per seed: a fixed nonce (ChaCha20's counter starts at 0)
 
 
-def _keystream_words(seed: bytes, count: int, offset: int = 0) -> np.ndarray:
-    """Return ``count`` little-endian uint64 words of the seed's keystream, from word ``offset``."""
+def _keystream_words(seed: bytes, count: int, offset: int = 0, dtype: str = "<u8") -> np.ndarray:
+    """Return ``count`` little-endian words of the seed's keystream, from word ``offset``."""
+    width = np.dtype(dtype).itemsize
     key = hashlib.sha256(DOMAIN + seed).digest()
     encryptor = Cipher(algorithms.ChaCha20(key, _NONCE), mode=None).encryptor()
     if offset:
-        encryptor.update(bytes(8 * offset))
-    return np.frombuffer(encryptor.update(bytes(8 * count)), dtype="<u8")
+        encryptor.update(bytes(width * offset))
+    return np.frombuffer(encryptor.update(bytes(width * count)), dtype=dtype)
 
 
 def uniform_integers(seed: bytes, num_range: int, count: int) -> np.ndarray:
@@ -57,6 +60,8 @@ def uniform_integers(seed: bytes, num_range: int, count: int) -> np.ndarray:
     if not 1 <= num_range <= 2**62:
         raise ValueError(f"`num_range` must be in [1, 2**62], got {num_range}")
     if num_range & (num_range - 1) == 0:
+        if num_range <= 2**32:
+            return (_keystream_words(seed, count, dtype="<u4") & np.uint32(num_range - 1)).astype(np.int64)
         return (_keystream_words(seed, count) & np.uint64(num_range - 1)).astype(np.int64)
     limit = (2**64 // num_range) * num_range  # largest multiple of the range: no modulo bias
     values: list[np.ndarray] = []

@@ -112,7 +112,7 @@ def test_heart_demo_writes_a_complete_run_folder(
     base: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Execute
-    code = main([*base, "--rounds", "2", "--local-epochs", "1"])
+    code = main([*base, "--rounds", "1", "--local-epochs", "1"])
     capsys.readouterr()
 
     # Assert

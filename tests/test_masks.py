@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import types
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from flwr.common.secure_aggregation import secaggplus_utils
 from scipy.stats import chisquare
 
@@ -29,9 +31,23 @@ def test_known_answer_is_pinned() -> None:
     masks = expand_masks(bytes(range(32)), 2**16, [(2, 3), ()])
 
     # Assert: computed once and pinned, so server and clients can never drift apart silently
-    np.testing.assert_array_equal(masks[0], np.array([[12877, 22586, 21180], [51201, 53885, 42282]]))
-    assert int(masks[1]) == 29550
+    np.testing.assert_array_equal(masks[0], np.array([[34731, 20871, 40439], [1024, 41516, 20554]]))
+    assert int(masks[1]) == 32083
     assert masks[0].dtype == np.int64 and masks[1].shape == ()
+
+
+def test_masks_are_the_chacha20_keystream_of_the_hashed_full_seed() -> None:
+    # Prepare: the construction, written out independently of shared.masks
+    seed = bytes(range(32, 64))
+    key = hashlib.sha256(b"carefl/secagg-mask/v2" + seed).digest()
+    keystream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(4 * 7))
+    expected = [int.from_bytes(keystream[4 * i : 4 * i + 4], "little") % 2**32 for i in range(7)]
+
+    # Execute
+    masks = expand_masks(seed, 2**32, [(7,)])
+
+    # Assert
+    assert masks[0].tolist() == expected
 
 
 def test_seeds_that_flower_folds_together_give_unrelated_masks() -> None:

@@ -373,6 +373,7 @@ def test_federation_goes_on_without_the_site_that_declines(heart_registry: Path,
         registry_dir=str(heart_registry), num_rounds=2, local_epochs=1, target_epsilon=3.0, min_sites=2
     )
     recorder = FederationRecorder()
+    assert cfg.secure_aggregation  # the refusal travels as an error reply of SecAgg+'s collect stage
 
     # Execute
     result = simulate(cfg, num_sites=3, sites_root=sites_root, recorder=recorder)
@@ -402,6 +403,7 @@ def test_federation_stops_promptly_when_too_few_sites_train(heart_registry: Path
         registry_dir=str(heart_registry), num_rounds=3, local_epochs=1, target_epsilon=3.0, min_sites=2
     )
     recorder = FederationRecorder()
+    assert cfg.secure_aggregation  # SecAgg+ halts below threshold: the run still stops, saying why
 
     # Execute
     started = time.monotonic()

@@ -48,7 +48,7 @@ def test_fedavg_on_deltas_equals_weighted_mean_of_local_weights() -> None:
     counts = [10, 30, 60]
     recorder = FederationRecorder()
     strategy = make_strategy(
-        RunConfig(), global_w, recorder, fit_config=lambda r: {}, evaluate_config=lambda r: {}
+        RunConfig(secure_aggregation=False), global_w, recorder, fit_config=lambda r: {}, evaluate_config=lambda r: {}
     )
     results = [
         (_Proxy(str(i)), _fit_res([lw - g for lw, g in zip(local, global_w)], n))

@@ -13,12 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from shared.backbones.manifest import BackboneManifest
+from shared.backbones.manifest import IMAGENET_MEAN, IMAGENET_STD, BackboneManifest
 from shared.errors import IntegrityError
 from shared.tv import torchvision_module
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 class MobileNetV2Features(nn.Module):

@@ -11,6 +11,10 @@ from typing import Any
 
 from shared.errors import InputError
 
+# torchvision's ImageNet normalization, recorded in manifests (kept here: no torch import)
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
 ARCHITECTURES: tuple[str, ...] = ("mobilenet_v2", "heart_mlp", "small_cnn")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Names and file names become paths in registries and caches: no separators, no dot-dot.

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.atomic import atomic_write_bytes, atomic_write_text
-from shared.backbones.architectures import IMAGENET_MEAN, IMAGENET_STD
-from shared.backbones.manifest import BackboneManifest
+from shared.backbones.manifest import IMAGENET_MEAN, IMAGENET_STD, BackboneManifest
 from shared.errors import ConfigError, InputError, IntegrityError
 from shared.hashing import sha256_bytes, sha256_file
 

@@ -1,0 +1,446 @@
+"""A hospital's audit log: one hash-chained entry per message that leaves the site.
+
+The log lives in the site directory as two files:
+
+``audit.jsonl``
+    One JSON object per line (canonical JSON: sorted keys, no spaces), in the order the
+    replies left: ``seq`` (from 0), ``prev_hash``, ``time_utc``, ``run_id``, ``round``,
+    ``stage``, ``message_type``, ``secagg_stage``, ``reply_to``, ``payload_sha256``,
+    ``payload_bytes``, ``epsilon``, ``decision`` and ``entry_hash``.
+``audit.head``
+    ``{"count": n, "entry_hash": ...}`` of the last entry, replaced atomically after each
+    append, so removing entries from the end is detected.
+
+With ``canonical(x) = json.dumps(x, sort_keys=True, separators=(",", ":"))``, an entry's
+``entry_hash`` is ``sha256(canonical(entry without entry_hash))`` in hex; it covers ``seq`` and
+``prev_hash``, the previous entry's ``entry_hash`` (64 zeros for the first). Anyone can check
+the chain with ``jq`` and ``sha256sum``; no key is involved.
+
+:meth:`AuditLog.append` returns only once the entry is on disk (the line fsync'd, then the
+head replaced), and refuses to append to a log whose tail does not match its head: a node
+whose audit log is broken sends nothing (fail closed). Several ClientApp processes of one
+site may append at once: they take turns under an ``flock`` on ``audit.lock``.
+
+What this protects against: editing, removing, reordering or inserting entries, or dropping
+the tail, without rewriting every later entry *and* the head. It does not protect against
+someone who rewrites the whole chain from the altered entry on, head included (a hash chain
+without a key or an outside anchor cannot): to detect that, record the head printed by
+``carefl audit verify`` somewhere the site's disk cannot change (a ticket, the server's logs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from logging import WARNING
+from pathlib import Path
+from typing import Any
+
+from shared.atomic import atomic_write_text, fsync_path
+from shared.errors import InputError, IntegrityError
+from shared.log import log
+from shared.records import Clock, canonical, locked, strict_json, utc_now, utc_timestamp
+
+__all__ = [
+    "ACCEPTED",
+    "AUDIT_FILE",
+    "GENESIS_HASH",
+    "HEAD_FILE",
+    "LOCK_FILE",
+    "AuditLog",
+    "AuditProblem",
+    "AuditRecord",
+    "AuditReport",
+    "verify",
+]
+
+AUDIT_FILE = "audit.jsonl"
+HEAD_FILE = "audit.head"
+LOCK_FILE = "audit.lock"
+GENESIS_HASH = "0" * 64
+ACCEPTED = "accepted"
+
+RECOVERY = (
+    f"Restore {AUDIT_FILE} and {HEAD_FILE} from the site's backup (or move both aside and keep "
+    "them as evidence); the node sends nothing until its audit log verifies."
+)
+
+# Fields of an entry besides seq, prev_hash, time_utc and entry_hash, with their JSON types.
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "seq": (int,),
+    "prev_hash": (str,),
+    "time_utc": (str,),
+    "run_id": (str,),
+    "round": (int, type(None)),
+    "stage": (str,),
+    "message_type": (str,),
+    "secagg_stage": (str, type(None)),
+    "reply_to": (str,),
+    "payload_sha256": (str, type(None)),
+    "payload_bytes": (int,),
+    "epsilon": (float, int, type(None)),
+    "decision": (str,),
+    "entry_hash": (str,),
+}
+
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """What one reply that leaves the site is recorded as (the caller's part of an entry).
+
+    Attributes
+    ----------
+    run_id : str
+        Flower's run id.
+    round : int | None
+        The server round, when the message's config carries one.
+    message_type : str
+        Flower's message type (``train``, ``evaluate``, ``query`` ...).
+    secagg_stage : str | None
+        The SecAgg+ stage, for secure-aggregation messages.
+    reply_to : str
+        Id of the message answered.
+    payload_sha256 : str | None
+        SHA-256 (hex) of the serialized reply; None when nothing but an error left.
+    payload_bytes : int
+        Size of the serialized reply.
+    epsilon : float | None
+        Privacy the reply reports as spent in the run, when it reports it.
+    decision : str
+        ``accepted``, or ``refused: <reason>``.
+    """
+
+    run_id: str
+    round: int | None
+    message_type: str
+    secagg_stage: str | None
+    reply_to: str
+    payload_sha256: str | None
+    payload_bytes: int
+    epsilon: float | None
+    decision: str
+
+    @property
+    def stage(self) -> str:
+        """``message_type``, or ``message_type:secagg_stage`` for SecAgg+ messages."""
+        return f"{self.message_type}:{self.secagg_stage}" if self.secagg_stage else self.message_type
+
+
+@dataclass(frozen=True)
+class AuditProblem:
+    """The first thing wrong with an audit log.
+
+    Attributes
+    ----------
+    line : int | None
+        1-based line of ``audit.jsonl`` (None when the problem is the head file itself).
+    kind : str
+        ``altered``, ``removed``, ``reordered``, ``truncated`` or ``malformed``.
+    detail : str
+        What was expected and what was found.
+    """
+
+    line: int | None
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        where = f"line {self.line}" if self.line is not None else HEAD_FILE
+        return f"{where}: {self.kind}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """The result of :func:`verify`.
+
+    Attributes
+    ----------
+    path : Path
+        The audit log checked.
+    entries : int
+        Entries that verified before the first problem (all of them when ``ok``).
+    head_hash : str
+        ``entry_hash`` of the last verified entry (:data:`GENESIS_HASH` when none).
+    problem : AuditProblem | None
+        The first problem found, or None.
+    """
+
+    path: Path
+    entries: int
+    head_hash: str
+    problem: AuditProblem | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the whole log verified."""
+        return self.problem is None
+
+
+class AuditLog:
+    """The audit log of one site directory.
+
+    Parameters
+    ----------
+    site_dir : Path
+        The hospital's private site directory (created, mode 0700, if missing).
+    clock : Callable[[], datetime], optional
+        Timezone-aware clock of the entries' ``time_utc``.
+    """
+
+    def __init__(self, site_dir: Path, clock: Clock | None = None) -> None:
+        self.site_dir = Path(site_dir)
+        self.path = self.site_dir / AUDIT_FILE
+        self.head_path = self.site_dir / HEAD_FILE
+        self._now = clock or utc_now
+
+    def append(self, record: AuditRecord) -> dict[str, Any]:
+        """Append ``record`` and return its full entry once it is durably on disk.
+
+        Raises
+        ------
+        IntegrityError
+            If the log's tail does not match its head (altered, truncated or replaced); nothing
+            is written.
+        """
+        self.site_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with locked(self.site_dir / LOCK_FILE):
+            count, prev_hash = self._tail()
+            entry: dict[str, Any] = {
+                "seq": count,
+                "prev_hash": prev_hash,
+                "time_utc": utc_timestamp(self._now, "the audit"),
+                "run_id": record.run_id,
+                "round": record.round,
+                "stage": record.stage,
+                "message_type": record.message_type,
+                "secagg_stage": record.secagg_stage,
+                "reply_to": record.reply_to,
+                "payload_sha256": record.payload_sha256,
+                "payload_bytes": int(record.payload_bytes),
+                "epsilon": _finite_or_none(record.epsilon),
+                "decision": record.decision,
+            }
+            entry["entry_hash"] = entry_hash(entry)
+            created = not self.path.exists()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "ab") as handle:
+                handle.write(canonical(entry) + b"\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            if created:
+                fsync_path(self.site_dir)
+            _write_head(self.head_path, count + 1, entry["entry_hash"])
+        return entry
+
+    def _tail(self) -> tuple[int, str]:
+        """Return (entries, last entry_hash) after checking the log's last entry against the head.
+
+        Two crashes are recovered from, and only when the rest matches the head: a last line
+        cut short (no newline: the append was interrupted before the reply left) is dropped,
+        and a head one entry behind the log (interrupted between the two writes) catches up.
+        """
+        head = _read_head(self.head_path) or (0, GENESIS_HASH)
+        last, torn_at = _tail_of(self.path)
+        if last is None:
+            if head[0] > 0:
+                raise self._fail(f"{AUDIT_FILE} holds no entry but {HEAD_FILE} records {head[0]}")
+            count, last_hash = 0, GENESIS_HASH
+        else:
+            entry = _parse(last)
+            if isinstance(entry, str) or entry["entry_hash"] != entry_hash(entry):
+                raise self._fail(f"the last entry of {AUDIT_FILE} is malformed or altered")
+            count, last_hash = entry["seq"] + 1, entry["entry_hash"]
+            if head == (entry["seq"], entry["prev_hash"]):
+                log(
+                    WARNING,
+                    "%s: %s catches up with the last entry (an append was interrupted)",
+                    self.path,
+                    HEAD_FILE,
+                )
+                _write_head(self.head_path, count, last_hash)
+            elif head != (count, last_hash):
+                raise self._fail(
+                    f"the last entry of {AUDIT_FILE} (seq {entry['seq']}) is not the one {HEAD_FILE} "
+                    f"records ({head[0]} entries): entries were removed or replaced"
+                )
+        if torn_at is not None:
+            log(WARNING, "%s: dropping a last line cut short (an append was interrupted)", self.path)
+            with self.path.open("rb+") as handle:
+                handle.truncate(torn_at)
+                os.fsync(handle.fileno())
+        return count, last_hash
+
+    def _fail(self, problem: str) -> IntegrityError:
+        return IntegrityError(
+            f"{self.path}: {problem}. Run `carefl audit verify --site-dir {self.site_dir}`. {RECOVERY}"
+        )
+
+
+def verify(site_dir: Path) -> AuditReport:
+    """Check the whole audit log of ``site_dir`` and report its first problem, if any.
+
+    Checks, line by line: each line is a well-formed entry (``malformed``), its ``entry_hash``
+    matches its content (``altered``), its ``seq`` follows the previous one (``removed`` when
+    an entry is missing, ``reordered`` when entries are out of order or replayed) and its
+    ``prev_hash`` is the previous entry's hash (``altered``). Then the head file: it must not
+    record more entries than the log holds (``truncated``), and the entry it records must be
+    the one in the log (``altered``).
+
+    Raises
+    ------
+    InputError
+        If ``site_dir`` does not exist.
+    """
+    site_dir = Path(site_dir)
+    if not site_dir.is_dir():
+        raise InputError(f"{site_dir} is not a site directory (not found)")
+    path = site_dir / AUDIT_FILE
+    try:
+        head = _read_head(site_dir / HEAD_FILE)
+    except IntegrityError as err:
+        return AuditReport(path, 0, GENESIS_HASH, AuditProblem(None, "malformed", str(err)))
+    lines = path.read_bytes().split(b"\n") if path.exists() else [b""]
+    torn = lines[-1] != b""
+    if not torn:
+        lines.pop()
+    entries: list[dict[str, Any]] = []
+    prev = GENESIS_HASH
+    for number, raw in enumerate(lines, start=1):
+        if torn and number == len(lines):
+            detail = "the last line is cut short (an interrupted append; the next append drops it)"
+            return AuditReport(path, len(entries), prev, AuditProblem(number, "malformed", detail))
+        entry = _parse(raw)
+        if isinstance(entry, str):
+            return AuditReport(path, len(entries), prev, AuditProblem(number, "malformed", entry))
+        problem = _check_link(entry, number, prev, lines)
+        if problem is not None:
+            return AuditReport(path, len(entries), prev, problem)
+        entries.append(entry)
+        prev = entry["entry_hash"]
+    count, head_hash = head or (0, GENESIS_HASH)
+    if count > len(entries):
+        detail = f"{HEAD_FILE} records {count} entries but the log holds {len(entries)}: its tail was removed"
+        return AuditReport(path, len(entries), prev, AuditProblem(len(entries) + 1, "truncated", detail))
+    if count > 0 and entries[count - 1]["entry_hash"] != head_hash:
+        detail = f"entry seq {count - 1} is not the one {HEAD_FILE} records (hash {head_hash[:16]}...)"
+        verified = entries[count - 2]["entry_hash"] if count > 1 else GENESIS_HASH
+        return AuditReport(path, count - 1, verified, AuditProblem(count, "altered", detail))
+    if count < len(entries) - 1:
+        detail = (
+            f"{HEAD_FILE} records {count} entries but the log holds {len(entries)}: "
+            "the head was replaced by an older one, or entries were appended behind its back"
+        )
+        return AuditReport(path, count, head_hash, AuditProblem(None, "altered", detail))
+    return AuditReport(path, len(entries), prev)
+
+
+def entry_hash(entry: Mapping[str, Any]) -> str:
+    """Return ``sha256(canonical(entry without entry_hash))`` in hex."""
+    return hashlib.sha256(canonical({k: v for k, v in entry.items() if k != "entry_hash"})).hexdigest()
+
+
+# --------------------------------------------------------------------------------- helpers
+def _check_link(entry: dict[str, Any], number: int, prev: str, lines: list[bytes]) -> AuditProblem | None:
+    """Check one parsed entry against its own hash and the entry before it."""
+    seq, expected = entry["seq"], number - 1
+    if entry["entry_hash"] != entry_hash(entry):
+        return AuditProblem(number, "altered", f"entry seq {seq} does not match its entry_hash")
+    if seq > expected:
+        if any(isinstance(e := _parse(raw), dict) and e["seq"] == expected for raw in lines[number:]):
+            detail = f"seq {seq} where seq {expected} was expected; seq {expected} comes later"
+            return AuditProblem(number, "reordered", detail)
+        missing = f"seq {expected}" if seq == expected + 1 else f"seq {expected} to {seq - 1}"
+        return AuditProblem(number, "removed", f"{missing} missing (found seq {seq})")
+    if seq < expected:
+        detail = f"seq {seq} after seq {expected - 1}: entries out of order or replayed"
+        return AuditProblem(number, "reordered", detail)
+    if entry["prev_hash"] != prev:
+        detail = f"entry seq {seq} does not link to the entry before it (one of them was rewritten)"
+        return AuditProblem(number, "altered", detail)
+    return None
+
+
+def _parse(raw: bytes) -> dict[str, Any] | str:
+    """Return the entry of one line, or a description of what is wrong with it."""
+    try:
+        entry = strict_json(raw, "an audit entry")
+    except (UnicodeDecodeError, ValueError) as exc:
+        return f"not a JSON entry ({exc})"
+    if not isinstance(entry, dict) or set(entry) != set(_FIELDS):
+        return "not an audit entry (unexpected or missing fields)"
+    for name, kinds in _FIELDS.items():
+        value = entry[name]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return f"field `{name}` has the wrong type ({type(value).__name__})"
+    if entry["seq"] < 0:
+        return "negative seq"
+    return entry
+
+
+def _read_head(path: Path) -> tuple[int, str] | None:
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise IntegrityError(f"{path} cannot be read ({exc}). {RECOVERY}") from exc
+    if (
+        not isinstance(doc, dict)
+        or set(doc) != {"count", "entry_hash"}
+        or isinstance(doc["count"], bool)
+        or not isinstance(doc["count"], int)
+        or doc["count"] < 0
+        or not isinstance(doc["entry_hash"], str)
+    ):
+        raise IntegrityError(f"{path} is malformed. {RECOVERY}")
+    return doc["count"], doc["entry_hash"]
+
+
+def _write_head(path: Path, count: int, last_hash: str) -> None:
+    atomic_write_text(path, json.dumps({"count": count, "entry_hash": last_hash}, sort_keys=True) + "\n")
+
+
+def _tail_of(path: Path) -> tuple[bytes | None, int | None]:
+    """Return the last complete line of ``path`` (without newline) and where a torn tail starts.
+
+    Reads from the end, so appending stays cheap however long the log grows. The torn tail is
+    what follows the last newline (None when the file ends with one).
+    """
+    if not path.exists():
+        return None, None
+    with path.open("rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        end = _start_of_last_line(handle, size)  # just after the last newline
+        torn_at = end if end < size else None
+        if end == 0:
+            return None, torn_at
+        start = _start_of_last_line(handle, end - 1)
+        handle.seek(start)
+        return handle.read(end - 1 - start), torn_at
+
+
+def _start_of_last_line(handle: Any, end: int) -> int:
+    """Return the offset just after the last newline before ``end`` (0 if none)."""
+    block = 4096
+    position = end
+    while position > 0:
+        step = min(block, position)
+        handle.seek(position - step)
+        chunk = handle.read(step)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            return position - step + newline + 1
+        position -= step
+    return 0
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None

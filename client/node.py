@@ -1,0 +1,140 @@
+"""The ``flower-supernode`` command line of one hospital (pure: builds, never runs).
+
+A hospital's SuperNode connects to the consortium's SuperLink over TLS, checking it with the
+consortium's CA (``--root-certificates``), and authenticates with its node key
+(``--auth-supernode-private-key``), whose public half the SuperLink operator registered. Its
+node config tells the CareFL ClientApp where the site's data, private directory and policy are
+(see :mod:`client.site`). Each SuperNode serves a Runtime API for its ClientApp processes on
+``--host``/``--port`` (Flower 1.41's successor of ``--clientappio-api-address``): several
+SuperNodes on one machine need distinct ports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import ConfigError, InputError
+from shared.executables import executable
+
+DEFAULT_RUNTIME_PORT = 9094  # flwr.supercore.constant.SUPERNODE_UVICORN_DEFAULT_PORT
+CONNECTED_PATTERN = r"SuperNode ID: \d+"
+NODE_KEY_FILE = "node.key"
+CA_FILE = "ca.crt"
+
+
+@dataclass(frozen=True)
+class NodeCredentials:
+    """A hospital's folder from ``carefl provision`` (``DIR/hospitals/<name>/``).
+
+    Attributes
+    ----------
+    private_key : Path
+        The node key (OpenSSH EC P-384).
+    root_certificates : Path
+        The consortium CA's certificate.
+    """
+
+    private_key: Path
+    root_certificates: Path
+
+    @classmethod
+    def from_dir(cls, folder: Path) -> NodeCredentials:
+        """Read ``node.key`` and ``ca.crt`` from ``folder``; refused if one is missing."""
+        creds = cls(Path(folder) / NODE_KEY_FILE, Path(folder) / CA_FILE)
+        for path in (creds.private_key, creds.root_certificates):
+            if not path.is_file():
+                raise InputError(f"{path} not found: give the hospital's folder from `carefl provision` (hospitals/<name>).")
+        return creds
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """How to start one hospital's SuperNode.
+
+    Attributes
+    ----------
+    superlink : str
+        ``host:port`` of the SuperLink.
+    site_index : int
+        Which site of the federation this hospital is (its data split for built-in tasks).
+    site_dir : Path
+        The site's private directory (privacy ledger, policy, received backbones).
+    credentials : NodeCredentials | None
+        TLS and authentication; ``None`` connects without TLS and without a node key.
+    data_path : str
+        The site's data (empty: the task's built-in source).
+    policy : Path | None
+        The site's policy file (default: ``site_dir/policy.toml``).
+    host, port : str, int
+        Where its Runtime API (for its ClientApp processes) listens.
+    max_wait_time : float | None
+        Give up connecting to the SuperLink after this many seconds (``None``: never).
+    """
+
+    superlink: str
+    site_index: int
+    site_dir: Path
+    credentials: NodeCredentials | None
+    data_path: str = ""
+    policy: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_RUNTIME_PORT
+    max_wait_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.site_index < 0:
+            raise ConfigError(f"`site-index` must be >= 0, got {self.site_index!r}.")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"`port` must be in 1..65535, got {self.port!r}.")
+
+    @property
+    def insecure(self) -> bool:
+        """Whether it connects without TLS (and without node authentication)."""
+        return self.credentials is None
+
+    def node_config(self) -> dict[str, str | int]:
+        """The node-config keys :func:`client.site.site_environment` reads."""
+        values: dict[str, str | int] = {"site-index": self.site_index, "site-dir": str(Path(self.site_dir).resolve())}
+        if self.data_path:
+            values["data-path"] = self.data_path
+        if self.policy is not None:
+            values["policy"] = str(Path(self.policy).resolve())
+        return values
+
+
+def node_config_arg(values: Mapping[str, str | int]) -> str:
+    """Format ``--node-config``: ``key=value`` pairs, strings double-quoted (TOML).
+
+    Raises
+    ------
+    ConfigError
+        If a string holds a double quote or a line break, which Flower's parser cannot carry.
+    """
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, str):
+            if '"' in value or "\n" in value or "\\" in value:
+                raise ConfigError(f"node-config value of `{key}` may not contain '\"', '\\' or a line break: {value!r}")
+            parts.append(f'{key}="{value}"')
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def supernode_command(options: NodeOptions) -> list[str]:
+    """Return the ``flower-supernode`` command line for ``options``."""
+    argv = [executable("flower-supernode"), "--superlink", options.superlink]
+    if options.credentials is None:
+        argv.append("--insecure")
+    else:
+        argv += [
+            "--root-certificates", str(options.credentials.root_certificates),
+            "--auth-supernode-private-key", str(options.credentials.private_key),
+        ]  # fmt: skip
+    argv += ["--node-config", node_config_arg(options.node_config())]
+    argv += ["--host", options.host, "--port", str(options.port)]
+    if options.max_wait_time is not None:
+        argv += ["--max-wait-time", f"{options.max_wait_time:g}"]
+    return argv

@@ -1,0 +1,223 @@
+"""Benchmark: wall time per round as real Flower processes vs on the simulation engine.
+
+Runs the same federation twice (heart-disease, 3 hospitals, DP, SecAgg+ unless ``--no-secagg``):
+
+1. on Flower's simulation engine (``server.simulation.simulate``), timing each round's end;
+2. as ``carefl demo --deployment`` (TLS SuperLink, 3 SuperNodes, ``flwr run``), timestamping
+   every line of the ServerApp's log and of each SuperNode's log as it appears (polled every
+   0.1 s), then splitting each round into its messages: per stage, the SuperNodes' wait before
+   the message arrived (SuperLink polling 3 s, SuperNode polling 3 s, the server's own work) and
+   the ClientApp's time (a fresh process per message: start-up and imports, data, the work).
+
+Usage::
+
+    .venv/bin/python scripts/bench_deployment.py --rounds 2 [--no-secagg] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import statistics
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from client.policy import SitePolicy
+from server.demo import demo_config, ensure_backbone
+from server.local_deployment import DeploymentDemoOptions, run_local_deployment
+from server.recorder import FederationRecorder
+from server.simulation import simulate
+from shared.config import RunConfig
+from shared.processes import read_new_lines
+
+SECAGG_STAGES = ("SecAgg+ setup", "SecAgg+ share keys", "train + mask (fit)", "SecAgg+ unmask", "evaluate")
+PLAIN_STAGES = ("train (fit)", "evaluate")
+_ROUND_END = re.compile(r"carefl: round (\d+)/\d+:")
+_NODE_ROUND = re.compile(r"\[RUN \d+(?:, ROUND (\d+))?\]")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class LogTail:
+    """Timestamps every new line of the ``*.log`` files in a folder (a background thread)."""
+
+    def __init__(self, folder: Path, poll: float = 0.1) -> None:
+        self.folder = folder
+        self.poll = poll
+        self.lines: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        self._offsets: dict[Path, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LogTail:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._scan()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._scan()
+            time.sleep(self.poll)
+
+    def _scan(self) -> None:
+        if not self.folder.is_dir():
+            return
+        for path in sorted(self.folder.glob("*.log")):
+            lines, self._offsets[path] = read_new_lines(path, self._offsets.get(path, 0))
+            now = time.monotonic()
+            self.lines[path.stem].extend((now, _ANSI.sub("", line)) for line in lines)
+
+
+@dataclass
+class Message:
+    """One message as a SuperNode saw it."""
+
+    kind: str
+    round: int
+    received: float
+    sent: float = float("nan")
+    charged: float = float("nan")
+
+
+def node_messages(lines: list[tuple[float, str]]) -> list[Message]:
+    """Parse a SuperNode log into its messages (receive, ledger charge, send)."""
+    messages: list[Message] = []
+    current_round, kind = 0, ""
+    for t, line in lines:
+        if match := _NODE_ROUND.search(line):
+            current_round = int(match.group(1) or 0)
+        elif "Receiving:" in line:
+            kind = line.split("Receiving:")[1].split(" message")[0].strip()
+        elif "Received successfully" in line:
+            messages.append(Message(kind, current_round, t))
+        elif "charged to the ledger" in line and messages:
+            messages[-1].charged = t
+        elif "Sent successfully" in line and messages:
+            messages[-1].sent = t
+    return messages
+
+
+def simulation_rounds(cfg: RunConfig, root: Path) -> tuple[dict[int, float], float]:
+    """Per-round wall seconds on the simulation engine (round 1 counted from the call)."""
+    ends: dict[int, float] = {}
+    recorder = FederationRecorder(listeners=[lambda r, _rows: ends.__setitem__(r, time.monotonic())])
+    start = time.monotonic()
+    simulate(cfg, num_sites=3, sites_root=root / "sim-sites", recorder=recorder, policy=SitePolicy(require_dp=cfg.dp))
+    total = time.monotonic() - start
+    return _durations(ends, start), total
+
+
+def deployment_rounds(cfg: RunConfig, root: Path) -> dict[str, Any]:
+    """Run the deployment demo; per-round wall seconds and the per-stage breakdown."""
+    server: list[tuple[float, str]] = []
+    work = root / "work"
+    start = time.monotonic()
+    with LogTail(work / "logs") as tail:
+        run_local_deployment(
+            DeploymentDemoOptions(cfg, root / "run", work), Console(file=io.StringIO()),
+            on_line=lambda t, line: server.append((t, line)),
+        )  # fmt: skip
+    total = time.monotonic() - start
+    ends = {int(m.group(1)): t for t, line in server if (m := _ROUND_END.search(line))}
+    submitted = min(t for t, _ in server) if server else start
+    nodes = {name: node_messages(lines) for name, lines in tail.lines.items() if name.startswith("supernode-")}
+    return {
+        "total_s": total,
+        "before_first_log_line_s": submitted - start,
+        "rounds": _durations(ends, submitted),
+        "stages": _stages(nodes, cfg),
+    }
+
+
+def _durations(ends: dict[int, float], start: float) -> dict[int, float]:
+    out, previous = {}, start
+    for rnd in sorted(ends):
+        out[rnd], previous = ends[rnd] - previous, ends[rnd]
+    return out
+
+
+def _stages(nodes: dict[str, list[Message]], cfg: RunConfig) -> list[dict[str, Any]]:
+    """Per (round, stage): mean over nodes of the wait before the message and the ClientApp time."""
+    names = SECAGG_STAGES if cfg.secure_aggregation else PLAIN_STAGES
+    rows: dict[tuple[int, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for messages in nodes.values():
+        previous_sent: float | None = None
+        position: dict[int, int] = defaultdict(int)
+        for msg in messages:
+            if msg.round == 0:
+                stage = "backbone offer/transfer"
+            else:
+                stage = names[min(position[msg.round], len(names) - 1)]
+                position[msg.round] += 1
+            key = (msg.round, stage)
+            if previous_sent is not None:
+                rows[key]["wait"].append(msg.received - previous_sent)
+            rows[key]["clientapp"].append(msg.sent - msg.received)
+            if msg.charged == msg.charged:  # not NaN: a DP training message
+                rows[key]["startup_to_charge"].append(msg.charged - msg.received)
+                rows[key]["training"].append(msg.sent - msg.charged)
+            previous_sent = msg.sent
+    return [
+        {"round": rnd, "stage": stage, **{k: statistics.fmean(v) for k, v in values.items()}}
+        for (rnd, stage), values in rows.items()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-secagg", action="store_true")
+    parser.add_argument("--registry", type=Path, default=Path(".carefl/registry"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    console = Console()
+    cfg = demo_config(
+        "heart-disease", num_rounds=args.rounds, local_epochs=1, registry_dir=str(args.registry.resolve()),
+        secure_aggregation=not args.no_secagg,
+    )  # fmt: skip
+    ensure_backbone(cfg, console)
+    root = Path(tempfile.mkdtemp(prefix="carefl-bench-deploy-"))
+    console.print(f"Simulation ({args.rounds} rounds, DP, SecAgg+ {'off' if args.no_secagg else 'on'})...")
+    sim, sim_total = simulation_rounds(cfg, root)
+    console.print("Deployment (TLS SuperLink, 3 SuperNodes, flwr run)...")
+    dep = deployment_rounds(cfg, root)
+
+    table = Table(title="Wall time per round (s)")
+    for column in ("round", "simulation", "deployment"):
+        table.add_column(column, justify="right")
+    for rnd in sorted(sim):
+        table.add_row(str(rnd), f"{sim[rnd]:.1f}", f"{dep['rounds'].get(rnd, float('nan')):.1f}")
+    table.add_row("total", f"{sim_total:.1f}", f"{dep['total_s']:.1f}")
+    console.print(table)
+    console.print(
+        f"Deployment start-up (SuperLink, registration, SuperNodes, flwr run) until the first ServerApp line: "
+        f"{dep['before_first_log_line_s']:.1f} s; round 1 includes the backbone offer/transfer."
+    )
+    stages = Table(title="Deployment: where a round's time goes (mean over the 3 SuperNodes, s)")
+    for column in ("round", "stage", "wait before (polling, server)", "ClientApp process", "of which DP training"):
+        stages.add_column(column, justify="right" if column != "stage" else "left")
+    for row in dep["stages"]:
+        stages.add_row(
+            str(row["round"]), row["stage"], f"{row.get('wait', float('nan')):.1f}", f"{row['clientapp']:.1f}",
+            f"{row['training']:.1f}" if "training" in row else "-",
+        )  # fmt: skip
+    console.print(stages)
+    if args.json:
+        args.json.write_text(json.dumps({"simulation": {"rounds": sim, "total_s": sim_total}, "deployment": dep}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
