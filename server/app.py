@@ -30,7 +30,6 @@ from shared.backbones import BackboneRegistry, ResolvedBackbone
 from shared.config import RunConfig
 from shared.errors import IntegrityError
 from shared.log import log
-from shared.masks import install_secure_masks
 from shared.offline import configure_flower_env
 from shared.params import exchanged_names, full_model_bytes, get_arrays
 from shared.pipeline import Pretrained, build_model, effective_trainable
@@ -153,7 +152,6 @@ def create_server_app(
         The finished run's result is appended here.
     """
     configure_flower_env()
-    install_secure_masks()
     app = ServerApp()
 
     @app.main()

@@ -53,17 +53,14 @@ class DeltaMixin:
             raise ValueError("a delta strategy needs `initial_parameters`")
         self._global: list[np.ndarray] = parameters_to_ndarrays(initial)
         self.recorder = recorder
+        # SecAgg+ uploads the site's weight (one value) then the update, masked as int64:
+        # the same size every round (the exchanged shapes never change).
+        masked = [np.zeros(1, dtype=np.int64)] + [np.zeros(a.shape, dtype=np.int64) for a in self._global]
+        self._masked_bytes = serialized_bytes(masked)
 
     def _uploaded_bytes(self, res: FitRes) -> int:
-        """Bytes a site sent: its parameters, or under SecAgg+ its masked int64 vectors.
-
-        SecAgg+ sends the site's quantized weight as one more masked vector of one value
-        (``factor_combine``) before the update's arrays.
-        """
-        if not self.secure:
-            return sum(len(t) for t in res.parameters.tensors)
-        masked = [np.zeros(1, dtype=np.int64)] + [np.zeros(a.shape, dtype=np.int64) for a in self._global]
-        return serialized_bytes(masked)
+        """Bytes a site sent: its parameters, or under SecAgg+ its masked int64 vectors."""
+        return self._masked_bytes if self.secure else sum(len(t) for t in res.parameters.tensors)
 
     @property
     def global_arrays(self) -> list[np.ndarray]:

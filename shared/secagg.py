@@ -58,17 +58,14 @@ class SecAggSettings:
     def check(self, num_sites: int) -> None:
         """Refuse parameters SecAgg+ cannot run with for ``num_sites`` sites.
 
+        The clipping range, max weight and timeout are positive numbers already: ``RunConfig``
+        refuses anything else for every run.
+
         Raises
         ------
         ConfigError
             Naming the run-config key and the value at fault.
         """
-        if not self.clipping_range > 0:
-            raise ConfigError(f"`delta-bound` (SecAgg+ clipping range) must be > 0, got {self.clipping_range!r}.")
-        if not self.max_weight > 0:
-            raise ConfigError(f"`secagg-max-weight` must be > 0, got {self.max_weight!r}.")
-        if not self.timeout > 0:
-            raise ConfigError(f"`stage-timeout` must be > 0 seconds, got {self.timeout!r}.")
         if not 2 <= self.quantization_range < INT32_LIMIT:
             raise ConfigError(
                 f"`secagg-quantization-range` must be in [2, 2^31), got {self.quantization_range!r}."
@@ -104,10 +101,6 @@ class SecAggSettings:
                 f"`secagg-modulus` {self.modulus}: the masked sum would wrap around. Raise "
                 "`secagg-modulus` or lower `secagg-quantization-range`."
             )
-
-    def threshold_for(self, sampled: int) -> int:
-        """The reconstruction threshold of a round with ``sampled`` sites."""
-        return self.threshold or max(2, round(2 * sampled / 3))
 
     def error_bound(self, site_sizes: Sequence[int]) -> float:
         """Largest difference, per value, between the secure and the plaintext weighted mean.
