@@ -40,10 +40,10 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
+from client.records import Clock, canonical, locked, strict_json, utc_now, utc_timestamp
 from shared.atomic import atomic_write_text, fsync_path
 from shared.errors import InputError, IntegrityError
 from shared.log import log
-from shared.records import Clock, canonical, locked, strict_json, utc_now, utc_timestamp
 
 __all__ = [
     "ACCEPTED",

@@ -20,15 +20,10 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from client.audit import ACCEPTED, AuditLog, AuditRecord
-from shared.records import canonical
+from client.records import canonical
+from shared.protocol import METRIC_EPSILON, ROUND_KEYS
 
-__all__ = ["EPSILON_KEY", "ROUND_KEYS", "make_audit_mod", "payload_digest"]
-
-# The server puts the round in each message's config as "server-round" (client.numpy_client's
-# ROUND_KEY; not imported here, which would load torch for every message); Flower's own
-# strategies use "server_round".
-ROUND_KEYS = ("server-round", "server_round")
-EPSILON_KEY = "epsilon"
+__all__ = ["make_audit_mod", "payload_digest"]
 
 
 def make_audit_mod(site_dir_of: Callable[[Context], Path]) -> Mod:
@@ -111,7 +106,7 @@ def _secagg_stage(content: RecordDict) -> str | None:
 def _epsilon_of(content: RecordDict) -> float | None:
     """Return the finite ``epsilon`` a reply reports (its metrics or legacy ``*.metrics``), else None."""
     for record in (*content.metric_records.values(), *content.config_records.values()):
-        value = record.get(EPSILON_KEY)
+        value = record.get(METRIC_EPSILON)
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     return None

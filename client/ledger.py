@@ -56,11 +56,11 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
+from client.records import Clock, canonical, locked, strict_json, utc_now, utc_timestamp
 from shared.atomic import atomic_write_bytes, fsync_path
-from shared.errors import CareFLError
+from shared.errors import IntegrityError
 from shared.log import log
 from shared.privacy import ACCOUNTANTS, Charge, epsilon
-from shared.records import Clock, canonical, locked, strict_json, utc_now, utc_timestamp
 
 __all__ = ["KEY_FILE", "LEDGER_FILE", "LOCK_FILE", "LedgerEntry", "LedgerError", "PrivacyLedger"]
 
@@ -85,7 +85,7 @@ _DOC_KEYS = frozenset({"header", "header_mac", "entries", "count", "head_mac", "
 
 
 
-class LedgerError(CareFLError):
+class LedgerError(IntegrityError):
     """The privacy ledger is missing, unreadable or does not verify; the node must not train."""
 
 

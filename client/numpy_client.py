@@ -19,22 +19,18 @@ from client.policy import SitePolicy
 from client.privacy import check_request, plan_round, site_delta
 from client.site import SiteEnvironment
 from client.store import BackboneStore
-from shared.config import RunConfig
+from shared import protocol as wire
+from shared.config import StudyConfig
 from shared.dp import same_schedule, train_dp
-from shared.errors import CareFLError
+from shared.errors import CareFLError, RefusalError
 from shared.log import log
 from shared.params import get_arrays, set_arrays, subtract
 from shared.pipeline import LocalProblem, build_model, local_problem, train_settings
 from shared.tasks import load_site, site_name
 from shared.training import TrainSettings, evaluate, train
 
-# Keys the server adds to the run config it sends each round.
-ROUND_KEY = "server-round"
-PROX_KEY = "proximal_mu"
-SERVER_KEYS = (ROUND_KEY, PROX_KEY)
 
-
-class SiteRefusal(CareFLError):
+class SiteRefusal(RefusalError):
     """The site declines a request; the message starts with the site's name."""
 
 
@@ -49,12 +45,16 @@ def bound_delta(delta: NDArrays, bound: float) -> tuple[NDArrays, float]:
     return [np.clip(a, -bound, bound).astype(np.float32) for a in delta], clipped / max(total, 1)
 
 
-def config_from_message(config: dict[str, Scalar]) -> tuple[RunConfig, int, float]:
-    """Split a fit/evaluate config into the run config, the round and FedProx's mu."""
-    values = {k: v for k, v in config.items() if k not in SERVER_KEYS}
-    server_round = int(config.get(ROUND_KEY, 0))
-    mu = float(config.get(PROX_KEY, 0.0))
-    return RunConfig.from_run_config(values), server_round, mu
+def config_from_message(config: dict[str, Scalar]) -> tuple[StudyConfig, int, float]:
+    """Split a fit/evaluate config into the study, the round and FedProx's mu.
+
+    Any key that is neither a study key nor one the server adds per round is refused: the
+    server's own settings never reach a site.
+    """
+    values = {k: v for k, v in config.items() if k not in wire.SERVER_KEYS}
+    server_round = int(config.get(wire.ROUND_KEY, 0))
+    mu = float(config.get(wire.PROXIMAL_MU_KEY, 0.0))
+    return StudyConfig.from_run_config(values), server_round, mu
 
 
 class SiteClient(NumPyClient):
@@ -73,7 +73,7 @@ class SiteClient(NumPyClient):
         self.run_id = run_id
         torch.set_num_threads(1)
 
-    def _problem(self, cfg: RunConfig) -> LocalProblem:
+    def _problem(self, cfg: StudyConfig) -> LocalProblem:
         pretrained = None
         sha = ""
         if cfg.setup == "transfer":
@@ -100,11 +100,11 @@ class SiteClient(NumPyClient):
                     f"{cfg.secagg_max_weight:g}; secure aggregation would overflow."
                 )
             delta, clipped = bound_delta(delta, cfg.delta_bound)
-            metrics["delta-clipped-fraction"] = clipped
-        return delta, len(problem.y_train), {"site": name, **metrics}
+            metrics[wire.METRIC_DELTA_CLIPPED] = clipped
+        return delta, len(problem.y_train), {wire.METRIC_SITE: name, **metrics}
 
     def _train(
-        self, cfg: RunConfig, parameters: NDArrays, *, server_round: int, proximal_mu: float
+        self, cfg: StudyConfig, parameters: NDArrays, *, server_round: int, proximal_mu: float
     ) -> tuple[LocalProblem, dict[str, Scalar]]:
         """Check the request against the policy, then train (privately when ``cfg.dp``)."""
         policy = SitePolicy.load(self.env.policy_path)
@@ -116,11 +116,11 @@ class SiteClient(NumPyClient):
             return problem, self._train_private(cfg, policy, problem, settings, server_round=server_round, noise=noise)
         reference = [p.detach().clone() for p in problem.module.parameters() if p.requires_grad]
         loss = train(problem.module, problem.x_train, problem.y_train, settings, reference=reference)
-        return problem, {"train-loss": loss}
+        return problem, {wire.METRIC_TRAIN_LOSS: loss}
 
     def _train_private(
         self,
-        cfg: RunConfig,
+        cfg: StudyConfig,
         policy: SitePolicy,
         problem: LocalProblem,
         settings: TrainSettings,
@@ -143,11 +143,11 @@ class SiteClient(NumPyClient):
         if not same_schedule([plan.charge], result.charges):
             raise SiteRefusal(f"DP-SGD ran {result.charges}, not the charged {plan.charge}; update withheld.")
         return {
-            "train-loss": result.loss,
-            "epsilon": plan.run_epsilon_after,
-            "delta": plan.delta,
-            "lifetime-epsilon": plan.lifetime_epsilon_after,
-            "noise-multiplier": plan.charge.noise_multiplier,
+            wire.METRIC_TRAIN_LOSS: result.loss,
+            wire.METRIC_EPSILON: plan.run_epsilon_after,
+            wire.METRIC_DELTA: plan.delta,
+            wire.METRIC_LIFETIME_EPSILON: plan.lifetime_epsilon_after,
+            wire.METRIC_NOISE_MULTIPLIER: plan.charge.noise_multiplier,
         }
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
@@ -160,17 +160,19 @@ class SiteClient(NumPyClient):
             raise SiteRefusal(f"{name}: {err}") from err
         set_arrays(problem.model, problem.names, parameters)
         loss, accuracy, auc = evaluate(problem.module, problem.x_val, problem.y_val)
-        metrics: dict[str, Scalar] = {"site": problem.site_name, "accuracy": accuracy, "auc": auc}
+        metrics: dict[str, Scalar] = {
+            wire.METRIC_SITE: problem.site_name, wire.METRIC_ACCURACY: accuracy, wire.METRIC_AUC: auc
+        }
         metrics.update(self._privacy_spent(cfg, len(problem.y_train)))
         return loss, len(problem.y_val), metrics
 
-    def _privacy_spent(self, cfg: RunConfig, num_records: int) -> dict[str, Scalar]:
+    def _privacy_spent(self, cfg: StudyConfig, num_records: int) -> dict[str, Scalar]:
         """The run's epsilon and delta at this site so far (NaN without DP or ledger)."""
         if not cfg.dp:
-            return {"epsilon": math.nan, "delta": math.nan}
+            return {wire.METRIC_EPSILON: math.nan, wire.METRIC_DELTA: math.nan}
         delta = site_delta(cfg, num_records)
         try:
             spent = PrivacyLedger.open(self.env.site_dir).spent(run_id=self.run_id, delta=delta, accountant=cfg.accountant)
         except CareFLError:
             spent = math.nan
-        return {"epsilon": spent, "delta": delta}
+        return {wire.METRIC_EPSILON: spent, wire.METRIC_DELTA: delta}

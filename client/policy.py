@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.errors import CareFLError, InputError
+from shared.errors import InputError, RefusalError
 from shared.tasks import TASKS
 
 __all__ = ["PolicyViolation", "RunRequest", "SitePolicy", "check_round", "check_run"]
@@ -232,7 +232,7 @@ class SitePolicy:
         return "\n".join(lines) + "\n"
 
 
-class PolicyViolation(CareFLError):
+class PolicyViolation(RefusalError):
     """The site's policy refuses what the server asked for; the node does not train.
 
     Parameters

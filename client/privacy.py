@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from client.ledger import PrivacyLedger
 from client.policy import RunRequest, SitePolicy, check_round, check_run
-from shared.config import RunConfig
+from shared.config import StudyConfig
 from shared.privacy import Charge, RunNoise, epsilon, poisson_schedule, run_delta, run_noise
 
 
@@ -45,7 +45,7 @@ class RoundPlan:
     lifetime_epsilon_after: float
 
 
-def site_delta(cfg: RunConfig, num_records: int) -> float:
+def site_delta(cfg: StudyConfig, num_records: int) -> float:
     """The run's delta at a site: the configured one, or :func:`shared.privacy.default_delta`."""
     return run_delta(cfg.target_delta, num_records)
 
@@ -60,7 +60,7 @@ def lifetime_delta(ledger: PrivacyLedger, current: float | None = None) -> float
     return min(deltas) if deltas else math.nan
 
 
-def cfg_run_noise(cfg: RunConfig, num_records: int) -> RunNoise:
+def cfg_run_noise(cfg: StudyConfig, num_records: int) -> RunNoise:
     """The whole run's DP-SGD noise at a site with ``num_records`` records, for ``cfg``."""
     return run_noise(
         target_epsilon=cfg.target_epsilon,
@@ -73,7 +73,7 @@ def cfg_run_noise(cfg: RunConfig, num_records: int) -> RunNoise:
     )
 
 
-def check_request(cfg: RunConfig, policy: SitePolicy, *, num_records: int, backbone_sha256: str) -> float:
+def check_request(cfg: StudyConfig, policy: SitePolicy, *, num_records: int, backbone_sha256: str) -> float:
     """Calibrate the run's noise and check the request against the policy; returns the noise.
 
     Raises
@@ -99,7 +99,7 @@ def check_request(cfg: RunConfig, policy: SitePolicy, *, num_records: int, backb
 
 
 def plan_round(
-    cfg: RunConfig,
+    cfg: StudyConfig,
     policy: SitePolicy,
     ledger: PrivacyLedger,
     *,

@@ -2,7 +2,7 @@
 
 A :class:`~shared.errors.CareFLError` raised while handling a message (a policy violation, an
 exhausted or unverifiable ledger, a backbone that fails its hash) becomes
-``Error(code=SITE_REFUSED, reason=...)``: the reason names the site, the rule, the value asked
+``Error(code=shared.protocol.SITE_REFUSED, reason=...)``: the reason names the site, the rule, the value asked
 for and the limit. The site does not train and sends nothing else.
 """
 
@@ -12,8 +12,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from shared.errors import CareFLError
-
-SITE_REFUSED = 4003
+from shared.protocol import SITE_REFUSED
 
 
 def refusal_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:

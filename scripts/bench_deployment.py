@@ -2,7 +2,7 @@
 
 Runs the same federation twice (heart-disease, 3 hospitals, DP, SecAgg+ unless ``--no-secagg``):
 
-1. on Flower's simulation engine (``server.simulation.simulate``), timing each round's end;
+1. on Flower's simulation engine (``server.local.simulation.simulate``), timing each round's end;
 2. as ``carefl demo --deployment`` (TLS SuperLink, 3 SuperNodes, ``flwr run``), timestamping
    every line of the ServerApp's log and of each SuperNode's log as it appears (polled every
    0.1 s), then splitting each round into its messages: per stage, the SuperNodes' wait before
@@ -33,10 +33,10 @@ from rich.console import Console
 from rich.table import Table
 
 from client.policy import SitePolicy
-from server.demo import demo_config, ensure_backbone
-from server.local_deployment import DeploymentDemoOptions, run_local_deployment
+from server.local.demo import demo_config, ensure_backbone
+from server.local.deployment import DeploymentDemoOptions, run_local_deployment
+from server.local.simulation import simulate
 from server.recorder import FederationRecorder
-from server.simulation import simulate
 from shared.config import RunConfig
 from shared.processes import read_new_lines
 
@@ -115,7 +115,7 @@ def simulation_rounds(cfg: RunConfig, root: Path) -> tuple[dict[int, float], flo
     ends: dict[int, float] = {}
     recorder = FederationRecorder(listeners=[lambda r, _rows: ends.__setitem__(r, time.monotonic())])
     start = time.monotonic()
-    simulate(cfg, num_sites=3, sites_root=root / "sim-sites", recorder=recorder, policy=SitePolicy(require_dp=cfg.dp))
+    simulate(cfg, num_sites=3, sites_root=root / "sim-sites", recorder=recorder, policy=SitePolicy(require_dp=cfg.study.dp))
     total = time.monotonic() - start
     return _durations(ends, start), total
 
@@ -151,7 +151,7 @@ def _durations(ends: dict[int, float], start: float) -> dict[int, float]:
 
 def _stages(nodes: dict[str, list[Message]], cfg: RunConfig) -> list[dict[str, Any]]:
     """Per (round, stage): mean over nodes of the wait before the message and the ClientApp time."""
-    names = SECAGG_STAGES if cfg.secure_aggregation else PLAIN_STAGES
+    names = SECAGG_STAGES if cfg.study.secure_aggregation else PLAIN_STAGES
     rows: dict[tuple[int, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for messages in nodes.values():
         previous_sent: float | None = None

@@ -30,11 +30,11 @@ from rich.console import Console
 from rich.table import Table
 
 from client.policy import SitePolicy
-from server.demo import demo_config, ensure_backbone
-from server.simulation import simulate
+from server.local.demo import demo_config, ensure_backbone
+from server.local.simulation import simulate
+from server.metrics import weighted_mean
 from shared.config import RunConfig
 from shared.dp import train_dp
-from shared.metrics import weighted_mean
 from shared.pipeline import Pretrained, build_model, local_problem, train_settings
 from shared.tasks import load_sites
 from shared.training import train
@@ -54,16 +54,16 @@ REPEATS = 3
 
 def step_times(cfg: RunConfig, pretrained: Pretrained) -> dict[str, float]:
     """Seconds per step with and without DP (slope between 1 and 6 epochs), and DP set-up."""
-    site = load_sites(cfg, cfg.data_path)[1]
+    site = load_sites(cfg.study, cfg.simulation.data_path)[1]
     cache = Path(tempfile.mkdtemp(prefix="carefl-bench-"))  # features computed once, not timed
 
     def problem():  # type: ignore[no-untyped-def]
-        model = build_model(cfg, pretrained)
-        return local_problem(cfg, model, site, backbone_sha256=pretrained.manifest.sha256, cache_dir=cache)
+        model = build_model(cfg.study, pretrained)
+        return local_problem(cfg.study, model, site, backbone_sha256=pretrained.manifest.sha256, cache_dir=cache)
 
     base = problem()
     x, y = base.x_train, base.y_train
-    steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(y) / cfg.study.batch_size)
     times: dict[str, float] = {}
     for label, dp in (("plain", False), ("dp", True)):
         runs = {}
@@ -90,7 +90,7 @@ def step_times(cfg: RunConfig, pretrained: Pretrained) -> dict[str, float]:
 def utility(cfg: RunConfig, eps: float | None, sites_root: Path) -> dict[str, float]:
     """Final held-out metrics of one federation at ``eps`` (None: no DP)."""
     run_cfg = cfg.with_overrides(dp=eps is not None, target_epsilon=eps or 1.0)
-    num_sites = len(load_sites(run_cfg, run_cfg.data_path))
+    num_sites = len(load_sites(run_cfg.study, run_cfg.simulation.data_path))
     start = time.perf_counter()
     result = simulate(
         run_cfg, num_sites=num_sites, sites_root=sites_root, policy=SitePolicy(require_dp=eps is not None,

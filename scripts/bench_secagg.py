@@ -32,10 +32,10 @@ from rich.console import Console
 from rich.table import Table
 
 from client.policy import SitePolicy
-from server.demo import demo_config, ensure_backbone
+from server.local.demo import demo_config, ensure_backbone
+from server.local.simulation import simulate
 from server.recorder import FederationRecorder
-from server.result import FederationResult
-from server.simulation import simulate
+from server.report.result import FederationResult
 from shared.config import RunConfig
 from shared.masks import expand_masks
 from shared.tasks import load_sites
@@ -49,7 +49,7 @@ def timed_run(cfg: RunConfig, sites_root: Path) -> tuple[FederationResult, float
     """Run ``cfg``; return its result and the mean seconds per round after round 1."""
     ends: list[float] = []
     recorder = FederationRecorder(listeners=[lambda _round, _rows: ends.append(time.perf_counter())])
-    result = simulate(cfg, num_sites=cfg.num_sites, sites_root=sites_root, recorder=recorder, policy=NO_DP)
+    result = simulate(cfg, num_sites=cfg.study.num_sites, sites_root=sites_root, recorder=recorder, policy=NO_DP)
     return result, (ends[-1] - ends[0]) / (len(ends) - 1)
 
 
@@ -99,7 +99,7 @@ def main() -> None:
         )  # fmt: skip
         ensure_backbone(cfg, console)
         sites_root = args.state_dir / "bench-secagg" / f"{count}-sites"  # feature caches reused
-        sizes = [len(s.y_train) for s in load_sites(cfg, cfg.data_path)]
+        sizes = [len(s.y_train) for s in load_sites(cfg.study, cfg.simulation.data_path)]
         row: dict[str, Any] = {"sites": count}
         for secure in (False, True):
             run_cfg = cfg.with_overrides(secure_aggregation=secure)

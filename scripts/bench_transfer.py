@@ -29,9 +29,9 @@ from rich.console import Console
 from rich.table import Table
 
 from client.policy import SitePolicy
-from server.baselines import site_alone
-from server.demo import comparison_table, demo_config, ensure_backbone, summarize
-from server.simulation import simulate
+from server.local.baselines import site_alone
+from server.local.demo import comparison_table, demo_config, ensure_backbone, summarize
+from server.local.simulation import simulate
 from shared.config import RunConfig
 from shared.params import exchanged_names, full_model_bytes, get_arrays, serialized_bytes
 from shared.pipeline import Pretrained, build_model, local_problem, train_settings
@@ -42,10 +42,10 @@ from shared.training import evaluate, train
 def local_round_seconds(cfg: RunConfig, pretrained: Pretrained, cache_dir: Path | None) -> float:
     """Seconds of one round of local work at every site (build, features, train, evaluate)."""
     start = time.perf_counter()
-    for site in load_sites(cfg, cfg.data_path):
-        model = build_model(cfg, pretrained)
-        problem = local_problem(cfg, model, site, backbone_sha256=pretrained.manifest.sha256, cache_dir=cache_dir)
-        train(problem.module, problem.x_train, problem.y_train, train_settings(cfg, server_round=1))
+    for site in load_sites(cfg.study, cfg.simulation.data_path):
+        model = build_model(cfg.study, pretrained)
+        problem = local_problem(cfg.study, model, site, backbone_sha256=pretrained.manifest.sha256, cache_dir=cache_dir)
+        train(problem.module, problem.x_train, problem.y_train, train_settings(cfg.study, server_round=1))
         evaluate(problem.module, problem.x_val, problem.y_val)
     return time.perf_counter() - start
 
@@ -65,15 +65,15 @@ def cache_speedup(cfg: RunConfig, pretrained: Pretrained, repeats: int) -> dict[
 
 def payload_ratio(cfg: RunConfig, pretrained: Pretrained) -> dict[str, float]:
     """Serialized bytes of the exchanged tensors vs the whole model."""
-    model = build_model(cfg, pretrained)
-    sent = serialized_bytes(get_arrays(model, exchanged_names(model, cfg.trainable)))
+    model = build_model(cfg.study, pretrained)
+    sent = serialized_bytes(get_arrays(model, exchanged_names(model, cfg.study.trainable)))
     full = full_model_bytes(model)
     return {"upload_bytes": sent, "full_model_bytes": full, "ratio": sent / full}
 
 
 def compare_methods(cfg: RunConfig, pretrained: Pretrained, cache_root: Path, console: Console) -> dict[str, Any]:
     """Federated transfer, each site alone and federated from scratch on held-out data."""
-    sites = load_sites(cfg, cfg.data_path)
+    sites = load_sites(cfg.study, cfg.simulation.data_path)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     no_dp = SitePolicy(require_dp=False)

@@ -3,15 +3,13 @@
 It resolves and verifies the backbone, builds the initial exchanged tensors, distributes the
 backbone once, then runs Flower's legacy ``DefaultWorkflow`` (the path secure aggregation
 needs) with a delta-aware strategy. ``app`` is what ``flwr run`` loads;
-:func:`create_server_app` lets a local simulation pass overrides and a recorder.
+:func:`create_server_app` lets a local simulation pass its typed config and a recorder.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
-from typing import Any
 
 from flwr.app import Context
 from flwr.common import Scalar
@@ -23,7 +21,7 @@ from server.checkpoint import RunCheckpoints
 from server.distribution import BackboneDistribution, Workflow
 from server.progress import RoundLog
 from server.recorder import FederationRecorder
-from server.result import FederationResult, write_run_folder
+from server.report.result import FederationResult, write_run_folder
 from server.secure import SecureFitWorkflow
 from server.strategy import make_strategy
 from shared.backbones import BackboneRegistry, ResolvedBackbone
@@ -33,40 +31,40 @@ from shared.log import log
 from shared.offline import configure_flower_env
 from shared.params import exchanged_names, full_model_bytes, get_arrays
 from shared.pipeline import Pretrained, build_model, effective_trainable
+from shared.protocol import ROUND_KEY
 
 DISTRIBUTION_TIMEOUT_S = 600.0
-# Run-config keys that describe the server's own machine and are not sent to sites.
-SERVER_ONLY_KEYS = ("data-path", "registry-dir", "backbone-weights", "run-dir", "checkpoint-dir", "resume")
 
 
 def backbone_registry(cfg: RunConfig) -> BackboneRegistry:
     """The registry ``cfg`` names: its registry directory and operator weights file."""
     return BackboneRegistry(
-        Path(cfg.registry_dir) if cfg.registry_dir else None,
-        weights_file=Path(cfg.backbone_weights) if cfg.backbone_weights else None,
+        Path(cfg.server.registry_dir) if cfg.server.registry_dir else None,
+        weights_file=Path(cfg.server.backbone_weights) if cfg.server.backbone_weights else None,
     )
 
 
 def resolve_backbone(cfg: RunConfig) -> ResolvedBackbone | None:
     """Resolve and verify the backbone of a transfer run (``None`` otherwise)."""
-    if cfg.setup != "transfer":
+    if cfg.study.setup != "transfer":
         return None
-    resolved = backbone_registry(cfg).resolve(cfg.backbone)
-    if cfg.backbone_sha256 and resolved.manifest.sha256 != cfg.backbone_sha256:
+    resolved = backbone_registry(cfg).resolve(cfg.study.backbone)
+    if cfg.study.backbone_sha256 and resolved.manifest.sha256 != cfg.study.backbone_sha256:
         raise IntegrityError(
-            f"backbone {cfg.backbone!r} has SHA-256 {resolved.manifest.sha256[:16]}..., but the "
-            f"run config requires {cfg.backbone_sha256[:16]}...; refused."
+            f"backbone {cfg.study.backbone!r} has SHA-256 {resolved.manifest.sha256[:16]}..., but the "
+            f"run config requires {cfg.study.backbone_sha256[:16]}...; refused."
         )
     return resolved
 
 
 def site_config(cfg: RunConfig, backbone: ResolvedBackbone | None) -> dict[str, Scalar]:
-    """Return the run config sent to sites: pinned backbone hash, no server paths."""
-    sent: dict[str, Scalar] = {
-        k: v for k, v in cfg.to_run_config().items() if k not in SERVER_ONLY_KEYS
-    }
-    sent["backbone-sha256"] = backbone.manifest.sha256 if backbone else ""
-    return sent
+    """Return what sites receive: the study, with the backbone's hash pinned.
+
+    Only :class:`~shared.config.StudyConfig` travels; the server's settings and the
+    simulation's never leave the server.
+    """
+    pinned = cfg.study.model_copy(update={"backbone_sha256": backbone.manifest.sha256 if backbone else ""})
+    return dict(pinned.to_run_config())
 
 
 def fit_workflow(cfg: RunConfig, recorder: FederationRecorder) -> Workflow:
@@ -74,7 +72,7 @@ def fit_workflow(cfg: RunConfig, recorder: FederationRecorder) -> Workflow:
 
     SecAgg+'s clipping range is the sites' delta bound, so its quantizer never saturates.
     """
-    if not cfg.secure_aggregation:
+    if not cfg.study.secure_aggregation:
         return default_fit_workflow
     return SecureFitWorkflow(cfg.secagg, recorder)
 
@@ -97,8 +95,8 @@ def run_federation(
     """
     backbone = resolve_backbone(cfg)
     pretrained = Pretrained(backbone.manifest, backbone.path) if backbone else None
-    model = build_model(cfg, pretrained)
-    names = exchanged_names(model, effective_trainable(cfg))
+    model = build_model(cfg.study, pretrained)
+    names = exchanged_names(model, effective_trainable(cfg.study))
     checkpoints = RunCheckpoints(cfg, names, backbone.manifest.sha256 if backbone else "", context.run_id)
     start = checkpoints.resume_point()
     initial = start.arrays if start else get_arrays(model, names)
@@ -106,19 +104,19 @@ def run_federation(
     log(
         INFO,
         "CareFL %s (%s): backbone %s, %d exchanged tensors, %d rounds, strategy %s",
-        cfg.task, cfg.setup, backbone.manifest.name if backbone else "none (from scratch)",
-        len(names), cfg.num_rounds, cfg.strategy,
+        cfg.study.task, cfg.study.setup, backbone.manifest.name if backbone else "none (from scratch)",
+        len(names), cfg.study.num_rounds, cfg.study.strategy,
     )  # fmt: skip
 
     def round_config(server_round: int) -> dict[str, Scalar]:
-        return {**sent, "server-round": server_round}
+        return {**sent, ROUND_KEY: server_round}
 
     strategy = make_strategy(
         cfg, initial, recorder, fit_config=round_config, evaluate_config=round_config
     )
     checkpoints.restore(strategy, recorder)
     legacy = LegacyContext(
-        context=context, config=ServerConfig(num_rounds=cfg.num_rounds - checkpoints.done), strategy=strategy
+        context=context, config=ServerConfig(num_rounds=cfg.study.num_rounds - checkpoints.done), strategy=strategy
     )
     fit = BackboneDistribution(fit_workflow(cfg, recorder), backbone, recorder, timeout=DISTRIBUTION_TIMEOUT_S)
     checkpoints.workflow(fit, strategy, recorder)(grid, legacy)
@@ -136,7 +134,7 @@ def run_federation(
 
 
 def create_server_app(
-    overrides: Mapping[str, Any] | None = None,
+    config: RunConfig | None = None,
     recorder: FederationRecorder | None = None,
     results: list[FederationResult] | None = None,
 ) -> ServerApp:
@@ -144,8 +142,9 @@ def create_server_app(
 
     Parameters
     ----------
-    overrides : Mapping[str, Any], optional
-        Run-config values (kebab-case) that replace those of ``context.run_config``.
+    config : RunConfig, optional
+        The run's configuration, already validated (a local simulation); by default it is
+        read from ``context.run_config``.
     recorder : FederationRecorder, optional
         Receives metrics as rounds finish (e.g. for a live table).
     results : list[FederationResult], optional
@@ -156,11 +155,11 @@ def create_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = RunConfig.from_run_config({**context.run_config, **(overrides or {})})
-        result = run_federation(grid, context, cfg, recorder or FederationRecorder(listeners=[RoundLog(cfg.num_rounds)]))
-        if cfg.run_dir:
-            write_run_folder(Path(cfg.run_dir), result)
-            log(INFO, "run folder written: %s", cfg.run_dir)
+        cfg = config or RunConfig.from_run_config(context.run_config)
+        result = run_federation(grid, context, cfg, recorder or FederationRecorder(listeners=[RoundLog(cfg.study.num_rounds)]))
+        if cfg.server.run_dir:
+            write_run_folder(Path(cfg.server.run_dir), result)
+            log(INFO, "run folder written: %s", cfg.server.run_dir)
         if results is not None:
             results.append(result)
 

@@ -10,8 +10,9 @@ writing leaves the previous checkpoint). It holds:
 - the round, the run config, the recorder's history (per-site metrics, bytes, failures) and the
   Flower runs that produced it.
 
-A new run with ``resume = true`` and the same ``checkpoint-dir`` (and the same run config, up to
-the keys in :data:`MAY_DIFFER`) starts from it: the strategy starts from the checkpointed model
+A new run with ``resume = true`` and the same ``checkpoint-dir`` (and the same study,
+:class:`~shared.config.StudyConfig`; the server's and the simulation's settings may change) starts
+from it: the strategy starts from the checkpointed model
 and moments, and Flower's ``DefaultWorkflow`` runs only the remaining rounds, numbered as in the
 interrupted run (sites seed their training by round). Without DP, the final model equals the one
 an uninterrupted run would have produced.
@@ -41,22 +42,18 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.server.workflow.default_workflows import default_evaluate_workflow
 
 from server.distribution import Workflow
+from server.metrics import SiteRoundMetrics
 from server.recorder import FederationRecorder
 from shared.atomic import atomic_write_bytes
 from shared.config import RunConfig
 from shared.errors import ConfigError, IntegrityError
 from shared.log import log
-from shared.metrics import SiteRoundMetrics
 
 CHECKPOINT_FILE = "checkpoint.npz"
 FORMAT = "carefl-checkpoint"
 VERSION = 1
 MOMENTS: tuple[str, ...] = ("m_t", "v_t")
 """Strategy attributes carried across a resume (those of ``flwr.server.strategy.FedAdam``/``FedYogi``)."""
-MAY_DIFFER: frozenset[str] = frozenset(
-    {"run-dir", "checkpoint-dir", "resume", "stage-timeout", "data-path", "registry-dir", "backbone-weights"}
-)
-"""Run-config keys a resuming run may change: where things are, not what is computed."""
 
 
 @dataclass(frozen=True)
@@ -227,14 +224,10 @@ def check_compatible(ckpt: Checkpoint, cfg: RunConfig, names: Sequence[str], bac
     Raises
     ------
     ConfigError
-        If a run-config value outside :data:`MAY_DIFFER`, the exchanged tensors or the
-        backbone differ.
+        If a study value (what is computed), the exchanged tensors or the backbone differ.
     """
-    current = cfg.to_run_config()
-    changed = sorted(
-        key for key in set(current) | set(ckpt.config)
-        if key not in MAY_DIFFER and current.get(key) != ckpt.config.get(key)
-    )  # fmt: skip
+    current = cfg.study.to_run_config()
+    changed = sorted(key for key in current if current[key] != ckpt.config.get(key))
     if changed:
         details = ", ".join(f"{k}: {ckpt.config.get(k)!r} -> {current.get(k)!r}" for k in changed)
         raise ConfigError(f"{source} was taken with another run config ({details}); resume with the same values.")
@@ -320,7 +313,7 @@ class RunCheckpoints:
     """
 
     def __init__(self, cfg: RunConfig, names: Sequence[str], backbone_sha256: str, flower_run_id: int) -> None:
-        self.directory = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+        self.directory = Path(cfg.server.checkpoint_dir) if cfg.server.checkpoint_dir else None
         self.cfg = cfg
         self.names = list(names)
         self.backbone_sha256 = backbone_sha256
@@ -342,7 +335,7 @@ class RunCheckpoints:
             return None
         existing = load_checkpoint(self.directory)
         source = str(self.directory / CHECKPOINT_FILE)
-        if not self.cfg.resume:
+        if not self.cfg.server.resume:
             if existing is not None:
                 raise ConfigError(
                     f"{source} holds round {existing.round} of a run; set `resume` = true to continue it, "
@@ -352,7 +345,7 @@ class RunCheckpoints:
         if existing is None:
             raise ConfigError(f"`resume` = true but {source} does not exist: nothing to resume.")
         check_compatible(existing, self.cfg, self.names, self.backbone_sha256, source)
-        log(INFO, "resuming from %s: round %d of %d done", source, existing.round, self.cfg.num_rounds)
+        log(INFO, "resuming from %s: round %d of %d done", source, existing.round, self.cfg.study.num_rounds)
         self.start = existing
         return existing
 
@@ -394,7 +387,7 @@ class RunCheckpoints:
             log(INFO, "checkpoint of round %d written: %s", server_round, path)
 
         return DefaultWorkflow(
-            fit_workflow=ResumedRounds(fit, self.done, self.cfg.num_rounds),
+            fit_workflow=ResumedRounds(fit, self.done, self.cfg.study.num_rounds),
             evaluate_workflow=CheckpointAfterRound(default_evaluate_workflow, save),
         )
 
@@ -409,7 +402,7 @@ class RunCheckpoints:
         """What the model card says about the resume (``None`` if this run did not resume)."""
         if self.start is None:
             return None
-        segments = self.segments(self.cfg.num_rounds)
+        segments = self.segments(self.cfg.study.num_rounds)
         return {
             "resumed_after_round": self.start.round,
             "flower_runs": segments,

@@ -15,8 +15,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.server import Grid
 from flwr.server.compat import LegacyContext
 
-from client.backbone_mod import BACKBONE_MESSAGE_TYPE, RECORD
 from server.recorder import FederationRecorder
+from shared import protocol as wire
 from shared.backbones.registry import ResolvedBackbone
 from shared.log import log
 
@@ -69,25 +69,25 @@ class BackboneDistribution:
     def _distribute(self, grid: Grid, nodes: list[int]) -> set[int]:
         assert self._backbone is not None
         manifest = self._backbone.manifest
-        offer = {"sha256": manifest.sha256, "manifest": manifest.to_json()}
+        offer = {wire.BACKBONE_SHA256: manifest.sha256, wire.BACKBONE_MANIFEST: manifest.to_json()}
         replies = self._send(grid, nodes, offer)
-        have = {n for n, status in replies.items() if status == "have"}
-        need = [n for n, status in replies.items() if status == "need"]
+        have = {n for n, status in replies.items() if status == wire.STATUS_HAVE}
+        need = [n for n, status in replies.items() if status == wire.STATUS_NEED]
         if need:
             weights = self._backbone.read_bytes()
             log(INFO, "sending backbone %s (%d bytes) to %d node(s)", manifest.name, len(weights), len(need))
-            stored = self._send(grid, need, {**offer, "weights": weights})
+            stored = self._send(grid, need, {**offer, wire.BACKBONE_WEIGHTS: weights})
             for node in stored:
                 self._recorder.backbone_bytes[node] = len(weights)
-            have |= {n for n, status in stored.items() if status == "stored"}
+            have |= {n for n, status in stored.items() if status == wire.STATUS_STORED}
         return have
 
     def _send(self, grid: Grid, nodes: list[int], record: dict[str, str | bytes]) -> dict[int, str]:
         messages = [
             Message(
-                content=RecordDict({RECORD: ConfigRecord(dict(record))}),  # type: ignore[arg-type]
+                content=RecordDict({wire.BACKBONE_RECORD: ConfigRecord(dict(record))}),  # type: ignore[arg-type]
                 dst_node_id=node,
-                message_type=BACKBONE_MESSAGE_TYPE,
+                message_type=wire.BACKBONE_MESSAGE_TYPE,
             )
             for node in nodes
         ]
@@ -97,7 +97,7 @@ class BackboneDistribution:
             if reply.has_error():
                 log(WARNING, "node %d refused the backbone: %s", node, reply.error.reason)
                 continue
-            statuses[node] = str(reply.content.config_records[RECORD]["status"])
+            statuses[node] = str(reply.content.config_records[wire.BACKBONE_RECORD][wire.BACKBONE_STATUS])
         for node in set(nodes) - set(statuses):
             log(WARNING, "node %d did not confirm the backbone", node)
         return statuses

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from server.metrics import SiteRoundMetrics, weighted_mean
 from shared.log import log
-from shared.metrics import SiteRoundMetrics, weighted_mean
 
 
 def _fmt(value: float) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.metrics import SiteRoundMetrics
+from server.metrics import SiteRoundMetrics
 
 RoundListener = Callable[[int, list[SiteRoundMetrics]], None]
 

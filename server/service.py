@@ -29,12 +29,12 @@ from server.deployment import (
     submit_run,
 )
 from server.flwr_cli import COMPLETED, read_flwr_home
+from server.provision import load_layout
 from server.superlink import DEFAULT_HOST, DEFAULT_PORT, SuperLinkOptions, SuperLinkTLS
 from shared.config import RunConfig
 from shared.errors import ConfigError, DeploymentError
 from shared.executables import command_line, console_announcer
 from shared.processes import ProcessGroups, follow_output
-from shared.provision import load_layout
 
 APP_DIR = Path(__file__).resolve().parents[1]
 

@@ -25,17 +25,18 @@ from flwr.common import (
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
+from server.metrics import SiteRoundMetrics
 from server.recorder import FederationRecorder
+from shared import protocol as wire
 from shared.config import RunConfig
-from shared.errors import CareFLError
+from shared.errors import RefusalError
 from shared.log import log
-from shared.metrics import SiteRoundMetrics
 from shared.params import add, serialized_bytes
 
 ConfigFn = Callable[[int], dict[str, Scalar]]
 
 
-class FederationStopped(CareFLError):
+class FederationStopped(RefusalError):
     """Too few sites took part in a round; the run ends with a clear message."""
 
 
@@ -112,13 +113,13 @@ class DeltaMixin:
         rows = [
             SiteRoundMetrics(
                 round=server_round,
-                site=str(res.metrics.get("site", proxy.cid)),
+                site=str(res.metrics.get(wire.METRIC_SITE, proxy.cid)),
                 num_examples=int(res.num_examples),
                 loss=float(res.loss),
-                accuracy=float(res.metrics.get("accuracy", math.nan)),
-                auc=float(res.metrics.get("auc", math.nan)),
-                epsilon=float(res.metrics.get("epsilon", math.nan)),
-                delta=float(res.metrics.get("delta", math.nan)),
+                accuracy=float(res.metrics.get(wire.METRIC_ACCURACY, math.nan)),
+                auc=float(res.metrics.get(wire.METRIC_AUC, math.nan)),
+                epsilon=float(res.metrics.get(wire.METRIC_EPSILON, math.nan)),
+                delta=float(res.metrics.get(wire.METRIC_DELTA, math.nan)),
             )
             for proxy, res in results
         ]
@@ -180,7 +181,7 @@ def make_strategy(
     fit_config: ConfigFn,
     evaluate_config: ConfigFn,
 ) -> Strategy:
-    """Build the strategy named by ``cfg.strategy``.
+    """Build the strategy named by ``cfg.study.strategy``.
 
     Parameters
     ----------
@@ -194,24 +195,24 @@ def make_strategy(
         Per-round configuration sent to clients.
     """
     common: dict[str, Any] = {
-        "fraction_fit": cfg.fraction_fit,
-        "fraction_evaluate": cfg.fraction_evaluate,
-        "min_fit_clients": cfg.min_sites,
-        "min_evaluate_clients": cfg.min_sites,
-        "min_available_clients": cfg.min_sites,
+        "fraction_fit": cfg.study.fraction_fit,
+        "fraction_evaluate": cfg.study.fraction_evaluate,
+        "min_fit_clients": cfg.study.min_sites,
+        "min_evaluate_clients": cfg.study.min_sites,
+        "min_available_clients": cfg.study.min_sites,
         "on_fit_config_fn": fit_config,
         "on_evaluate_config_fn": evaluate_config,
         "initial_parameters": ndarrays_to_parameters(initial),
         "fit_metrics_aggregation_fn": weighted_metrics,
         "evaluate_metrics_aggregation_fn": weighted_metrics,
         "recorder": recorder,
-        "secure": cfg.secure_aggregation,
+        "secure": cfg.study.secure_aggregation,
     }
-    if cfg.strategy == "fedavg":
+    if cfg.study.strategy == "fedavg":
         return CareFedAvg(**common)
-    if cfg.strategy == "fedprox":
-        return CareFedProx(proximal_mu=cfg.proximal_mu, **common)
-    adaptive = {"eta": cfg.server_learning_rate, "eta_l": cfg.learning_rate}
-    if cfg.strategy == "fedadam":
+    if cfg.study.strategy == "fedprox":
+        return CareFedProx(proximal_mu=cfg.study.proximal_mu, **common)
+    adaptive = {"eta": cfg.study.server_learning_rate, "eta_l": cfg.study.learning_rate}
+    if cfg.study.strategy == "fedadam":
         return CareFedAdam(**adaptive, **common)
     return CareFedYogi(**adaptive, **common)

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.provision import ConsortiumLayout
 from shared.errors import ConfigError, InputError
 from shared.executables import executable
-from shared.provision import ConsortiumLayout
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000  # flwr.supercore.constant.SUPERLINK_UVICORN_DEFAULT_PORT

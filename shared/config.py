@@ -1,32 +1,44 @@
-"""The typed run configuration, read once from Flower's ``run_config``.
+"""The typed run configuration, split by who owns each key.
 
-Defaults live here and in ``[tool.flwr.app.config]`` of pyproject.toml (kebab-case keys);
-``tests/test_config.py`` keeps the two equal. Every value is validated on construction and an
-invalid one is refused with a message naming the key.
+Flower's ``run_config`` is one flat table (``[tool.flwr.app.config]`` in pyproject.toml,
+kebab-case keys; ``tests/shared/test_config.py`` keeps its defaults equal to these). Each key
+belongs to exactly one part, by the model that declares it:
+
+- :class:`StudyConfig`: what the study computes. The server sends it to every site with each
+  round, and each site validates it again before it touches its data. A resumed run must have
+  the same study.
+- :class:`ServerSettings`: facts about the server's own machine (paths, checkpointing, how long
+  it waits). Never sent; may differ when a run resumes.
+- :class:`SimulationSettings`: what only a simulation on one machine needs (where the shared
+  data set lies; a deployed node names its own data in its node config).
+
+:class:`RunConfig` composes the three and reads and writes the flat table. Every value is
+validated on construction, and an invalid one is refused with a message naming its key.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from shared.errors import ConfigError
+from shared.schema import KebabDocument, kebab, validate
 from shared.secagg import SecAggSettings
 
-TASKS: tuple[str, ...] = ("heart-disease", "chest-xray")
-SETUPS: tuple[str, ...] = ("transfer", "benchmark", "scratch")
-TRAINABLE: tuple[str, ...] = ("head", "last", "full")
-ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+Task = Literal["heart-disease", "chest-xray"]
+Setup = Literal["transfer", "benchmark", "scratch"]
+Trainable = Literal["head", "last", "full"]
+Accountant = Literal["rdp", "prv"]
+Strategy = Literal["fedavg", "fedprox", "fedadam", "fedyogi"]
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """Hyperparameters of one federated run (the consortium's side of the agreement).
+class StudyConfig(KebabDocument):
+    """What the study computes: sent to every site, and checked there.
 
     Attributes
     ----------
@@ -39,7 +51,8 @@ class RunConfig:
     backbone : str
         Name of the backbone in the registry.
     backbone_sha256 : str
-        If set, the backbone's weights must have exactly this SHA-256.
+        If set, the backbone's weights must have exactly this SHA-256. The server pins it to the
+        hash of the backbone it resolved before sending the study to the sites.
     trainable : str
         ``head`` (frozen backbone), ``last`` (the last ``last-blocks`` backbone blocks, their
         BatchNorm frozen, plus the head) or ``full``.
@@ -62,26 +75,13 @@ class RunConfig:
     seed : int
         Seed of initialization, data splits and sampling.
     num_sites : int
-        Number of simulated hospitals (chest-xray).
+        Number of hospitals the data is split into (chest-xray); also bounds SecAgg+'s sum.
     dirichlet_alpha : float
         Label-skew concentration of the chest-xray split (smaller: more skewed).
     image_size : int
         Side of the images fed to the backbone (chest-xray).
     val_fraction : float
         Validation fraction for image folders without a validation split.
-    data_path : str
-        Data location in simulation; in a deployment each node's ``data-path`` wins.
-    registry_dir : str
-        Directory of operator-registered backbones (e.g. from ``carefl pretrain``).
-    backbone_weights : str
-        A weights file named by the operator, tried first for built-in backbones.
-    run_dir : str
-        Where the server writes the run folder; empty: nothing written by the ServerApp.
-    checkpoint_dir : str
-        Where the server checkpoints the run after every round (global model, strategy state,
-        metrics); empty: no checkpoints.
-    resume : bool
-        Continue the run checkpointed in ``checkpoint-dir`` from its last completed round.
     dp : bool
         Train with DP-SGD (a site's policy may require it whatever the server says).
     target_epsilon : float
@@ -111,108 +111,171 @@ class RunConfig:
     secagg_modulus : int
         Power of two the masked sums are taken modulo; at least ``num_sites`` times the
         quantization range, so the sum of quantized values never wraps around.
-    stage_timeout : float
-        Seconds the server waits at each SecAgg+ stage before treating a site as dropped.
     """
 
-    task: str = "heart-disease"
-    setup: str = "transfer"
+    task: Task = "heart-disease"
+    setup: Setup = "transfer"
     backbone: str = "heart-mlp-cleveland"
     backbone_sha256: str = ""
-    trainable: str = "head"
-    last_blocks: int = 1
-    strategy: str = "fedavg"
-    num_rounds: int = 5
-    local_epochs: int = 5
-    batch_size: int = 32
-    learning_rate: float = 0.05
-    proximal_mu: float = 0.01
-    server_learning_rate: float = 0.1
-    fraction_fit: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_sites: int = 2
+    trainable: Trainable = "head"
+    last_blocks: int = Field(default=1, ge=1)
+    strategy: Strategy = "fedavg"
+    num_rounds: int = Field(default=5, ge=1)
+    local_epochs: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=0.05, gt=0, allow_inf_nan=False)
+    proximal_mu: float = Field(default=0.01, ge=0, allow_inf_nan=False)
+    server_learning_rate: float = Field(default=0.1, gt=0, allow_inf_nan=False)
+    fraction_fit: float = Field(default=1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(default=1.0, gt=0, le=1)
+    min_sites: int = Field(default=2, ge=1)
     seed: int = 42
-    num_sites: int = 4
-    dirichlet_alpha: float = 1.0
-    image_size: int = 64
-    val_fraction: float = 0.2
-    data_path: str = ""
-    registry_dir: str = ""
-    backbone_weights: str = ""
-    run_dir: str = field(default="")
-    checkpoint_dir: str = ""
-    resume: bool = False
+    num_sites: int = Field(default=4, ge=1)
+    dirichlet_alpha: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    image_size: int = Field(default=64, ge=8)
+    val_fraction: float = Field(default=0.2, gt=0, lt=1)
     dp: bool = True
-    target_epsilon: float = 3.0
-    target_delta: float = 0.0
-    max_grad_norm: float = 1.0
-    accountant: str = "rdp"
+    target_epsilon: float = Field(default=3.0, gt=0, allow_inf_nan=False)
+    target_delta: float = Field(default=0.0, ge=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    accountant: Accountant = "rdp"
     secure_aggregation: bool = True
-    delta_bound: float = 1.0
-    secagg_max_weight: float = 10000.0
+    delta_bound: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    secagg_max_weight: float = Field(default=10000.0, gt=0, allow_inf_nan=False)
     secagg_threshold: int = 0
     secagg_quantization_range: int = 1 << 22
     secagg_modulus: int = 1 << 32
-    stage_timeout: float = 120.0
 
-    def __post_init__(self) -> None:
-        _one_of("task", self.task, TASKS)
-        _one_of("setup", self.setup, SETUPS)
-        _one_of("trainable", self.trainable, TRAINABLE)
-        _one_of("strategy", self.strategy, STRATEGIES)
-        _one_of("accountant", self.accountant, ACCOUNTANTS)
-        for name in ("num_rounds", "local_epochs", "batch_size", "min_sites", "num_sites", "last_blocks"):
-            _at_least(name, getattr(self, name), 1)
-        _at_least("image_size", self.image_size, 8)
-        for name in (
-            "learning_rate", "server_learning_rate", "dirichlet_alpha", "proximal_mu",
-            "target_epsilon", "target_delta", "max_grad_norm", "delta_bound", "secagg_max_weight",
-            "stage_timeout",
-        ):  # fmt: skip
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"`{_kebab(name)}` must be a finite number, got {getattr(self, name)!r}.")
-        for name in (
-            "learning_rate", "server_learning_rate", "dirichlet_alpha", "target_epsilon", "max_grad_norm",
-            "delta_bound", "secagg_max_weight", "stage_timeout",
-        ):  # fmt: skip
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"`{_kebab(name)}` must be > 0, got {getattr(self, name)!r}.")
-        if self.proximal_mu < 0:
-            raise ConfigError(f"`proximal-mu` must be >= 0, got {self.proximal_mu!r}.")
-        for name in ("fraction_fit", "fraction_evaluate"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ConfigError(f"`{_kebab(name)}` must be in (0, 1], got {getattr(self, name)!r}.")
-        if not 0 <= self.target_delta < 1:
-            raise ConfigError(f"`target-delta` must be in [0, 1) (0: automatic), got {self.target_delta!r}.")
+    @field_validator("backbone_sha256")
+    @classmethod
+    def _full_sha256(cls, value: str) -> str:
+        if value and not (len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+            raise ValueError("must be 64 lowercase hex digits (a full SHA-256)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudyConfig:
         if self.dp and self.strategy == "fedprox":
-            raise ConfigError("`strategy` fedprox is not supported with DP-SGD (`dp` = true); use fedavg, fedadam or fedyogi.")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"`val-fraction` must be in (0, 1), got {self.val_fraction!r}.")
-        if self.resume and not self.checkpoint_dir:
-            raise ConfigError("`resume` = true needs the `checkpoint-dir` of the run to continue.")
-        if self.backbone_sha256 and not _SHA256.match(self.backbone_sha256):
             raise ConfigError(
-                "`backbone-sha256` must be 64 lowercase hex digits (a full SHA-256), "
-                f"got {self.backbone_sha256!r}."
+                "`strategy` fedprox is not supported with DP-SGD (`dp` = true); use fedavg, fedadam or fedyogi."
             )
         if self.secure_aggregation:
-            self.secagg.check(self.num_sites)
+            self.secagg_settings(timeout=math.inf).check(self.num_sites)
+        return self
 
-    @property
-    def secagg(self) -> SecAggSettings:
-        """The SecAgg+ parameters of this run."""
+    def secagg_settings(self, *, timeout: float) -> SecAggSettings:
+        """The SecAgg+ parameters of this study, with the server's stage ``timeout``."""
         return SecAggSettings(
             clipping_range=self.delta_bound,
             max_weight=self.secagg_max_weight,
             quantization_range=self.secagg_quantization_range,
             modulus=self.secagg_modulus,
             threshold=self.secagg_threshold,
-            timeout=self.stage_timeout,
+            timeout=timeout,
         )
 
     @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> StudyConfig:
+        """Validate the study a site received (kebab-case keys); any other key is refused."""
+        return validate(cls, run_config, known=", ".join(keys_of(cls)))
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Return the study as kebab-case run-config values."""
+        return self.model_dump(by_alias=True)
+
+    def with_overrides(self, **changes: Any) -> StudyConfig:
+        """Return a validated copy with ``changes`` (snake-case names) applied."""
+        return validate(StudyConfig, {**self.model_dump(), **changes})
+
+
+class ServerSettings(KebabDocument):
+    """Facts about the server's machine: never sent to sites, may change when a run resumes.
+
+    Attributes
+    ----------
+    registry_dir : str
+        Directory of operator-registered backbones (e.g. from ``carefl pretrain``).
+    backbone_weights : str
+        A weights file named by the operator, tried first for built-in backbones.
+    run_dir : str
+        Where the server writes the run folder; empty: nothing written by the ServerApp.
+    checkpoint_dir : str
+        Where the server checkpoints the run after every round (global model, strategy state,
+        metrics); empty: no checkpoints.
+    resume : bool
+        Continue the run checkpointed in ``checkpoint-dir`` from its last completed round.
+    stage_timeout : float
+        Seconds the server waits at each SecAgg+ stage before treating a site as dropped.
+    """
+
+    registry_dir: str = ""
+    backbone_weights: str = ""
+    run_dir: str = ""
+    checkpoint_dir: str = ""
+    resume: bool = False
+    stage_timeout: float = Field(default=120.0, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _resumable(self) -> ServerSettings:
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("`resume` = true needs the `checkpoint-dir` of the run to continue.")
+        return self
+
+
+class SimulationSettings(KebabDocument):
+    """What only a simulation on one machine needs.
+
+    Attributes
+    ----------
+    data_path : str
+        The data set the simulated sites split among themselves; a deployed node names its own
+        data (node config ``data-path``), which wins.
+    """
+
+    data_path: str = ""
+
+
+PARTS: tuple[type[KebabDocument], ...] = (StudyConfig, ServerSettings, SimulationSettings)
+"""The parts of a run configuration, in the order their keys are written."""
+
+
+def keys_of(part: type[KebabDocument]) -> tuple[str, ...]:
+    """The run-config keys (kebab case) a part declares."""
+    return tuple(kebab(name) for name in part.model_fields)
+
+
+@cache
+def owners() -> dict[str, type[KebabDocument]]:
+    """Map each run-config key to the part that owns it."""
+    return {key: part for part in PARTS for key in keys_of(part)}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run's configuration: the study, the server's settings and the simulation's.
+
+    Attributes
+    ----------
+    study : StudyConfig
+        What is computed; what the sites receive.
+    server : ServerSettings
+        The server machine's paths and waits.
+    simulation : SimulationSettings
+        The simulation's shared data set.
+    """
+
+    study: StudyConfig = field(default_factory=StudyConfig)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    simulation: SimulationSettings = field(default_factory=SimulationSettings)
+
+    @classmethod
+    def of(cls, **values: Any) -> RunConfig:
+        """Build a config from flat snake-case values (each goes to the part that owns it)."""
+        return cls().with_overrides(**values)
+
+    @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
-        """Build a config from Flower's kebab-case ``run_config``; unknown keys are refused.
+        """Build a config from Flower's flat kebab-case ``run_config``; unknown keys are refused.
 
         Parameters
         ----------
@@ -224,47 +287,31 @@ class RunConfig:
         RunConfig
             The validated configuration; keys absent from ``run_config`` keep their defaults.
         """
-        known = {_kebab(f.name): f for f in fields(cls)}
+        known = owners()
         unknown = sorted(set(run_config) - set(known))
         if unknown:
             raise ConfigError(
                 f"unknown run-config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}."
             )
-        values: dict[str, Any] = {}
+        split: dict[type[KebabDocument], dict[str, Any]] = {part: {} for part in PARTS}
         for key, value in run_config.items():
-            spec = known[key]
-            values[spec.name] = _coerce(key, value, type(getattr(cls(), spec.name)))
-        return cls(**values)
+            split[known[key]][key] = value
+        study, server, simulation = (validate(part, split[part]) for part in PARTS)
+        return cls(study, server, simulation)  # type: ignore[arg-type]
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
-        """Return the config as Flower's kebab-case ``run_config``."""
-        return {_kebab(f.name): getattr(self, f.name) for f in fields(self)}
+        """Return the config as Flower's flat kebab-case ``run_config``."""
+        return {
+            **self.study.model_dump(by_alias=True),
+            **self.server.model_dump(by_alias=True),
+            **self.simulation.model_dump(by_alias=True),
+        }
 
     def with_overrides(self, **changes: Any) -> RunConfig:
-        """Return a validated copy with ``changes`` (snake_case names) applied."""
-        return replace(self, **changes)
+        """Return a validated copy with ``changes`` (flat snake-case names) applied."""
+        return RunConfig.from_run_config({**self.to_run_config(), **{kebab(k): v for k, v in changes.items()}})
 
-
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"`{_kebab(name)}` must be one of {', '.join(allowed)}; got {value!r}.")
-
-
-def _at_least(name: str, value: int, minimum: int) -> None:
-    if value < minimum:
-        raise ConfigError(f"`{_kebab(name)}` must be >= {minimum}, got {value!r}.")
-
-
-def _coerce(key: str, value: Any, kind: type) -> Any:
-    """Convert ``value`` to ``kind`` (TOML gives ints for floats like ``1``)."""
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, bool):
-        raise ConfigError(f"`{key}` must be an integer, got {value!r}.")
-    if not isinstance(value, kind):
-        raise ConfigError(f"`{key}` must be of type {kind.__name__}, got {value!r}.")
-    return value
+    @property
+    def secagg(self) -> SecAggSettings:
+        """The SecAgg+ parameters of this run (the study's, with the server's stage timeout)."""
+        return self.study.secagg_settings(timeout=self.server.stage_timeout)

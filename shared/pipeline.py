@@ -23,7 +23,7 @@ from shared.backbones.architectures import (
     unfreeze,
 )
 from shared.backbones.manifest import BackboneManifest
-from shared.config import RunConfig
+from shared.config import StudyConfig
 from shared.features import site_features
 from shared.params import exchanged_names
 from shared.tasks import TaskInfo, get_task, input_spec
@@ -39,17 +39,17 @@ class Pretrained:
     path: Path
 
 
-def effective_trainable(cfg: RunConfig) -> str:
+def effective_trainable(cfg: StudyConfig) -> str:
     """Return what is trained: the configured part in ``transfer``, everything otherwise."""
     return cfg.trainable if cfg.setup == "transfer" else "full"
 
 
-def build_model(cfg: RunConfig, pretrained: Pretrained | None) -> BackboneWithHead:
+def build_model(cfg: StudyConfig, pretrained: Pretrained | None) -> BackboneWithHead:
     """Build the model of ``cfg``: backbone (pretrained or random) + a seeded fresh head.
 
     Parameters
     ----------
-    cfg : RunConfig
+    cfg : StudyConfig
         Task, setup, seed, image size.
     pretrained : Pretrained, optional
         Required in the ``transfer`` setup; ignored otherwise.
@@ -76,7 +76,7 @@ def build_model(cfg: RunConfig, pretrained: Pretrained | None) -> BackboneWithHe
     return model
 
 
-def _with_input_module(task: TaskInfo, cfg: RunConfig, trunk: nn.Module) -> nn.Module:
+def _with_input_module(task: TaskInfo, cfg: StudyConfig, trunk: nn.Module) -> nn.Module:
     if task.input_spec.get("kind") == "grayscale-image":
         return nn.Sequential(ImageNetInput(cfg.image_size), trunk)
     return trunk
@@ -111,7 +111,7 @@ class LocalProblem:
 
 
 def local_problem(
-    cfg: RunConfig,
+    cfg: StudyConfig,
     model: BackboneWithHead,
     site: SiteData,
     *,
@@ -122,7 +122,7 @@ def local_problem(
 
     Parameters
     ----------
-    cfg : RunConfig
+    cfg : StudyConfig
         The run configuration.
     model : BackboneWithHead
         Built by :func:`build_model` for ``cfg``.
@@ -153,7 +153,7 @@ def local_problem(
     )
 
 
-def train_settings(cfg: RunConfig, *, server_round: int, proximal_mu: float = 0.0) -> TrainSettings:
+def train_settings(cfg: StudyConfig, *, server_round: int, proximal_mu: float = 0.0) -> TrainSettings:
     """Return the local schedule of ``cfg`` for one round (seeded by round)."""
     return TrainSettings(
         epochs=cfg.local_epochs,

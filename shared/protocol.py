@@ -1,0 +1,58 @@
+"""The wire contract between the consortium's server and the hospitals' nodes.
+
+Everything one side writes into a Flower message and the other reads is named here, once:
+message types, record and field names, the keys the server adds to each round's config, the
+metric keys a site reports, and the error codes of a site's refusals. This module imports
+neither torch nor Flower: a ClientApp imports it in a fresh process for every message.
+
+The run-configuration keys themselves are defined by :mod:`shared.config` (the
+:class:`~shared.config.StudyConfig` part is what travels to the sites).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# ------------------------------------------------------------------ backbone distribution
+BACKBONE_MESSAGE_TYPE: Final = "query.carefl_backbone"
+"""Message type of the server's backbone offer or delivery."""
+BACKBONE_RECORD: Final = "backbone"
+"""Config record of a backbone offer, delivery or reply."""
+BACKBONE_SHA256: Final = "sha256"
+"""Field: the backbone weights' full SHA-256 (hex)."""
+BACKBONE_MANIFEST: Final = "manifest"
+"""Field: the backbone manifest (JSON text)."""
+BACKBONE_WEIGHTS: Final = "weights"
+"""Field, delivery only: the weights' bytes."""
+BACKBONE_STATUS: Final = "status"
+"""Field of the site's reply: one of :data:`STATUS_HAVE`, :data:`STATUS_NEED`, :data:`STATUS_STORED`."""
+STATUS_HAVE: Final = "have"
+STATUS_NEED: Final = "need"
+STATUS_STORED: Final = "stored"
+
+# ------------------------------------------------------------------ keys the server adds to a round's config
+ROUND_KEY: Final = "server-round"
+"""The server round (1-based) a fit or evaluate message belongs to."""
+PROXIMAL_MU_KEY: Final = "proximal_mu"
+"""FedProx's proximal weight, added by Flower's ``FedProx`` to each fit config."""
+ROUND_KEYS: Final = (ROUND_KEY, "server_round")
+"""Where a round number can appear in a message (CareFL's key, and SecAgg+'s stage config)."""
+SERVER_KEYS: Final = (ROUND_KEY, PROXIMAL_MU_KEY)
+"""Keys of a fit/evaluate config that are not run-configuration keys."""
+
+# ------------------------------------------------------------------ metrics a site reports
+METRIC_SITE: Final = "site"
+METRIC_ACCURACY: Final = "accuracy"
+METRIC_AUC: Final = "auc"
+METRIC_TRAIN_LOSS: Final = "train-loss"
+METRIC_EPSILON: Final = "epsilon"
+METRIC_DELTA: Final = "delta"
+METRIC_LIFETIME_EPSILON: Final = "lifetime-epsilon"
+METRIC_NOISE_MULTIPLIER: Final = "noise-multiplier"
+METRIC_DELTA_CLIPPED: Final = "delta-clipped-fraction"
+
+# ------------------------------------------------------------------ error codes of a site's replies
+BACKBONE_REFUSED: Final = 4001
+"""The site refused a backbone delivery (its weights did not match their SHA-256)."""
+SITE_REFUSED: Final = 4003
+"""The site declined the request (policy, privacy budget, ledger, data); the reason says why."""

@@ -1,0 +1,220 @@
+"""Real Flower deployments on 127.0.0.1: a TLS SuperLink with node authentication, SuperNodes,
+``flwr run``; refusals of unregistered and unencrypted nodes; a server crash and its resume.
+
+Every test gets a :class:`ProcessGroups` whose process groups (and the tagged descendants in
+groups of their own) must all be gone after the test, whether it passed or failed. Rounds cost
+tens of seconds here (SuperNodes poll every 3 s and start a ClientApp process per message), so
+the federations are the heart-disease task with 2 rounds of 1 local epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from client.node import NodeCredentials, NodeOptions
+from client.service import start_supernode
+from server.checkpoint import load_checkpoint
+from server.deployment import register_nodes, start_superlink
+from server.local.demo import demo_config
+from server.local.deployment import DeploymentDemoOptions, LocalDeployment
+from server.provision import ConsortiumLayout, provision
+from server.superlink import SuperLinkOptions, SuperLinkTLS
+from shared.errors import DeploymentError
+from shared.executables import executable, flower_env
+from shared.processes import ProcessGroups, free_port, group_alive, tagged_processes
+
+pytestmark = [
+    pytest.mark.deployment,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process tracking reads /proc"),
+]
+
+
+@pytest.fixture()
+def procs(tmp_path: Path) -> Iterator[ProcessGroups]:
+    """The test's processes; afterwards (pass or fail) none of their process groups may remain."""
+    groups = ProcessGroups(tmp_path / "logs", grace=10)
+    with groups:
+        yield groups
+    seen = groups.groups()
+    deadline = time.monotonic() + 20
+    while any(group_alive(g) for g in seen) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [g for g in seen if group_alive(g)], f"process groups left running: {seen}"
+    assert not tagged_processes(groups.tag)
+
+
+@pytest.fixture()
+def consortium(tmp_path: Path) -> ConsortiumLayout:
+    """Two hospitals: ``hungary`` (to be registered) and ``intruder`` (never registered)."""
+    return provision(tmp_path / "consortium", ["hungary", "intruder"])
+
+
+def _console() -> tuple[Console, io.StringIO]:
+    buffer = io.StringIO()
+    return Console(file=buffer, width=200), buffer
+
+
+def _tls_superlink(procs: ProcessGroups, layout: ConsortiumLayout, tmp_path: Path):  # type: ignore[no-untyped-def]
+    options = SuperLinkOptions(tls=SuperLinkTLS.from_consortium(layout), database=tmp_path / "state.db", port=free_port())
+    link = start_superlink(procs, options, home=tmp_path / "link-home", cli_home=tmp_path / "cli-home", announce=print)
+    return options, link
+
+
+def _node(layout: ConsortiumLayout, name: str, address: str, tmp_path: Path, *, tls: bool = True) -> NodeOptions:
+    return NodeOptions(
+        superlink=address,
+        site_index=0,
+        site_dir=tmp_path / "sites" / name,
+        credentials=NodeCredentials.from_dir(layout.hospital_dir(name)) if tls else None,
+        port=free_port(),
+        max_wait_time=8,
+    )
+
+
+def test_secure_federation_survives_a_server_crash(heart_registry: Path, procs: ProcessGroups, tmp_path: Path) -> None:
+    """TLS, node authentication, DP and SecAgg+; the SuperLink is SIGKILLed after round 1's
+    checkpoint, restarts on its state database, and the resumed run finishes round 2.
+
+    One test for both "a deployment produces a model" and "a crashed server resumes": SecAgg+
+    rounds take over a minute here, and two separate deployments would double the suite's time.
+    """
+    # Prepare
+    cfg = demo_config("heart-disease", num_rounds=2, local_epochs=1, registry_dir=str(heart_registry), secure_aggregation=True)
+    assert cfg.study.dp
+    console, shown = _console()
+    deployment = LocalDeployment(DeploymentDemoOptions(cfg, tmp_path / "run", tmp_path / "work"), console, procs)
+    first_link = deployment.start_superlink()
+    nodes = deployment.start_nodes()
+    lines: list[str] = []
+    killed: list[int] = []
+
+    def crash_after_round_1(_: float, line: str) -> None:
+        lines.append(line)
+        if "checkpoint of round 1 written" in line and not killed:
+            assert first_link.process is not None
+            killed.append(first_link.process.pgid)
+            procs.kill(first_link.process)  # SIGKILL to the SuperLink's whole process group
+
+    # Execute: the run dies with its SuperLink, which restarts on its state database
+    with pytest.raises(DeploymentError, match="SuperLink exited"):
+        deployment.run(resume=False, on_line=crash_after_round_1)
+    checkpoint = load_checkpoint(deployment.paths.checkpoints)
+    assert checkpoint is not None and checkpoint.round == 1
+    assert not (tmp_path / "run").exists()
+    deployment.start_superlink()
+    out = deployment.run(resume=True, on_line=lambda _, line: lines.append(line))
+
+    # Assert: the commands shown are the secured ones
+    text = shown.getvalue()
+    assert "flower-superlink --ssl-certfile" in text and "--enable-supernode-auth" in text
+    assert text.count("flower-supernode --superlink 127.0.0.1:") == 3 and "--auth-supernode-private-key" in text
+    assert "--insecure" not in text
+    # SecAgg+ aggregated round 1 before the crash and round 2 after it
+    assert sum("Secure aggregation completed" in line for line in lines) == 2
+    assert "round 1/2:" in text and "round 2 of 2 (resumed after round 1)" in text and "round 2/2:" in text
+    # The SuperLink's group died; the hospitals' SuperNodes survived and served the resumed run
+    assert killed and not group_alive(killed[0])
+    assert all(node.alive() for node in nodes)
+    assert "Node keys: hungary already registered" in text
+    # A model came out, with its card: DP at every site, both rounds evaluated, the resume stated
+    payload = torch.load(out / "model.pt", weights_only=False)
+    assert set(payload["state_dict"]) == {"head.weight", "head.bias"}
+    final = load_checkpoint(deployment.paths.checkpoints)
+    assert final is not None and final.round == 2
+    assert torch.equal(payload["state_dict"]["head.bias"], torch.from_numpy(final.arrays[1]))
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["privacy"]["dp"] is True and card["rounds"] == 2
+    assert sorted(card["privacy"]["per_site"]) == ["Hungary", "Switzerland", "VA Long Beach"]
+    assert card["resumed"]["resumed_after_round"] == 1
+    assert [s["first_round"] for s in card["resumed"]["flower_runs"]] == [1, 2]
+    across = card["resumed"]["privacy_per_site_all_runs"]
+    assert set(across) == {"Hungary", "Switzerland", "VA Long Beach"}
+    assert all(across[site]["epsilon"] > card["privacy"]["per_site"][site]["epsilon"] > 0 for site in across)
+    assert {row["round"] for row in json.loads((out / "metrics.json").read_text())["rounds"]} == {1, 2}
+
+
+def test_unregistered_node_key_is_refused(consortium: ConsortiumLayout, procs: ProcessGroups, tmp_path: Path) -> None:
+    # Prepare: only hungary's key is registered
+    options, link = _tls_superlink(procs, consortium, tmp_path)
+    assert register_nodes(link, {"hungary": consortium.node_pub("hungary")}, announce=print) == {"hungary": "registered"}
+
+    # Execute
+    hungary = start_supernode(procs, _node(consortium, "hungary", options.address, tmp_path), home=tmp_path / "h1", announce=print, name="hungary")
+    intruder = start_supernode(
+        procs, _node(consortium, "intruder", options.address, tmp_path), home=tmp_path / "h2", announce=print, name="intruder", wait=False
+    )  # fmt: skip
+
+    # Assert: the registered node was accepted, the other one refused and exited
+    assert hungary.alive()
+    assert intruder.wait(timeout=60) != 0
+    assert "Failed to activate SuperNode" in intruder.output()
+    assert "SuperNode ID" not in intruder.output()
+
+
+def test_node_without_tls_cannot_connect(consortium: ConsortiumLayout, procs: ProcessGroups, tmp_path: Path) -> None:
+    # Prepare
+    options, link = _tls_superlink(procs, consortium, tmp_path)
+    register_nodes(link, {"hungary": consortium.node_pub("hungary")}, announce=print)
+
+    # Execute: a node speaking plain HTTP to the TLS SuperLink, giving up after 8 s
+    plain = start_supernode(
+        procs, _node(consortium, "hungary", options.address, tmp_path, tls=False), home=tmp_path / "h", announce=print,
+        name="plain", wait=False,
+    )  # fmt: skip
+
+    # Assert
+    assert plain.wait(timeout=90) != 0
+    assert "SuperNode ID" not in plain.output()
+    assert "Connection attempt failed" in plain.output()
+
+
+def test_carefl_server_and_node_commands_stop_their_processes(
+    consortium: ConsortiumLayout, procs: ProcessGroups, tmp_path: Path
+) -> None:
+    # Prepare
+    port = free_port()
+    site = tmp_path / "site"
+    carefl = [sys.executable, "-m", "server.local.cli"]
+    env = flower_env()
+
+    # Execute: the commands an operator types, as processes; then Ctrl-C-like SIGTERM to each
+    refused = procs.start("node-unprepared", [*carefl, "node", "--superlink", f"127.0.0.1:{port}", "--site-dir", str(site),
+                                              "--credentials", str(consortium.hospital_dir("hungary"))], env=env)  # fmt: skip
+    assert refused.wait(timeout=120) == 2
+    procs.start("budget", [*carefl, "budget", "--site-dir", str(site), "--init", "--site", "Hungary"], env=env).wait(timeout=120)
+    server = procs.start(
+        "carefl-server",
+        [*carefl, "server", "--consortium", str(consortium.root), "--state-dir", str(tmp_path / "state"), "--port", str(port)],
+        env=env,
+    )
+    server.wait_for_output("SuperLink ready on 127.0.0.1", timeout=120)
+    node = procs.start(
+        "carefl-node",
+        [*carefl, "node", "--superlink", f"127.0.0.1:{port}", "--site-dir", str(site),
+         "--credentials", str(consortium.hospital_dir("hungary")), "--port", str(free_port())],
+        env=env,
+    )  # fmt: skip
+    node.wait_for_output(r"SuperNode ID: \d+", timeout=120)
+    inner = procs.groups() - {server.pgid, node.pgid, refused.pgid}
+    for command in (node, server):  # SIGTERM to the carefl process alone: it must stop its children
+        os.kill(command.pid, signal.SIGTERM)
+        command.wait(timeout=60)
+
+    # Assert: each printed its Flower command, registered keys, and took its processes along
+    assert "error: " in refused.output() and "carefl budget" in refused.output()
+    assert executable("flower-superlink") in server.output() and "--enable-supernode-auth" in server.output()
+    assert "Node keys: hungary registered, intruder registered" in server.output()
+    assert "flower-supernode --superlink" in node.output()
+    assert server.returncode == 130 and node.returncode == 130
+    assert inner and not [g for g in inner if group_alive(g)]
