@@ -31,12 +31,13 @@ from server.deployment import (
 from server.flwr_cli import COMPLETED, read_flwr_home
 from server.provision import load_layout
 from server.superlink import DEFAULT_HOST, DEFAULT_PORT, SuperLinkOptions, SuperLinkTLS
-from shared.config import RunConfig
+from shared.config import RunConfig, absolute_paths
 from shared.errors import ConfigError, DeploymentError
 from shared.executables import command_line, console_announcer
 from shared.processes import ProcessGroups, follow_output
 
 APP_DIR = Path(__file__).resolve().parents[1]
+"""The Flower app (the project folder with its pyproject.toml) that ``flwr run`` submits."""
 
 
 @dataclass(frozen=True)
@@ -156,14 +157,12 @@ class FederateOptions:
         """The validated overrides sent with ``flwr run`` (server paths absolute)."""
         values = dict(self.overrides)
         if self.out_dir is not None:
-            values["run-dir"] = str(self.out_dir.resolve())
+            values["run-dir"] = str(self.out_dir)
         if self.checkpoint_dir is not None:
-            values["checkpoint-dir"] = str(self.checkpoint_dir.resolve())
+            values["checkpoint-dir"] = str(self.checkpoint_dir)
         if self.resume:
             values["resume"] = True
-        for key in ("registry-dir", "data-path", "backbone-weights"):
-            if values.get(key):
-                values[key] = str(Path(str(values[key])).resolve())
+        values = absolute_paths(values)
         RunConfig.from_run_config(values)  # refuse unknown keys and bad values before submitting
         return values
 

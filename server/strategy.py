@@ -208,11 +208,13 @@ def make_strategy(
         "recorder": recorder,
         "secure": cfg.study.secure_aggregation,
     }
-    if cfg.study.strategy == "fedavg":
-        return CareFedAvg(**common)
-    if cfg.study.strategy == "fedprox":
-        return CareFedProx(proximal_mu=cfg.study.proximal_mu, **common)
-    adaptive = {"eta": cfg.study.server_learning_rate, "eta_l": cfg.study.learning_rate}
-    if cfg.study.strategy == "fedadam":
-        return CareFedAdam(**adaptive, **common)
-    return CareFedYogi(**adaptive, **common)
+    study = cfg.study
+    adaptive = {"eta": study.server_learning_rate, "eta_l": study.learning_rate}
+    own: dict[str, tuple[type[Strategy], dict[str, Any]]] = {
+        "fedavg": (CareFedAvg, {}),
+        "fedprox": (CareFedProx, {"proximal_mu": study.proximal_mu}),
+        "fedadam": (CareFedAdam, adaptive),
+        "fedyogi": (CareFedYogi, adaptive),
+    }
+    kind, params = own[study.strategy]
+    return kind(**params, **common)

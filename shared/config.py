@@ -22,6 +22,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -30,7 +31,9 @@ from shared.errors import ConfigError
 from shared.schema import KebabDocument, kebab, validate
 from shared.secagg import SecAggSettings
 
-Task = Literal["heart-disease", "chest-xray"]
+PATH = {"path": True}
+"""Marks a setting that names a file or folder on the machine that reads it."""
+
 Setup = Literal["transfer", "benchmark", "scratch"]
 Trainable = Literal["head", "last", "full"]
 Accountant = Literal["rdp", "prv"]
@@ -43,7 +46,7 @@ class StudyConfig(KebabDocument):
     Attributes
     ----------
     task : str
-        ``heart-disease`` or ``chest-xray``.
+        A task of :data:`shared.tasks.registry.TASKS` (``heart-disease``, ``chest-xray``).
     setup : str
         ``transfer`` (pretrained frozen backbone, train the head), ``benchmark`` (heart-disease:
         all 4 FLamby sites from one random initialization) or ``scratch`` (no pretrained weights,
@@ -113,7 +116,7 @@ class StudyConfig(KebabDocument):
         quantization range, so the sum of quantized values never wraps around.
     """
 
-    task: Task = "heart-disease"
+    task: str = "heart-disease"
     setup: Setup = "transfer"
     backbone: str = "heart-mlp-cleveland"
     backbone_sha256: str = ""
@@ -145,6 +148,15 @@ class StudyConfig(KebabDocument):
     secagg_threshold: int = 0
     secagg_quantization_range: int = 1 << 22
     secagg_modulus: int = 1 << 32
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from shared.tasks.registry import TASKS
+
+        if value not in TASKS:
+            raise ValueError(f"must be one of {', '.join(TASKS)}")
+        return value
 
     @field_validator("backbone_sha256")
     @classmethod
@@ -208,10 +220,10 @@ class ServerSettings(KebabDocument):
         Seconds the server waits at each SecAgg+ stage before treating a site as dropped.
     """
 
-    registry_dir: str = ""
-    backbone_weights: str = ""
-    run_dir: str = ""
-    checkpoint_dir: str = ""
+    registry_dir: str = Field(default="", json_schema_extra=PATH)
+    backbone_weights: str = Field(default="", json_schema_extra=PATH)
+    run_dir: str = Field(default="", json_schema_extra=PATH)
+    checkpoint_dir: str = Field(default="", json_schema_extra=PATH)
     resume: bool = False
     stage_timeout: float = Field(default=120.0, gt=0, allow_inf_nan=False)
 
@@ -232,7 +244,7 @@ class SimulationSettings(KebabDocument):
         data (node config ``data-path``), which wins.
     """
 
-    data_path: str = ""
+    data_path: str = Field(default="", json_schema_extra=PATH)
 
 
 PARTS: tuple[type[KebabDocument], ...] = (StudyConfig, ServerSettings, SimulationSettings)
@@ -248,6 +260,21 @@ def keys_of(part: type[KebabDocument]) -> tuple[str, ...]:
 def owners() -> dict[str, type[KebabDocument]]:
     """Map each run-config key to the part that owns it."""
     return {key: part for part in PARTS for key in keys_of(part)}
+
+
+def absolute_paths(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (flat kebab-case run config) with every path made absolute.
+
+    The ServerApp of a deployment runs in another working directory than the command that
+    submitted it, so relative paths would point elsewhere.
+    """
+    paths = {
+        kebab(name)
+        for part in PARTS
+        for name, info in part.model_fields.items()
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("path")
+    }
+    return {k: str(Path(str(v)).resolve()) if k in paths and v else v for k, v in values.items()}
 
 
 @dataclass(frozen=True)

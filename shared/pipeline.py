@@ -54,7 +54,7 @@ def build_model(cfg: StudyConfig, pretrained: Pretrained | None) -> BackboneWith
     pretrained : Pretrained, optional
         Required in the ``transfer`` setup; ignored otherwise.
     """
-    task = get_task(cfg.task)
+    task = get_task(cfg.task).info
     torch.manual_seed(cfg.seed)
     if cfg.setup == "transfer":
         if pretrained is None:

@@ -24,8 +24,8 @@ from server.metrics import SiteRoundMetrics, weighted_mean
 from server.progress import RoundTable
 from server.recorder import FederationRecorder
 from server.report.result import FederationResult, write_run_folder
+from server.report.runfolder import refuse_occupied
 from shared.config import RunConfig
-from shared.errors import InputError
 from shared.pipeline import Pretrained
 from shared.tasks import load_sites
 
@@ -149,8 +149,7 @@ def run_demo(options: DemoOptions, console: Console) -> Path:
     """
     cfg = options.config
     out = options.out_dir
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out}: output folder already exists and is not empty; choose another --out.")
+    refuse_occupied(out)
     sites = load_sites(cfg.study, cfg.simulation.data_path)
     console.print(
         f"[bold]CareFL demo[/]: task {cfg.study.task}, {len(sites)} hospitals "

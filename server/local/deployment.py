@@ -41,14 +41,15 @@ from server.deployment import (
 from server.flwr_cli import COMPLETED
 from server.metrics import SiteRoundMetrics
 from server.provision import ConsortiumLayout, load_layout, provision
+from server.report.runfolder import refuse_occupied
+from server.service import APP_DIR
 from server.superlink import DEFAULT_HOST, SuperLinkOptions, SuperLinkTLS
-from shared.config import RunConfig
+from shared.config import RunConfig, absolute_paths
 from shared.errors import DeploymentError, InputError
 from shared.executables import console_announcer
 from shared.processes import START_TIMEOUT_S, ManagedProcess, ProcessGroups, free_port
 from shared.tasks import load_sites, site_name
 
-APP_DIR = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 3600.0
 STALE_NODE = "Failed to activate SuperNode"
 STALE_NODE_WAIT_S = 120.0
@@ -320,8 +321,7 @@ def run_local_deployment(
 
 
 def _check_folders(out: Path, paths: DeploymentPaths, options: DeploymentDemoOptions) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out}: output folder already exists and is not empty; choose another --out.")
+    refuse_occupied(out)
     if not (options.app_dir / "pyproject.toml").is_file():
         raise InputError(f"{options.app_dir} holds no pyproject.toml: it is not the CareFL Flower app to submit.")
     checkpoint = paths.checkpoints / CHECKPOINT_FILE
@@ -347,14 +347,8 @@ def _consortium(paths: DeploymentPaths, hospitals: list[str], console: Console) 
 
 def _run_config(cfg: RunConfig, out: Path, paths: DeploymentPaths, *, resume: bool) -> RunConfig:
     """Server paths made absolute (the ServerApp runs in another working directory)."""
-    return cfg.with_overrides(
-        run_dir=str(out),
-        checkpoint_dir=str(paths.checkpoints),
-        resume=resume,
-        registry_dir=str(Path(cfg.server.registry_dir).resolve()) if cfg.server.registry_dir else "",
-        data_path=str(Path(cfg.simulation.data_path).resolve()) if cfg.simulation.data_path else "",
-        backbone_weights=str(Path(cfg.server.backbone_weights).resolve()) if cfg.server.backbone_weights else "",
-    )
+    placed = cfg.with_overrides(run_dir=str(out), checkpoint_dir=str(paths.checkpoints), resume=resume)
+    return RunConfig.from_run_config(absolute_paths(placed.to_run_config()))
 
 
 @contextmanager

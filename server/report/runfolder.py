@@ -81,7 +81,7 @@ class RunFolder:
         """Check the final path and create the staging directory next to it."""
         if self._staging is not None:
             raise RuntimeError(f"RunFolder for {self._final} is already active")
-        _refuse_occupied(self._final)
+        refuse_occupied(self._final)
         self._final.parent.mkdir(parents=True, exist_ok=True)
         self._staging = _make_staging_dir(self._final)
         return self
@@ -142,16 +142,18 @@ class RunFolder:
         return self.write_text(name, dumps_json(obj))
 
 
-def _refuse_occupied(final: Path) -> None:
-    """Raise :class:`InputError` unless ``final`` is missing or an empty directory."""
+def refuse_occupied(final: Path) -> None:
+    """Raise :class:`InputError` unless ``final`` is missing or an empty directory.
+
+    Checked before any work starts (the demo, a local deployment) and again when the folder is
+    written.
+    """
     if not final.exists() and not final.is_symlink():
         return
     if final.is_symlink() or not final.is_dir():
-        raise InputError(f"run folder {final} exists and is not a directory; choose another path")
+        raise InputError(f"run folder {final} exists and is not a directory; choose another --out")
     if any(final.iterdir()):
-        raise InputError(
-            f"run folder {final} already exists and is not empty; choose another path or remove it"
-        )
+        raise InputError(f"run folder {final} already exists and is not empty; choose another --out or remove it")
 
 
 def _make_staging_dir(final: Path) -> Path:

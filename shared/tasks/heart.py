@@ -22,9 +22,9 @@ import pandas as pd
 from shared.errors import InputError
 from shared.hashing import sha256_bytes
 from shared.tasks.base import SiteData
+from shared.tasks.heart_disease import PRETRAIN_SITE, SITES
 
-SITES: tuple[str, ...] = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
-PRETRAIN_SITE = "Cleveland"
+__all__ = ["PRETRAIN_SITE", "SITES", "clean", "load_frame", "load_sites", "site_data"]
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "age", "sex", "dataset", "cp", "trestbps", "chol", "fbs", "restecg",
     "thalch", "exang", "oldpeak", "num",

@@ -80,7 +80,7 @@ def test_parameters_sound_for_secure_aggregation_are_accepted_and_ignored_withou
 
     # Assert
     assert accepted.secagg.threshold == 1023
-    assert not plain.secure_aggregation
+    assert not plain.study.secure_aggregation
 
 
 def test_the_error_bound_covers_quantizing_values_and_weights() -> None:

@@ -257,7 +257,7 @@ def _site_sizes(data: Path) -> list[int]:
     """Training records of the five sites, as the sites count them."""
     from shared.tasks import load_sites
 
-    return [len(site.y_train) for site in load_sites(config(data), str(data))]
+    return [len(site.y_train) for site in load_sites(config(data).study, str(data))]
 
 
 def _initial(cfg: RunConfig) -> list[np.ndarray]:
