@@ -6,7 +6,8 @@ log file. Flower's processes start children of their own, and the SuperLink star
 ``flwr.superlink.cli.flower_superlink.SuperLinkLifespan._start_superexec_if_needed``), so
 stopping one group is not enough: every process started here carries a tag in its
 environment, which its descendants inherit, and :meth:`ProcessGroups.stop_all` signals every
-group that holds a tagged process (Linux ``/proc``; elsewhere only the groups started here).
+group that holds a tagged process (found with :mod:`psutil` where it can read environments; else
+only the groups started here are signalled).
 
 Stopping is SIGTERM to the groups, a grace period, then SIGKILL. :class:`ProcessGroups` is a
 context manager that stops everything on exit: on success, on an error and on Ctrl-C; while it
@@ -35,6 +36,8 @@ from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
 from types import FrameType, TracebackType
+
+import psutil
 
 from shared.errors import DeploymentError
 from shared.log import log
@@ -323,26 +326,22 @@ def group_alive(pgid: int) -> bool:
 
 
 def tagged_processes(tag: str) -> list[tuple[int, int, int]]:
-    """Return ``(pid, ppid, pgid)`` of the live processes whose environment holds ``tag`` (Linux)."""
-    proc_root = Path("/proc")
-    if not proc_root.is_dir():
-        return []
-    prefix = f"{TAG_VARIABLE}=".encode()
+    """Return ``(pid, ppid, pgid)`` of the live processes whose environment holds ``tag``.
+
+    Environments are read with :mod:`psutil`; processes whose environment cannot be read (other
+    users', or where the platform does not expose it) are not found, nor are zombies.
+    """
     found: list[tuple[int, int, int]] = []
-    for entry in proc_root.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    for process in psutil.process_iter(["ppid", "status", "environ"], ad_value=None):
+        info = process.info
+        if process.pid == os.getpid() or info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if tag not in (info["environ"] or {}).get(TAG_VARIABLE, "").split(":"):
             continue
         try:
-            variables = (entry / "environ").read_bytes().split(b"\0")
-            tags = next((v[len(prefix) :] for v in variables if v.startswith(prefix)), b"")
-            if tag.encode() not in tags.split(b":"):
-                continue
-            stat = (entry / "stat").read_text()
-        except OSError:
+            found.append((process.pid, info["ppid"], os.getpgid(process.pid)))
+        except ProcessLookupError:  # it ended after it was listed
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z":
-            found.append((int(entry.name), int(fields[1]), int(fields[2])))
     return found
 
 

@@ -36,7 +36,7 @@ from shared.processes import ProcessGroups, free_port, group_alive, tagged_proce
 
 pytestmark = [
     pytest.mark.deployment,
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process tracking reads /proc"),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process tracking is checked on Linux only"),
 ]
 
 

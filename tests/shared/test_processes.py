@@ -50,7 +50,7 @@ def _all_gone(groups: set[int], timeout: float = 15.0) -> bool:
     return True
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="descendants are found through /proc")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checked on Linux only")
 def test_stop_all_reaches_descendants_in_other_sessions(tmp_path: Path) -> None:
     # Prepare
     with ProcessGroups(tmp_path, grace=5) as procs:
