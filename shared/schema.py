@@ -151,9 +151,10 @@ def problem(err: ValidationError, *, known: Known = "", spell: Callable[[str], s
         "model_type": lambda: "must be a table of keys and values",
         "dict_type": lambda: "must be a table of keys and values",
         "tuple_type": lambda: "must be of type list",
+        "json_invalid": lambda: f"is not valid JSON ({ctx.get('error')})",
     }
     where = _where(loc, spell)
-    if kind == "extra_forbidden":
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         listing = known if isinstance(known, str) else known.get(_path(loc[:-1], spell), "")
         return f"unknown key {where}" + (f"; known: {listing}" if listing else "")
     if kind in rules:
@@ -162,7 +163,7 @@ def problem(err: ValidationError, *, known: Known = "", spell: Callable[[str], s
         rule = f"must be of type {kind.split('_')[0]}"
     else:
         rule = str(first["msg"]).removeprefix("Value error, ")
-    got = "" if kind == "missing" else f", got {value!r}"
+    got = "" if kind in ("missing", "json_invalid") else f", got {value!r}"
     return f"{where} {rule}{got}"
 
 
@@ -172,15 +173,23 @@ def _path(loc: Sequence[int | str], spell: Callable[[str], str]) -> str:
 
 
 def _where(loc: Sequence[int | str], spell: Callable[[str], str]) -> str:
-    """"`table.key`", with " item i" after the key of a list for each position in it."""
+    """"`table.key`"; a position in a list adds " item i", a wrong key of a mapping " key"."""
     words: list[str] = []
     keys: list[str] = []
     for part in loc:
-        if isinstance(part, int):
-            words.append(f"`{'.'.join(keys)}` item {part}" if keys else f"item {part}")
+        if part == "[key]":
+            keys.pop()  # the wrong key itself: it is the value reported
+            words.append(_labelled(keys, "key"))
+            keys = []
+        elif isinstance(part, int):
+            words.append(_labelled(keys, f"item {part}"))
             keys = []
         else:
             keys.append(spell(part))
     if keys or not words:
         words.append(f"`{'.'.join(keys) or 'document'}`")
     return " ".join(words)
+
+
+def _labelled(keys: list[str], label: str) -> str:
+    return f"`{'.'.join(keys)}` {label}" if keys else label
