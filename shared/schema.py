@@ -55,7 +55,7 @@ class Document(BaseModel):
 
 
 class KebabDocument(Document):
-    """A document whose keys are spelled in kebab case (run config, policy)."""
+    """A document whose keys are spelled in kebab case (the run config)."""
 
     model_config = ConfigDict(
         strict=True, extra="forbid", frozen=True, alias_generator=kebab, populate_by_name=True
