@@ -40,10 +40,13 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field, ValidationError
+
 from client.records import Clock, canonical, locked, strict_json, utc_now, utc_timestamp
 from shared.atomic import atomic_write_text, fsync_path
 from shared.errors import InputError, IntegrityError
 from shared.log import log
+from shared.schema import Document, problem
 
 __all__ = [
     "ACCEPTED",
@@ -69,23 +72,31 @@ RECOVERY = (
     "them as evidence); the node sends nothing until its audit log verifies."
 )
 
-# Fields of an entry besides seq, prev_hash, time_utc and entry_hash, with their JSON types.
-_FIELDS: dict[str, tuple[type, ...]] = {
-    "seq": (int,),
-    "prev_hash": (str,),
-    "time_utc": (str,),
-    "run_id": (str,),
-    "round": (int, type(None)),
-    "stage": (str,),
-    "message_type": (str,),
-    "secagg_stage": (str, type(None)),
-    "reply_to": (str,),
-    "payload_sha256": (str, type(None)),
-    "payload_bytes": (int,),
-    "epsilon": (float, int, type(None)),
-    "decision": (str,),
-    "entry_hash": (str,),
-}
+
+class _Entry(Document):
+    """One line of ``audit.jsonl``: the fields of the module docstring, with their JSON types."""
+
+    seq: int = Field(ge=0)
+    prev_hash: str
+    time_utc: str
+    run_id: str
+    round: int | None
+    stage: str
+    message_type: str
+    secagg_stage: str | None
+    reply_to: str
+    payload_sha256: str | None
+    payload_bytes: int
+    epsilon: float | None  # an integer too
+    decision: str
+    entry_hash: str
+
+
+class _Head(Document):
+    """``audit.head``: the number of entries and the last one's hash."""
+
+    count: int = Field(ge=0)
+    entry_hash: str
 
 
 
@@ -371,15 +382,11 @@ def _parse(raw: bytes) -> dict[str, Any] | str:
         entry = strict_json(raw, "an audit entry")
     except (UnicodeDecodeError, ValueError) as exc:
         return f"not a JSON entry ({exc})"
-    if not isinstance(entry, dict) or set(entry) != set(_FIELDS):
-        return "not an audit entry (unexpected or missing fields)"
-    for name, kinds in _FIELDS.items():
-        value = entry[name]
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            return f"field `{name}` has the wrong type ({type(value).__name__})"
-    if entry["seq"] < 0:
-        return "negative seq"
-    return entry
+    try:
+        _Entry.model_validate(entry)
+    except ValidationError as err:
+        return f"not an audit entry ({problem(err, spell=_Entry.key_of)})"
+    return entry  # as read: its hash covers exactly these values
 
 
 def _read_head(path: Path) -> tuple[int, str] | None:
@@ -389,16 +396,12 @@ def _read_head(path: Path) -> tuple[int, str] | None:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise IntegrityError(f"{path} cannot be read ({exc}). {RECOVERY}") from exc
-    if (
-        not isinstance(doc, dict)
-        or set(doc) != {"count", "entry_hash"}
-        or isinstance(doc["count"], bool)
-        or not isinstance(doc["count"], int)
-        or doc["count"] < 0
-        or not isinstance(doc["entry_hash"], str)
-    ):
-        raise IntegrityError(f"{path} is malformed. {RECOVERY}")
-    return doc["count"], doc["entry_hash"]
+    try:
+        head = _Head.model_validate(doc)
+    except ValidationError as err:
+        wrong = problem(err, spell=_Head.key_of)
+        raise IntegrityError(f"{path} is malformed ({wrong}). {RECOVERY}") from None
+    return head.count, head.entry_hash
 
 
 def _write_head(path: Path, count: int, last_hash: str) -> None:

@@ -51,16 +51,19 @@ import math
 import os
 import secrets
 import stat
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
+
+from pydantic import ValidationError
 
 from client.records import Clock, canonical, locked, strict_json, utc_now, utc_timestamp
 from shared.atomic import atomic_write_bytes, fsync_path
 from shared.errors import IntegrityError
 from shared.log import log
 from shared.privacy import ACCOUNTANTS, Charge, epsilon
+from shared.schema import Document, problem
 
 __all__ = ["KEY_FILE", "LEDGER_FILE", "LOCK_FILE", "LedgerEntry", "LedgerError", "PrivacyLedger"]
 
@@ -80,17 +83,15 @@ _LABEL_HEADER = b"carefl-ledger/v1/header\x00"
 _LABEL_ENTRY = b"carefl-ledger/v1/entry\x00"
 _LABEL_SEAL = b"carefl-ledger/v1/seal\x00"
 _LABEL_KEY_ID = b"carefl-ledger/v1/key-id\x00"
-_HEADER_KEYS = frozenset({"format", "version", "site", "created_utc", "key_id"})
-_DOC_KEYS = frozenset({"header", "header_mac", "entries", "count", "head_mac", "seal"})
 
+_D = TypeVar("_D", bound=Document)
 
 
 class LedgerError(IntegrityError):
     """The privacy ledger is missing, unreadable or does not verify; the node must not train."""
 
 
-@dataclass(frozen=True)
-class LedgerEntry:
+class LedgerEntry(Document):
     """One charged round of DP-SGD at this site.
 
     Attributes
@@ -134,19 +135,32 @@ class LedgerEntry:
         return Charge(self.noise_multiplier, self.sample_rate, self.steps)
 
 
-_ENTRY_TYPES: dict[str, type] = {
-    "seq": int,
-    "run_id": str,
-    "round": int,
-    "noise_multiplier": float,
-    "sample_rate": float,
-    "steps": int,
-    "delta": float,
-    "accountant": str,
-    "max_grad_norm": float,
-    "time_utc": str,
-}
-_RECORD_KEYS = frozenset(_ENTRY_TYPES) | {"prev_mac", "mac"}
+class _Record(LedgerEntry):
+    """An entry as stored: its fields, then its link to the entry before it and its own MAC."""
+
+    prev_mac: str
+    mac: str
+
+
+class _Header(Document):
+    """The ledger's header (what its MAC and the seal cover)."""
+
+    format: Literal["carefl-privacy-ledger"]
+    version: int
+    site: str
+    created_utc: str
+    key_id: str
+
+
+class _Layout(Document):
+    """The privacy ledger file: header, entries (each a :class:`_Record`), count and seal."""
+
+    header: _Header
+    header_mac: str
+    entries: list[dict[str, Any]]
+    count: int
+    head_mac: str
+    seal: str
 
 
 @dataclass(frozen=True)
@@ -382,7 +396,7 @@ def _seal_mac(key: bytes, header: dict[str, Any], count: int, head_mac: str) -> 
 
 def _seal_entry(key: bytes, entry: LedgerEntry, prev_mac: str) -> dict[str, Any]:
     """Return the stored record of ``entry``: its fields, ``prev_mac`` and ``mac``."""
-    record: dict[str, Any] = {**asdict(entry), "prev_mac": prev_mac}
+    record: dict[str, Any] = {**entry.model_dump(), "prev_mac": prev_mac}
     record["mac"] = _mac(key, _LABEL_ENTRY, canonical(record) + prev_mac.encode("ascii"))
     return record
 
@@ -420,6 +434,14 @@ def _fail(path: Path, problem: str) -> LedgerError:
     return LedgerError(f"{path}: {problem}. {RECOVERY}")
 
 
+def _parse(path: Path, model: type[_D], data: object, what: str) -> _D:
+    """Validate ``data`` as ``model``, or fail saying ``what`` is wrong and why."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise _fail(path, f"{what} ({problem(err, spell=model.key_of)})") from None
+
+
 def _read_key(site_dir: Path) -> bytes:
     path = site_dir / KEY_FILE
     try:
@@ -449,19 +471,14 @@ def _read_doc(path: Path) -> dict[str, Any]:
         doc = strict_json(raw, "a privacy ledger")
     except (UnicodeDecodeError, ValueError) as exc:
         raise _fail(path, f"the privacy ledger is not valid JSON ({exc})") from exc
-    if not isinstance(doc, dict) or set(doc) != _DOC_KEYS:
-        raise _fail(path, "the privacy ledger is malformed (not the layout of a CareFL privacy ledger)")
-    header = doc["header"]
-    if not isinstance(header, dict) or set(header) != _HEADER_KEYS or header["format"] != FORMAT:
-        raise _fail(path, "the privacy ledger's header is malformed (not a CareFL privacy ledger)")
-    if header["version"] != VERSION:
+    layout = _parse(path, _Layout, doc, "the privacy ledger is malformed, not a CareFL privacy ledger")
+    version = layout.header.version
+    if version != VERSION:
         raise _fail(
             path,
-            f"unsupported ledger format version {header['version']!r}; this CareFL reads version "
+            f"unsupported ledger format version {version!r}; this CareFL reads version "
             f"{VERSION} (use the CareFL release that wrote it)",
         )
-    if not isinstance(doc["entries"], list) or not isinstance(doc["count"], int):
-        raise _fail(path, "the privacy ledger is malformed (entries or count of the wrong type)")
     return doc
 
 
@@ -514,44 +531,30 @@ def _verify(path: Path, key: bytes, doc: dict[str, Any]) -> _State:
 
 
 def _verify_chain(
-    path: Path, key: bytes, records: list[Any], header_mac: str
+    path: Path, key: bytes, records: list[dict[str, Any]], header_mac: str
 ) -> tuple[list[LedgerEntry], str]:
-    """Verify each record's link and MAC; return the entries and the last MAC."""
+    """Verify each record's layout, link and MAC; return the entries and the last MAC."""
     entries: list[LedgerEntry] = []
     prev = header_mac
     for position, record in enumerate(records):
-        if not isinstance(record, dict) or not all(
-            isinstance(record.get(k), str) for k in ("mac", "prev_mac")
-        ):
-            raise _fail(path, f"entry at position {position} is malformed")
-        if not _same(record["prev_mac"], prev):
+        stored = _parse(path, _Record, record, f"entry at position {position} is malformed")
+        if not _same(stored.prev_mac, prev):
             raise _fail(
                 path,
                 f"entry at position {position} does not follow the entry before it: entries were "
                 "removed, inserted or reordered",
             )
         body = {k: v for k, v in record.items() if k != "mac"}
-        try:
-            expected = _mac(key, _LABEL_ENTRY, canonical(body) + prev.encode("ascii"))
-        except (TypeError, ValueError) as exc:
-            raise _fail(path, f"entry at position {position} is malformed ({exc})") from exc
-        if not _same(record["mac"], expected):
+        if not _same(stored.mac, _mac(key, _LABEL_ENTRY, canonical(body) + prev.encode("ascii"))):
             raise _fail(path, f"entry at position {position} was altered (its MAC does not verify)")
-        entries.append(_entry_from_record(path, position, record))
-        prev = record["mac"]
+        entries.append(_entry_of(path, position, stored))
+        prev = stored.mac
     return entries, prev
 
 
-def _entry_from_record(path: Path, position: int, record: dict[str, Any]) -> LedgerEntry:
-    """Build a :class:`LedgerEntry` from a verified record, checking field names and types."""
-    if set(record) != _RECORD_KEYS:
-        raise _fail(path, f"entry at position {position} has unexpected fields")
-    for name, kind in _ENTRY_TYPES.items():
-        value = record[name]
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise _fail(path, f"entry at position {position}: `{name}` is not a {kind.__name__}")
-    values = {name: record[name] for name in _ENTRY_TYPES}
-    entry = LedgerEntry(**values)
+def _entry_of(path: Path, position: int, stored: _Record) -> LedgerEntry:
+    """The :class:`LedgerEntry` of a verified record, whose position and charge must be sound."""
+    entry = LedgerEntry(**stored.model_dump(exclude={"prev_mac", "mac"}))
     if entry.seq != position:
         raise _fail(path, f"entry at position {position} carries sequence number {entry.seq}")
     try:

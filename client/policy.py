@@ -51,47 +51,100 @@ checked against them. :func:`check_round` checks ``max_epsilon_per_run`` and the
 
 from __future__ import annotations
 
-import math
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import get_args
 
+import tomli_w
+from pydantic import Field, ValidationInfo, field_validator
+
+from shared.config import Task
 from shared.errors import InputError, RefusalError
-from shared.tasks import TASKS
+from shared.schema import BuiltDocument, Document, Sha256, validate
 
 __all__ = ["PolicyViolation", "RunRequest", "SitePolicy", "check_round", "check_run"]
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TOLERANCE = 1e-9
-_TABLES: dict[str, tuple[str, ...]] = {
-    "privacy": (
-        "require_dp",
-        "max_epsilon_per_run",
-        "max_lifetime_epsilon",
-        "max_delta",
-        "min_noise_multiplier",
-        "max_rounds",
-    ),
-    "studies": ("allowed_tasks", "allowed_backbones"),
-}
-_TABLE_OF: dict[str, str] = {key: table for table, keys in _TABLES.items() for key in keys}
-_COMMENTS: dict[str, str] = {
-    "require_dp": "refuse any run without DP-SGD",
-    "max_epsilon_per_run": "largest target epsilon of one run",
-    "max_lifetime_epsilon": "largest epsilon this site spends over all runs",
-    "max_delta": "largest delta of a run",
-    "min_noise_multiplier": "smallest DP-SGD noise multiplier",
-    "max_rounds": "most federated rounds of one run",
-    "allowed_tasks": "studies this site takes part in",
-    "allowed_backbones": "SHA-256 of accepted backbone weights; empty: any that verifies",
+_HEADER = "# CareFL site policy: set by this hospital's operator; the server cannot change it."
+
+
+class PrivacyTable(Document):
+    """The ``[privacy]`` table of a policy file; each field's description is its comment there."""
+
+    require_dp: bool = Field(default=True, description="refuse any run without DP-SGD")
+    max_epsilon_per_run: float = Field(
+        default=3.0, gt=0, allow_inf_nan=False, description="largest target epsilon of one run"
+    )
+    max_lifetime_epsilon: float = Field(
+        default=10.0,
+        gt=0,
+        allow_inf_nan=False,
+        validate_default=True,  # checked against a max_epsilon_per_run set alone
+        description="largest epsilon this site spends over all runs",
+    )
+    max_delta: float = Field(
+        default=1e-3, gt=0, lt=1, allow_inf_nan=False, description="largest delta of a run"
+    )
+    min_noise_multiplier: float = Field(
+        default=0.3, gt=0, allow_inf_nan=False, description="smallest DP-SGD noise multiplier"
+    )
+    max_rounds: int = Field(default=100, ge=1, description="most federated rounds of one run")
+
+    @field_validator("max_lifetime_epsilon")
+    @classmethod
+    def _covers_one_run(cls, value: float, info: ValidationInfo) -> float:
+        per_run = info.data.get("max_epsilon_per_run")
+        if per_run is not None and value < per_run:
+            raise ValueError(f"must be >= `privacy.max_epsilon_per_run` ({per_run!r})")
+        return value
+
+
+class StudiesTable(Document):
+    """The ``[studies]`` table of a policy file (lists are read as tuples)."""
+
+    allowed_tasks: tuple[Task, ...] = Field(
+        default=("heart-disease", "chest-xray"), description="studies this site takes part in"
+    )
+    allowed_backbones: tuple[Sha256, ...] = Field(
+        default=(), description="SHA-256 of accepted backbone weights; empty: any that verifies"
+    )
+
+    @field_validator("allowed_tasks", "allowed_backbones", mode="before")
+    @classmethod
+    def _list_as_tuple(cls, value: object) -> object:
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("allowed_tasks")
+    @classmethod
+    def _some_task(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError(
+                f"must name at least one task of {', '.join(get_args(Task))} "
+                "(a site that takes part in no study should not run a node)"
+            )
+        return value
+
+
+_TABLES: dict[str, type[Document]] = {"privacy": PrivacyTable, "studies": StudiesTable}
+_TABLE_OF: dict[str, str] = {name: table for table, model in _TABLES.items() for name in model.model_fields}
+_KNOWN: dict[str, str] = {
+    "": f"{', '.join(f'[{t}]' for t in _TABLES)} (every key belongs in one of these tables)",
+    **{table: ", ".join(model.model_fields) for table, model in _TABLES.items()},
 }
 
 
-@dataclass(frozen=True, kw_only=True)
-class SitePolicy:
+class PolicyFile(Document):
+    """A policy file as written: two tables, each optional, each key optional."""
+
+    privacy: PrivacyTable = PrivacyTable()
+    studies: StudiesTable = StudiesTable()
+
+
+class SitePolicy(BuiltDocument, StudiesTable, PrivacyTable):  # fields: the last base's first
     """What one hospital agrees to: set by its operator, never by the server.
+
+    The keys of both tables of the policy file, flat: their rules are the tables' own.
 
     Attributes
     ----------
@@ -108,7 +161,7 @@ class SitePolicy:
     max_rounds : int
         Most federated rounds of one run (>= 1).
     allowed_tasks : tuple[str, ...]
-        Tasks this site takes part in (at least one; names from :data:`shared.tasks.TASKS`).
+        Tasks this site takes part in (at least one; names from :data:`shared.config.Task`).
     allowed_backbones : tuple[str, ...]
         Full lowercase SHA-256 values of the backbone weights accepted; empty: any backbone
         whose weights verify against their hash, and training from scratch.
@@ -120,57 +173,10 @@ class SitePolicy:
         ``table.key`` of the policy file.
     """
 
-    require_dp: bool = True
-    max_epsilon_per_run: float = 3.0
-    max_lifetime_epsilon: float = 10.0
-    max_delta: float = 1e-3
-    min_noise_multiplier: float = 0.3
-    max_rounds: int = 100
-    allowed_tasks: tuple[str, ...] = ("heart-disease", "chest-xray")
-    allowed_backbones: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.require_dp, bool):
-            raise InputError(f"{_wrong_type('require_dp', self.require_dp, 'a boolean')}.")
-        for name in ("max_epsilon_per_run", "max_lifetime_epsilon", "max_delta", "min_noise_multiplier"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise InputError(f"{_wrong_type(name, value, 'a number')}.")
-            if not (math.isfinite(value) and value > 0):
-                raise InputError(f"`{_key(name)}` must be a finite number > 0, got {value!r}.")
-            object.__setattr__(self, name, float(value))
-        if not self.max_delta < 1:
-            raise InputError(f"`{_key('max_delta')}` must be in (0, 1), got {self.max_delta!r}.")
-        if self.max_lifetime_epsilon < self.max_epsilon_per_run:
-            raise InputError(
-                f"`{_key('max_lifetime_epsilon')}` must be >= `{_key('max_epsilon_per_run')}` "
-                f"({self.max_epsilon_per_run!r}), got {self.max_lifetime_epsilon!r}."
-            )
-        if isinstance(self.max_rounds, bool) or not isinstance(self.max_rounds, int):
-            raise InputError(f"{_wrong_type('max_rounds', self.max_rounds, 'an integer')}.")
-        if self.max_rounds < 1:
-            raise InputError(f"`{_key('max_rounds')}` must be >= 1, got {self.max_rounds!r}.")
-        for name in ("allowed_tasks", "allowed_backbones"):
-            value = getattr(self, name)
-            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-                raise InputError(f"{_wrong_type(name, value, 'a list of strings')}.")
-            object.__setattr__(self, name, tuple(value))
-        if not self.allowed_tasks:
-            raise InputError(
-                f"`{_key('allowed_tasks')}` must name at least one task of {', '.join(TASKS)} "
-                "(a site that takes part in no study should not run a node)."
-            )
-        for task in self.allowed_tasks:
-            if task not in TASKS:
-                raise InputError(
-                    f"`{_key('allowed_tasks')}`: unknown task {task!r}; tasks: {', '.join(TASKS)}."
-                )
-        for sha in self.allowed_backbones:
-            if not _SHA256.match(sha):
-                raise InputError(
-                    f"`{_key('allowed_backbones')}` must hold full SHA-256 values "
-                    f"(64 lowercase hex digits), got {sha!r}."
-                )
+    @classmethod
+    def key_of(cls, name: str) -> str:
+        """The policy file's dotted key of field ``name`` (``privacy.max_delta``)."""
+        return f"{_TABLE_OF[name]}.{name}" if name in _TABLE_OF else name
 
     @classmethod
     def load(cls, path: Path) -> SitePolicy:
@@ -200,36 +206,21 @@ class SitePolicy:
             raise InputError(f"site policy {path}: cannot read the file ({exc.strerror or exc}).") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise InputError(f"site policy {path}: not valid TOML ({exc}).") from None
-        values: dict[str, Any] = {}
-        for table, content in document.items():
-            if table not in _TABLES:
-                where = "table" if isinstance(content, dict) else "top-level key"
-                raise InputError(
-                    f"site policy {path}: unknown {where} `{table}`; keys belong in the tables "
-                    f"{', '.join(f'[{t}]' for t in _TABLES)}."
-                )
-            if not isinstance(content, dict):
-                raise InputError(f"site policy {path}: `{table}` must be a table ([{table}]).")
-            for key, value in content.items():
-                if key not in _TABLES[table]:
-                    raise InputError(
-                        f"site policy {path}: unknown key `{table}.{key}`; keys of [{table}]: "
-                        f"{', '.join(_TABLES[table])}."
-                    )
-                values[key] = value
-        try:
-            return cls(**values)
-        except InputError as exc:
-            raise InputError(f"site policy {path}: {exc}") from None
+        tables = validate(PolicyFile, document, source=f"site policy {path}", error=InputError, known=_KNOWN)
+        return cls(**tables.privacy.model_dump(), **tables.studies.model_dump())
 
     def to_toml(self) -> str:
         """Return the policy as a policy file; :meth:`load` of it gives back an equal policy."""
-        lines = ["# CareFL site policy: set by this hospital's operator; the server cannot change it."]
-        for table, keys in _TABLES.items():
-            lines += ["", f"[{table}]"]
-            for key in keys:
-                lines.append(f"{key} = {_toml_value(getattr(self, key))}  # {_COMMENTS[key]}")
+        tables = {table: self.model_dump(include=set(model.model_fields)) for table, model in _TABLES.items()}
+        lines = [_HEADER, "", *map(_commented, tomli_w.dumps(tables).splitlines())]
         return "\n".join(lines) + "\n"
+
+
+def _commented(line: str) -> str:
+    """``line`` of the policy file, with the comment of the key it sets, if it sets one."""
+    name = line.partition(" = ")[0]
+    field = SitePolicy.model_fields.get(name)
+    return f"{line}  # {field.description}" if field is not None and not line.startswith(" ") else line
 
 
 class PolicyViolation(RefusalError):
@@ -387,27 +378,3 @@ def check_round(policy: SitePolicy, *, run_epsilon_after: float, lifetime_epsilo
             policy.max_lifetime_epsilon,
             "this round would overspend the site's lifetime budget; only the site's operator can raise it.",
         )
-
-
-def _key(name: str) -> str:
-    """Return the policy file's dotted key of field ``name`` (``privacy.max_delta``)."""
-    return f"{_TABLE_OF[name]}.{name}"
-
-
-def _wrong_type(name: str, value: object, expected: str) -> str:
-    return f"`{_key(name)}` must be {expected}, got {value!r} ({type(value).__name__})"
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_toml_string(v) for v in value) + "]"
-    raise TypeError(f"no TOML form for {value!r}")
-
-
-def _toml_string(value: object) -> str:
-    text = str(value)
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

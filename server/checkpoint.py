@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 from flwr.server import Grid
@@ -40,6 +40,7 @@ from flwr.server.compat import LegacyContext
 from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.server.workflow.default_workflows import default_evaluate_workflow
+from pydantic import Field, ValidationError
 
 from server.distribution import Workflow
 from server.metrics import SiteRoundMetrics
@@ -48,6 +49,7 @@ from shared.atomic import atomic_write_bytes
 from shared.config import RunConfig
 from shared.errors import ConfigError, IntegrityError
 from shared.log import log
+from shared.schema import Document, problem
 
 CHECKPOINT_FILE = "checkpoint.npz"
 FORMAT = "carefl-checkpoint"
@@ -100,6 +102,31 @@ class Checkpoint:
 
 
 # ------------------------------------------------------------------------------ file format
+class _Meta(Document):
+    """The JSON document ``meta`` of a checkpoint: all but the arrays, stored beside it.
+
+    JSON keys are strings: the rounds and node ids keying ``upload_bytes``, ``backbone_bytes``
+    and ``failures`` are read back as integers.
+    """
+
+    format: Literal["carefl-checkpoint"]
+    version: Literal[1]
+    round: int = Field(ge=0)
+    names: list[str]
+    strategy_state: dict[str, int]
+    config: dict[str, Any]
+    backbone_sha256: str
+    rows: list[SiteRoundMetrics]
+    upload_bytes: dict[int, list[int]]
+    backbone_bytes: dict[int, int]
+    failures: dict[int, list[str]]
+    segments: list[dict[str, int]]
+
+
+_STAMP = ((), ("format",), ("version",))
+"""Where an error means the document is not a checkpoint of this version at all."""
+
+
 def checkpoint_bytes(ckpt: Checkpoint) -> bytes:
     """Serialize ``ckpt`` as an ``.npz`` archive (arrays plus one JSON document; no pickle)."""
     meta = {
@@ -135,31 +162,49 @@ def checkpoint_from_bytes(data: bytes, source: str = "checkpoint") -> Checkpoint
     """
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            meta = json.loads(str(archive["meta"][()]))
-            if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-                raise IntegrityError(f"{source} is not a CareFL checkpoint of version {VERSION}.")
-            arrays = [archive[f"global/{i}"] for i in range(len(meta["names"]))]
+            meta = _read_meta(str(archive["meta"][()]), source)
+            arrays = [archive[f"global/{i}"] for i in range(len(meta.names))]
             state = {
                 key: [archive[f"strategy/{key}/{i}"] for i in range(count)]
-                for key, count in meta["strategy_state"].items()
+                for key, count in meta.strategy_state.items()
             }
     except IntegrityError:
         raise
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as err:
         raise IntegrityError(f"{source} is damaged or truncated ({type(err).__name__}: {err}); it cannot be resumed from.") from err
     return Checkpoint(
-        round=int(meta["round"]),
-        names=list(meta["names"]),
+        round=meta.round,
+        names=meta.names,
         arrays=arrays,
         strategy_state=state,
-        config=dict(meta["config"]),
-        backbone_sha256=str(meta["backbone_sha256"]),
-        rows=[SiteRoundMetrics(**row) for row in meta["rows"]],
-        upload_bytes={int(k): list(v) for k, v in meta["upload_bytes"].items()},
-        backbone_bytes={int(k): int(v) for k, v in meta["backbone_bytes"].items()},
-        failures={int(k): list(v) for k, v in meta["failures"].items()},
-        segments=[dict(s) for s in meta["segments"]],
+        config=meta.config,
+        backbone_sha256=meta.backbone_sha256,
+        rows=meta.rows,
+        upload_bytes=meta.upload_bytes,
+        backbone_bytes=meta.backbone_bytes,
+        failures=meta.failures,
+        segments=meta.segments,
     )
+
+
+def _read_meta(text: str, source: str) -> _Meta:
+    """Parse the checkpoint's JSON document ``meta``.
+
+    Raises
+    ------
+    IntegrityError
+        If it is not a CareFL checkpoint of this version, or is damaged (naming the first
+        invalid key).
+    """
+    try:
+        return _Meta.model_validate_json(text)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        if first["type"] != "json_invalid" and first["loc"][:1] in _STAMP:
+            kind = f"a CareFL checkpoint of version {VERSION}"
+            raise IntegrityError(f"{source} is not {kind}.") from None
+        reason = problem(err, spell=_Meta.key_of)
+        raise IntegrityError(f"{source} is damaged or truncated ({reason}); it cannot be resumed from.") from None
 
 
 def save_checkpoint(directory: Path, ckpt: Checkpoint) -> Path:

@@ -39,16 +39,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pydantic import AfterValidator, ValidationError
 
 from shared.atomic import fsync_path
 from shared.errors import ConfigError, InputError
 from shared.log import log
+from shared.schema import Document, problem
 
 __all__ = ["CONSORTIUM_FILE", "DEFAULT_HOSTS", "ConsortiumLayout", "load_layout", "provision"]
 
@@ -60,6 +62,33 @@ _TOP_LEVEL = ("ca", "superlink", "hospitals", CONSORTIUM_FILE)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _CLOCK_SKEW = timedelta(minutes=5)
+
+
+def _hospital_name(value: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise ValueError("must be letters, digits, '.', '_' and '-', starting with a letter or digit")
+    return value
+
+
+class _Hospital(Document):
+    """One hospital of ``consortium.json``."""
+
+    name: Annotated[str, AfterValidator(_hospital_name)]
+    node_key_fingerprint: str
+
+
+class _Consortium(Document):
+    """``consortium.json``: what was provisioned, for whom, until when (no secrets)."""
+
+    format: Literal["carefl-consortium"]
+    version: Literal[1]
+    created_utc: str
+    not_after_utc: str
+    days: int
+    hosts: list[str]
+    hospitals: list[_Hospital]
+    ca_cert_sha256: str
+    server_cert_sha256: str
 
 
 @dataclass(frozen=True)
@@ -138,7 +167,7 @@ class ConsortiumLayout:
         InputError
             If ``consortium.json`` is missing or malformed.
         """
-        return [h["name"] for h in _read_consortium(self.consortium_file)["hospitals"]]
+        return [h.name for h in _read_consortium(self.consortium_file).hospitals]
 
 
 def provision(
@@ -485,7 +514,7 @@ def _move_into_place(stage: Path, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- reading
-def _read_consortium(path: Path) -> dict[str, Any]:
+def _read_consortium(path: Path) -> _Consortium:
     if not path.is_file():
         raise InputError(
             f"{path} not found: {path.parent} is not a provisioned consortium "
@@ -495,16 +524,14 @@ def _read_consortium(path: Path) -> dict[str, Any]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{path} cannot be read as JSON ({exc})") from exc
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise InputError(f"{path} is not a CareFL consortium file (format {FORMAT!r} expected)")
-    if doc.get("version") != VERSION:
-        raise InputError(
-            f"{path}: unsupported consortium file version {doc.get('version')!r}, expected {VERSION}"
-        )
-    hospitals = doc.get("hospitals")
-    if not isinstance(hospitals, list) or not all(
-        isinstance(h, dict) and isinstance(h.get("name"), str) and _NAME.fullmatch(h["name"])
-        for h in hospitals
-    ):
-        raise InputError(f"{path}: the hospitals list is malformed")
-    return doc
+    try:
+        return _Consortium.model_validate(doc)
+    except ValidationError as err:
+        where = err.errors(include_url=False)[0]["loc"][:1]
+        if where in ((), ("format",)):
+            raise InputError(f"{path} is not a CareFL consortium file (format {FORMAT!r} expected)") from None
+        if where == ("version",):
+            raise InputError(
+                f"{path}: unsupported consortium file version {doc.get('version')!r}, expected {VERSION}"
+            ) from None
+        raise InputError(f"{path}: {problem(err, spell=_Consortium.key_of)}") from None

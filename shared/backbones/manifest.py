@@ -5,24 +5,34 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal, get_args
+
+from pydantic import AfterValidator, Field
 
 from shared.errors import InputError
+from shared.schema import BuiltDocument, Sha256, validate
 
 # torchvision's ImageNet normalization, recorded in manifests (kept here: no torch import)
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-ARCHITECTURES: tuple[str, ...] = ("mobilenet_v2", "heart_mlp", "small_cnn")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+Architecture = Literal["mobilenet_v2", "heart_mlp", "small_cnn"]
+ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 # Names and file names become paths in registries and caches: no separators, no dot-dot.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-@dataclass(frozen=True)
-class BackboneManifest:
+def _safe_name(value: str) -> str:
+    if not _SAFE_NAME.match(value) or ".." in value:
+        raise ValueError("must be letters, digits, '.', '_' or '-' (it becomes a file name)")
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+
+
+class BackboneManifest(BuiltDocument):
     """Description of a pretrained backbone.
 
     Attributes
@@ -45,47 +55,33 @@ class BackboneManifest:
         Where online users can download the weights; empty if none.
     source : str
         Provenance, for the model card.
+
+    Raises
+    ------
+    InputError
+        If a value has the wrong type or breaks its rule; the message names the key.
     """
 
-    name: str
-    architecture: str
-    sha256: str
-    feature_dim: int
-    preprocessing: dict[str, Any] = field(default_factory=dict)
-    filename: str = "weights.pt"
-    arch_params: dict[str, Any] = field(default_factory=dict)
+    subject: ClassVar[str] = "backbone manifest"
+
+    name: SafeName
+    architecture: Architecture
+    sha256: Sha256
+    feature_dim: int = Field(ge=1)
+    preprocessing: dict[str, Any] = Field(default_factory=dict)
+    filename: SafeName = "weights.pt"
+    arch_params: dict[str, Any] = Field(default_factory=dict)
     url: str = ""
     source: str = ""
 
-    def __post_init__(self) -> None:
-        for key in ("name", "filename"):
-            value = getattr(self, key)
-            if not _SAFE_NAME.match(value) or ".." in value:
-                raise InputError(
-                    f"backbone manifest: `{key}` {value!r} must be letters, digits, '.', '_' "
-                    "or '-' (it becomes a file name)."
-                )
-        if self.architecture not in ARCHITECTURES:
-            raise InputError(
-                f"backbone {self.name!r}: unknown architecture {self.architecture!r}; "
-                f"known: {', '.join(ARCHITECTURES)}."
-            )
-        if not _SHA256.match(self.sha256):
-            raise InputError(f"backbone {self.name!r}: `sha256` must be 64 lowercase hex digits.")
-        if self.feature_dim < 1:
-            raise InputError(f"backbone {self.name!r}: `feature_dim` must be >= 1.")
-
     def to_json(self) -> str:
         """Serialize to canonical JSON (sorted keys)."""
-        return json.dumps(asdict(self), sort_keys=True, indent=2)
+        return json.dumps(self.model_dump(), sort_keys=True, indent=2)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, origin: str) -> BackboneManifest:
         """Build a manifest from parsed JSON, naming ``origin`` in errors."""
-        try:
-            return cls(**dict(data))
-        except TypeError as err:
-            raise InputError(f"{origin}: not a backbone manifest ({err}).") from err
+        return validate(cls, data, source=origin, error=InputError, known=", ".join(cls.model_fields))
 
     @classmethod
     def load(cls, path: Path) -> BackboneManifest:
@@ -96,6 +92,4 @@ class BackboneManifest:
             raise InputError(f"{path}: backbone manifest not found.") from err
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise InputError(f"{path}: unreadable backbone manifest ({err}).") from err
-        if not isinstance(data, dict):
-            raise InputError(f"{path}: backbone manifest must be a JSON object.")
         return cls.from_mapping(data, origin=str(path))

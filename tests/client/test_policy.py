@@ -88,7 +88,7 @@ def test_absent_keys_keep_defaults(tmp_path: Path) -> None:
     policy = SitePolicy.load(path)
 
     # Assert
-    assert policy == dataclasses.replace(SitePolicy(), max_rounds=7)
+    assert policy == SitePolicy(max_rounds=7)
     assert SitePolicy.load(_write(tmp_path, "")) == SitePolicy()
 
 
@@ -128,7 +128,7 @@ def test_every_field_has_a_place_in_the_file() -> None:
     written = {line.split(" = ")[0] for line in text.splitlines() if " = " in line}
 
     # Assert
-    assert written == {f.name for f in dataclasses.fields(SitePolicy)}
+    assert written == set(SitePolicy.model_fields)
 
 
 VIOLATIONS: list[tuple[str, SitePolicy, dict[str, Any], object, object]] = [

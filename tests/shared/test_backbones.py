@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -319,7 +318,7 @@ def test_manifest_load_of_corrupt_json_is_input_error(tmp_path: Path) -> None:
 )
 def test_manifest_with_bad_sha256_is_input_error(tmp_path: Path, bad_sha: str) -> None:
     # Prepare
-    data = asdict(BUILTIN_BACKBONES[0])
+    data = BUILTIN_BACKBONES[0].model_dump()
     data["sha256"] = bad_sha
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps(data), encoding="utf-8")
