@@ -54,14 +54,13 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
 
 import tomli_w
 from pydantic import Field, ValidationInfo, field_validator
 
-from shared.config import Task
 from shared.errors import InputError, RefusalError
 from shared.schema import BuiltDocument, Document, Sha256, validate
+from shared.tasks.registry import TASKS
 
 __all__ = ["PolicyViolation", "RunRequest", "SitePolicy", "check_round", "check_run"]
 
@@ -103,9 +102,7 @@ class PrivacyTable(Document):
 class StudiesTable(Document):
     """The ``[studies]`` table of a policy file (lists are read as tuples)."""
 
-    allowed_tasks: tuple[Task, ...] = Field(
-        default=("heart-disease", "chest-xray"), description="studies this site takes part in"
-    )
+    allowed_tasks: tuple[str, ...] = Field(default=tuple(TASKS), description="studies this site takes part in")
     allowed_backbones: tuple[Sha256, ...] = Field(
         default=(), description="SHA-256 of accepted backbone weights; empty: any that verifies"
     )
@@ -120,9 +117,12 @@ class StudiesTable(Document):
     def _some_task(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value:
             raise ValueError(
-                f"must name at least one task of {', '.join(get_args(Task))} "
+                f"must name at least one task of {', '.join(TASKS)} "
                 "(a site that takes part in no study should not run a node)"
             )
+        unknown = [task for task in value if task not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; tasks: {', '.join(TASKS)}")
         return value
 
 
@@ -161,7 +161,7 @@ class SitePolicy(BuiltDocument, StudiesTable, PrivacyTable):  # fields: the last
     max_rounds : int
         Most federated rounds of one run (>= 1).
     allowed_tasks : tuple[str, ...]
-        Tasks this site takes part in (at least one; names from :data:`shared.config.Task`).
+        Tasks this site takes part in (at least one; names from :data:`shared.tasks.registry.TASKS`).
     allowed_backbones : tuple[str, ...]
         Full lowercase SHA-256 values of the backbone weights accepted; empty: any backbone
         whose weights verify against their hash, and training from scratch.
