@@ -13,7 +13,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo demo-chest test bench clean
+.PHONY: setup demo demo-chest test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ demo-chest: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The developer's loop: everything but the federations (tests marked `slow`, all of tests/e2e).
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: setup
 	$(BIN)/python scripts/bench_transfer.py --data $(DATA)

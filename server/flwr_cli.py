@@ -11,12 +11,12 @@ in use" (the SuperLink's state database keeps registrations across restarts).
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomli
 import tomli_w
 
 from shared.atomic import atomic_write_text
@@ -75,10 +75,10 @@ def read_flwr_home(home: Path, name: str = CONNECTION_NAME) -> Connection:
     """
     path = Path(home) / CONFIG_FILE
     try:
-        entry = tomli.loads(path.read_text(encoding="utf-8"))["superlink"][name]
+        entry = tomllib.loads(path.read_text(encoding="utf-8"))["superlink"][name]
     except FileNotFoundError:
         raise InputError(f"{path} not found: start the SuperLink with `carefl server` first (same --state-dir).") from None
-    except (KeyError, tomli.TOMLDecodeError) as err:
+    except (KeyError, tomllib.TOMLDecodeError) as err:
         raise InputError(f"{path} has no usable [superlink.{name}] connection ({err}).") from err
     ca = entry.get("root-certificates")
     return Connection(str(entry["address"]), Path(ca) if ca and not entry.get("insecure") else None, name)

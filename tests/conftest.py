@@ -10,6 +10,15 @@ from shared.offline import configure_flower_env
 
 configure_flower_env()
 
+E2E = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every end-to-end test is ``slow``: ``make test-fast`` (``-m "not slow"``) leaves them out."""
+    for item in items:
+        if E2E in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.slow)
+
 REPO = Path(__file__).resolve().parents[1]
 PNEUMONIA_NPZ = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
 

@@ -1,4 +1,4 @@
-"""Chest X-ray images: loading, the documented non-IID split into sites, and preprocessing.
+"""Chest X-ray images: loading, and the documented non-IID split into sites.
 
 Two input layouts are accepted by :func:`load_image_dataset`:
 
@@ -19,9 +19,8 @@ validation part has the same label skew as its training part: a site evaluates o
 patients it trains on. Small ``alpha`` (e.g. 0.1) gives strongly skewed sites, large ``alpha``
 (e.g. 100) nearly identical ones. Every index of each split goes to exactly one site.
 
-Preprocessing (:func:`preprocess`) turns uint8 grayscale images into ImageNet-normalised
-3-channel float tensors for pretrained backbones; :func:`preprocessing_spec` describes it as
-JSON for cache keys.
+Sites keep raw grayscale pixels: resizing and ImageNet normalization are done by the model's
+input module (:mod:`shared.pipeline`), batch by batch.
 """
 
 from __future__ import annotations
@@ -585,7 +584,3 @@ def split_sites(
             log(WARNING, "%s has no validation examples (alpha=%g)", site.name, alpha)
     return sites
 
-
-# ---------------------------------------------------------------------------------------------
-# Preprocessing
-# ---------------------------------------------------------------------------------------------

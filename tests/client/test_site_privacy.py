@@ -365,6 +365,7 @@ def _strict_sites(sites_root: Path, strict: dict[int, str]) -> None:
 
 
 @pytest.mark.usefixtures("watchdog")
+@pytest.mark.slow
 def test_federation_goes_on_without_the_site_that_declines(heart_registry: Path, tmp_path: Path) -> None:
     # Prepare: Switzerland allows 0.5 per run; the run asks for 3
     sites_root = tmp_path / "sites"
@@ -395,6 +396,7 @@ def test_federation_goes_on_without_the_site_that_declines(heart_registry: Path,
 
 
 @pytest.mark.usefixtures("watchdog")
+@pytest.mark.slow
 def test_federation_stops_promptly_when_too_few_sites_train(heart_registry: Path, tmp_path: Path) -> None:
     # Prepare: two of three sites refuse, and a round needs two
     sites_root = tmp_path / "sites"

@@ -209,6 +209,7 @@ def test_privacy_across_runs_sums_each_runs_last_round() -> None:
     assert total == {"A": {"epsilon": pytest.approx(3.1), "delta": pytest.approx(2e-5)}}
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_uninterrupted_model(heart_registry: Path, tmp_path: Path) -> None:
     # Prepare: FedAdam, whose server moments must carry over. DP and SecAgg+ off: DP noise is fresh
     # in each run, and SecAgg+ rounds stochastically, which FedAdam's m/sqrt(v) step amplifies

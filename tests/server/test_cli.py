@@ -109,6 +109,7 @@ def test_output_folder_not_empty(base: list[str], tmp_path: Path, capsys: pytest
     assert (out / "keep.txt").read_text() == "results of another study"
 
 
+@pytest.mark.slow
 def test_heart_demo_writes_a_complete_run_folder(
     base: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

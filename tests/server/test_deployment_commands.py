@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomli
 from flwr.cli.flower_config import parse_superlink_connection
 from flwr.common.config import parse_config_args
 
@@ -155,8 +155,8 @@ def test_flwr_subcommands_use_existing_options() -> None:
 
 def test_connection_is_what_flwr_reads(tmp_path: Path) -> None:
     # Execute
-    secure = tomli.loads(Connection("127.0.0.1:8000", tmp_path / "ca.crt").to_toml())
-    insecure = tomli.loads(Connection("127.0.0.1:8001", None, name="plain").to_toml())
+    secure = tomllib.loads(Connection("127.0.0.1:8000", tmp_path / "ca.crt").to_toml())
+    insecure = tomllib.loads(Connection("127.0.0.1:8001", None, name="plain").to_toml())
 
     # Assert: Flower's parser accepts both; TLS one names the CA, the other is explicit
     conn = parse_superlink_connection(secure["superlink"]["carefl"], "carefl")
