@@ -8,6 +8,7 @@ needs) with a delta-aware strategy. ``app`` is what ``flwr run`` loads;
 
 from __future__ import annotations
 
+import threading
 from logging import INFO
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from server.progress import RoundLog
 from server.recorder import FederationRecorder
 from server.report.result import FederationResult, write_run_folder
 from server.secure import SecureFitWorkflow
+from server.stoppable import SitesPresent, StoppableGrid
 from server.strategy import make_strategy
 from shared.backbones import BackboneRegistry, ResolvedBackbone
 from shared.config import RunConfig
@@ -78,7 +80,7 @@ def fit_workflow(cfg: RunConfig, recorder: FederationRecorder) -> Workflow:
 
 
 def run_federation(
-    grid: Grid, context: Context, cfg: RunConfig, recorder: FederationRecorder
+    grid: Grid, context: Context, cfg: RunConfig, recorder: FederationRecorder, stop: threading.Event | None = None
 ) -> FederationResult:
     """Run the federation described by ``cfg`` on ``grid``; returns its result.
 
@@ -92,6 +94,8 @@ def run_federation(
         The validated run configuration.
     recorder : FederationRecorder
         Collects metrics and byte counts as the run goes.
+    stop : threading.Event, optional
+        Ends every wait of the run when set.
     """
     backbone = resolve_backbone(cfg)
     pretrained = Pretrained(backbone.manifest, backbone.path) if backbone else None
@@ -118,7 +122,12 @@ def run_federation(
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=cfg.study.num_rounds - checkpoints.done), strategy=strategy
     )
-    fit = BackboneDistribution(fit_workflow(cfg, recorder), backbone, recorder, timeout=DISTRIBUTION_TIMEOUT_S)
+    fit = SitesPresent(
+        BackboneDistribution(fit_workflow(cfg, recorder), backbone, recorder, timeout=DISTRIBUTION_TIMEOUT_S),
+        minimum=cfg.study.min_sites,
+        timeout=cfg.server.stage_timeout,
+        stop=stop,
+    )
     checkpoints.workflow(fit, strategy, recorder)(grid, legacy)
     return FederationResult(
         config=cfg,
@@ -137,6 +146,7 @@ def create_server_app(
     config: RunConfig | None = None,
     recorder: FederationRecorder | None = None,
     results: list[FederationResult] | None = None,
+    stop: threading.Event | None = None,
 ) -> ServerApp:
     """Build the ServerApp.
 
@@ -149,6 +159,9 @@ def create_server_app(
         Receives metrics as rounds finish (e.g. for a live table).
     results : list[FederationResult], optional
         The finished run's result is appended here.
+    stop : threading.Event, optional
+        Ends the run within a fraction of a second when set (a local simulation sets it on
+        Ctrl-C or SIGTERM); see :class:`server.stoppable.StoppableGrid`.
     """
     configure_flower_env()
     app = ServerApp()
@@ -156,7 +169,10 @@ def create_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config or RunConfig.from_run_config(context.run_config)
-        result = run_federation(grid, context, cfg, recorder or FederationRecorder(listeners=[RoundLog(cfg.study.num_rounds)]))
+        if stop is not None:
+            grid = StoppableGrid(grid, stop)
+        listeners = [RoundLog(cfg.study.num_rounds)]
+        result = run_federation(grid, context, cfg, recorder or FederationRecorder(listeners=listeners), stop)
         if cfg.server.run_dir:
             write_run_folder(Path(cfg.server.run_dir), result)
             log(INFO, "run folder written: %s", cfg.server.run_dir)

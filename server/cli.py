@@ -6,6 +6,7 @@ Thin composers: each parses its flags and calls the module that does the work. T
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,8 @@ from rich.console import Console
 from shared.errors import CareFLError, ConfigError
 
 DEFAULT_STATE = Path(".carefl")
+PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+"""One ``key=value`` pair of a run-config string, as ``flwr.common.config.parse_config_args`` reads it."""
 
 
 def pretrain(
@@ -105,16 +108,35 @@ def federate(
     resume: Annotated[bool, typer.Option(help="Continue the run checkpointed in --checkpoint-dir.")] = False,
 ) -> None:
     """Submit a federated run to `carefl server`'s SuperLink and follow it to the end."""
-    from flwr.common.config import parse_config_args
-
     from server.service import FederateOptions
     from server.service import federate as submit
 
+    overrides = parse_run_config(run_config)
+    submit(FederateOptions(state_dir, overrides, out_dir=out, checkpoint_dir=checkpoint_dir, resume=resume), Console())
+
+
+def parse_run_config(text: str) -> dict[str, object]:
+    """Parse ``--run-config`` as Flower does (``key=value`` pairs), refusing anything left over.
+
+    Flower's parser skips what is not a ``key=value`` pair (``"num-rounds=1 2"`` loses the
+    ``2`` without a word); here a stray token is an error naming it.
+
+    Raises
+    ------
+    ConfigError
+        If the text holds anything but ``key=value`` pairs, or a value is not TOML.
+    """
+    from flwr.common.config import parse_config_args
+
+    stray = PAIR.sub(" ", text).split()
+    if stray:
+        raise ConfigError(
+            f"--run-config: {' '.join(stray)!r} is not a key=value pair; write e.g. 'num-rounds=5 local-epochs=1'."
+        )
     try:
-        overrides = parse_config_args([run_config]) if run_config else {}
+        return parse_config_args([text]) if text.strip() else {}
     except click.ClickException as err:
         raise ConfigError(f"--run-config: {err.message}") from None
-    submit(FederateOptions(state_dir, overrides, out_dir=out, checkpoint_dir=checkpoint_dir, resume=resume), Console())
 
 
 def register(app: typer.Typer) -> None:

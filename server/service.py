@@ -178,11 +178,12 @@ def federate(options: FederateOptions, console: Console) -> int:
         If the run cannot be submitted or does not complete.
     """
     home = options.state_dir.resolve() / "flwr-home"
+    run_config = options.run_config()  # a bad value is named before anything is looked up
     link = RunningSuperLink(read_flwr_home(home), home)
     announce = console_announcer(console)
     with ProcessGroups(options.state_dir.resolve() / "logs") as procs:
         config_file = options.state_dir.resolve() / "run-config.toml"
-        run_id = submit_run(link, options.app_dir, options.run_config(), config_file, announce=announce)
+        run_id = submit_run(link, options.app_dir, run_config, config_file, announce=announce)
         console.print(f"Run {run_id} submitted; following its ServerApp log:", highlight=False)
         status = follow_run(procs, link, run_id, progress_printer(console), announce=announce, timeout=options.timeout)
     if status != COMPLETED:

@@ -217,7 +217,8 @@ class ServerSettings(KebabDocument):
     resume : bool
         Continue the run checkpointed in ``checkpoint-dir`` from its last completed round.
     stage_timeout : float
-        Seconds the server waits at each SecAgg+ stage before treating a site as dropped.
+        Seconds the server waits at each SecAgg+ stage before treating a site as dropped, and
+        for ``min-sites`` sites to be connected before a round.
     """
 
     registry_dir: str = Field(default="", json_schema_extra=PATH)

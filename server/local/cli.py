@@ -7,8 +7,11 @@ kind (:mod:`shared.errors`): one ``error: ...`` line, nothing half-written.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import click
@@ -18,7 +21,8 @@ from rich.console import Console
 from client import cli as hospital
 from server import cli as consortium
 from server.cli import DEFAULT_STATE
-from shared.errors import EXIT_INTERRUPTED, CareFLError, ConfigError
+from server.stoppable import Terminated
+from shared.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, CareFLError, ConfigError
 from shared.offline import configure_flower_env
 
 
@@ -46,7 +50,13 @@ def demo(
     resume: Annotated[bool, typer.Option(help="With --deployment and the same --out: continue an interrupted run from its last checkpoint.")] = False,
 ) -> None:
     """Run a local federation of hospitals on real data, offline, and compare with baselines."""
-    from server.local.demo import DemoOptions, default_out_dir, demo_config, run_demo
+    from server.local.demo import DemoOptions, default_out_dir, demo_config, run_demo, state_key
+
+    refuse_flags_that_do_not_apply(
+        task, dp=dp, deployment=deployment, compare=compare,
+        given={"--sites": sites, "--alpha": alpha, "--image-size": image_size, "--epsilon": epsilon,
+               "--accountant": accountant},
+    )  # fmt: skip
 
     cfg = demo_config(
         task,
@@ -73,16 +83,43 @@ def demo(
     if deployment:
         from server.local.deployment import DeploymentDemoOptions, run_local_deployment
 
-        work_dir = state_dir / "deployments" / out_dir.name
+        work_dir = state_dir / "deployments" / state_key(out_dir)
         run_local_deployment(DeploymentDemoOptions(cfg, out_dir, work_dir, resume=resume), Console())
         return
     options = DemoOptions(
         config=cfg,
         out_dir=out_dir,
-        sites_root=state_dir / "sites" / out_dir.name,
+        sites_root=state_dir / "sites" / state_key(out_dir),
         compare=compare,
     )
     run_demo(options, Console())
+
+
+IMAGE_FLAGS = ("--sites", "--alpha", "--image-size")
+DP_FLAGS = ("--epsilon", "--accountant")
+
+
+def refuse_flags_that_do_not_apply(
+    task: str, *, dp: bool, deployment: bool, compare: bool, given: dict[str, object]
+) -> None:
+    """Refuse a flag the run would ignore, naming it: the user meant something by it.
+
+    Raises
+    ------
+    ConfigError
+        For ``--sites``/``--alpha``/``--image-size`` outside chest-xray (the heart-disease
+        hospitals are fixed), ``--epsilon``/``--accountant`` with ``--no-dp``, and
+        ``--no-compare`` with ``--deployment`` (which runs no baselines).
+    """
+    chosen = [flag for flag, value in given.items() if value is not None]
+    if task != "chest-xray" and (image := [f for f in chosen if f in IMAGE_FLAGS]):
+        raise ConfigError(
+            f"{', '.join(image)} applies to chest-xray only: the {task} task's hospitals are fixed; drop it."
+        )
+    if not dp and (budget := [f for f in chosen if f in DP_FLAGS]):
+        raise ConfigError(f"{', '.join(budget)} sets the DP-SGD budget, which --no-dp turns off; drop one of them.")
+    if deployment and not compare:
+        raise ConfigError("--no-compare does nothing with --deployment, which runs no baselines; drop it.")
 
 
 def build_app() -> typer.Typer:
@@ -100,14 +137,20 @@ def build_app() -> typer.Typer:
     return app
 
 
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``carefl`` console script; returns the exit status.
 
     A :class:`~shared.errors.CareFLError` prints one line and returns its kind's status
-    (2 usage or input, 3 integrity, 4 deployment, 5 refusal); Ctrl-C returns 130.
+    (2 usage or input, 3 integrity, 4 deployment, 5 refusal); Ctrl-C returns 130 and SIGTERM
+    143, after a clean stop.
     """
     configure_flower_env()
     err = Console(stderr=True)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         status = build_app()(args=argv, standalone_mode=False)
     except CareFLError as error:
@@ -116,8 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as error:
         error.show()
         return error.exit_code
+    except Terminated:
+        err.print("terminated; nothing was written.")
+        return EXIT_TERMINATED
     except (KeyboardInterrupt, click.exceptions.Abort):
         status = EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if status == EXIT_INTERRUPTED:  # click >= 8.2 returns 130 on Ctrl-C instead of raising Abort
         err.print("interrupted; nothing was written.")
         return EXIT_INTERRUPTED
@@ -125,8 +173,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """Console-script wrapper: exit with :func:`main`'s status."""
-    sys.exit(main())
+    """Console-script wrapper: exit with :func:`main`'s status.
+
+    After Ctrl-C or SIGTERM the process exits at once: Flower's simulation leaves worker
+    threads waiting on sites that will never answer, and Python would wait for them. Everything
+    CareFL writes is atomic (run folder, ledger, audit log), so nothing is left half-written.
+    """
+    status = main()
+    if status in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from server.recorder import FederationRecorder
 from server.report.result import FederationResult, write_run_folder
 from server.report.runfolder import refuse_occupied
 from shared.config import RunConfig
+from shared.hashing import sha256_bytes
 from shared.pipeline import Pretrained
 from shared.tasks import load_sites
 
@@ -59,6 +60,16 @@ class DemoOptions:
     out_dir: Path
     sites_root: Path
     compare: bool = True
+
+
+def state_key(out_dir: Path) -> str:
+    """The name of a run folder's simulated hospitals (and local deployment) in the state dir.
+
+    The folder's name and a hash of its absolute path: two run folders of the same name in
+    different places get different hospitals (ledgers), and the same ``--out`` (``--resume``)
+    always finds its own.
+    """
+    return f"{out_dir.name}-{sha256_bytes(str(out_dir.resolve()).encode())[:12]}"
 
 
 def default_out_dir(task: str, now: datetime | None = None) -> Path:

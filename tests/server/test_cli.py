@@ -127,3 +127,48 @@ def test_heart_demo_writes_a_complete_run_folder(
     assert len(card["backbone"]["sha256"]) == 64
     for name in ("metrics.csv", "metrics.json", "scratch_metrics.csv", "model.pt", "metrics.png"):
         assert (out / name).is_file(), name
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--sites", "3"], "--sites applies to chest-xray only"),
+        (["--alpha", "0.5", "--image-size", "32"], "--alpha, --image-size applies to chest-xray only"),
+        (["--no-dp", "--epsilon", "1"], "--epsilon sets the DP-SGD budget, which --no-dp turns off"),
+        (["--no-dp", "--accountant", "prv"], "--accountant sets the DP-SGD budget"),
+        (["--deployment", "--no-compare"], "--no-compare does nothing with --deployment"),
+    ],
+)
+def test_a_flag_the_run_would_ignore_is_refused_naming_it(
+    flags: list[str], named: str, base: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _run([*base, *flags], capsys)
+    _assert_refused(code, err, named, out=tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    ("run_config", "named"),
+    [("num-rounds=1 2", "'2' is not a key=value pair"), ("learnig-rate=0.1", "learnig-rate")],
+    ids=["stray-token", "typo-key"],
+)
+def test_a_federate_run_config_is_checked_before_anything_is_looked_up(
+    run_config: str, named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Execute: no SuperLink state at all; the run config's fault is what the user must hear
+    code, err = _run(["federate", "--state-dir", str(tmp_path / "none"), "--run-config", run_config], capsys)
+
+    # Assert
+    assert code == EXIT_USAGE
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and named in errors[0], err
+
+
+def test_run_folders_of_the_same_name_get_their_own_hospitals(tmp_path: Path) -> None:
+    from server.local.demo import state_key
+
+    # Prepare / Execute
+    first, second = state_key(tmp_path / "a" / "run"), state_key(tmp_path / "b" / "run")
+
+    # Assert: distinct ledgers, but the same --out (a --resume) finds its own again
+    assert first != second
+    assert first.startswith("run-") and state_key(tmp_path / "a" / "run") == first
