@@ -296,10 +296,12 @@ def _as_labels(path: Path, key: str, labels: np.ndarray, count: int) -> np.ndarr
 
 
 def _npz_classes(path: Path, train_labels: np.ndarray, val_labels: np.ndarray) -> tuple[str, ...]:
-    """Name the classes of integer labels: normal/pneumonia when binary, else "0", "1", ..."""
+    """Name the classes of integer labels: normal/pneumonia when binary, else "0", "1", ...
+
+    Whether the labels fit a task (every class present, none beyond its model's outputs) is
+    the task's one rule (:func:`shared.tasks.base.label_problem`), not this loader's.
+    """
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
-    if num_classes < 2:
-        raise InputError(f"{path}: labels hold a single class; at least 2 are needed")
     if num_classes == len(BINARY_CLASSES):
         return BINARY_CLASSES
     return tuple(str(label) for label in range(num_classes))
