@@ -120,6 +120,9 @@ def run_federation(
     )
     fit = BackboneDistribution(fit_workflow(cfg, recorder), backbone, recorder, timeout=DISTRIBUTION_TIMEOUT_S)
     checkpoints.workflow(fit, strategy, recorder)(grid, legacy)
+    if recorder.dropped_rows:
+        dropped = ", ".join(f"{site} {n}" for site, n in sorted(recorder.dropped_rows.items()))
+        log(INFO, "rows the sites' preprocessing dropped (a missing value): %s", dropped)
     return FederationResult(
         config=cfg,
         manifest=backbone.manifest if backbone else None,
@@ -130,6 +133,7 @@ def run_federation(
         full_model_bytes=full_model_bytes(model),
         backbone_bytes=dict(recorder.backbone_bytes),
         resumed=checkpoints.card(recorder.rows),
+        dropped_rows=dict(recorder.dropped_rows),
     )
 
 

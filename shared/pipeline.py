@@ -98,6 +98,8 @@ class LocalProblem:
         Inputs of ``module`` and labels.
     site_name : str
         The site these data belong to.
+    dropped : int
+        Rows of the site's raw data preprocessing left out (:attr:`SiteData.dropped`).
     """
 
     model: BackboneWithHead
@@ -108,6 +110,7 @@ class LocalProblem:
     x_val: np.ndarray
     y_val: np.ndarray
     site_name: str
+    dropped: int = 0
 
 
 def local_problem(
@@ -146,10 +149,10 @@ def local_problem(
             frozen, site, backbone_sha256=backbone_sha256, preprocessing=spec, cache_dir=cache_dir
         )
         return LocalProblem(
-            model, names, module, features.train, site.y_train, features.val, site.y_val, site.name
+            model, names, module, features.train, site.y_train, features.val, site.y_val, site.name, site.dropped
         )
     return LocalProblem(
-        model, names, model, site.x_train, site.y_train, site.x_val, site.y_val, site.name
+        model, names, model, site.x_train, site.y_train, site.x_val, site.y_val, site.name, site.dropped
     )
 
 

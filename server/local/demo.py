@@ -27,7 +27,7 @@ from server.report.result import FederationResult, write_run_folder
 from server.report.runfolder import refuse_occupied
 from shared.config import RunConfig
 from shared.pipeline import Pretrained
-from shared.tasks import load_sites
+from shared.tasks import SiteData, load_sites
 
 # Per-task demo defaults. Batch 128 for chest-xray was measured too (bench_privacy): better
 # at epsilon 1 (AUC 0.930 vs 0.918) but worse at the demo's epsilon 3 (0.926 vs 0.962).
@@ -92,6 +92,12 @@ def ensure_backbone(cfg: RunConfig, console: Console) -> Pretrained:
     return Pretrained(resolved.manifest, resolved.path)
 
 
+def site_summary(site: SiteData) -> str:
+    """One site's rows for the console: training, held-out, and dropped by preprocessing."""
+    dropped = f", {site.dropped} dropped (a missing value)" if site.dropped else ""
+    return f"{site.name}: {site.num_train} train / {site.num_val} held-out{dropped}"
+
+
 def _federate(cfg: RunConfig, title: str, num_sites: int, sites_root: Path, console: Console) -> FederationResult:
     recorder = FederationRecorder()
     # The demo's researcher operates every simulated hospital: their policy follows --dp.
@@ -153,7 +159,7 @@ def run_demo(options: DemoOptions, console: Console) -> Path:
     sites = load_sites(cfg.study, cfg.simulation.data_path)
     console.print(
         f"[bold]CareFL demo[/]: task {cfg.study.task}, {len(sites)} hospitals "
-        f"({', '.join(f'{s.name}: {s.num_train} train / {s.num_val} held-out' for s in sites)})"
+        f"({', '.join(site_summary(s) for s in sites)})"
     )
     pretrained = ensure_backbone(cfg, console)
     dp = f"DP epsilon {cfg.study.target_epsilon:g}" if cfg.study.dp else "no DP"

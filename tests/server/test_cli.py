@@ -115,12 +115,15 @@ def test_heart_demo_writes_a_complete_run_folder(
 ) -> None:
     # Execute
     code = main([*base, "--rounds", "1", "--local-epochs", "1"])
-    capsys.readouterr()
+    printed = capsys.readouterr().out
 
     # Assert
     assert code == 0
     out = tmp_path / "run"
     card = json.loads((out / "model_card.json").read_text())
+    dropped = {"Hungary": 33, "Switzerland": 77, "VA Long Beach": 70}
+    assert card["data"]["dropped_rows_per_site"] == dropped
+    assert "Hungary: 172 train / 89 held-out, 33 dropped (a missing value)" in " ".join(printed.split())
     assert card["task"] == "heart-disease"
     assert card["sites"] == ["Hungary", "Switzerland", "VA Long Beach"]
     assert set(card["comparison"]) == {"federated transfer", "each site alone", "federated from scratch"}
