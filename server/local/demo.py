@@ -25,6 +25,7 @@ from server.progress import RoundTable
 from server.recorder import FederationRecorder
 from server.report.result import FederationResult, write_run_folder
 from server.report.runfolder import refuse_occupied
+from shared.atomic import require_writable_dir
 from shared.config import RunConfig
 from shared.pipeline import Pretrained
 from shared.tasks import SiteData, load_sites
@@ -151,11 +152,13 @@ def run_demo(options: DemoOptions, console: Console) -> Path:
     Raises
     ------
     InputError
-        If the output folder already holds files, or the data are unusable.
+        If the output folder already holds files or cannot be written, the site directories
+        cannot be written, or the data are unusable (all before any training).
     """
     cfg = options.config
     out = options.out_dir
     refuse_occupied(out)
+    require_writable_dir(options.sites_root, what="the simulated hospitals' directory", hint="choose a writable --state-dir")
     sites = load_sites(cfg.study, cfg.simulation.data_path)
     console.print(
         f"[bold]CareFL demo[/]: task {cfg.study.task}, {len(sites)} hospitals "

@@ -109,6 +109,36 @@ def test_output_folder_not_empty(base: list[str], tmp_path: Path, capsys: pytest
     assert (out / "keep.txt").read_text() == "results of another study"
 
 
+def test_output_folder_in_an_unwritable_place_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: --out under a file (root ignores mode bits; the same probe sees read-only mounts)
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a folder")
+    out = blocker / "run"
+
+    # Execute: on main the whole demo trained, then an OSError traceback
+    code, err = _run(["demo", "--out", str(out), "--state-dir", str(tmp_path / "state")], capsys)
+
+    # Assert
+    _assert_refused(code, err, f"run folder {out}", "choose another --out", out=out)
+    assert not (tmp_path / "state").exists()
+
+
+def test_state_dir_in_an_unwritable_place_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    blocker = tmp_path / "state.txt"
+    blocker.write_text("not a folder")
+
+    # Execute
+    code, err = _run(["demo", "--out", str(tmp_path / "run"), "--state-dir", str(blocker / "s")], capsys)
+
+    # Assert
+    _assert_refused(code, err, f"{blocker}", "--state-dir", out=tmp_path / "run")
+
+
 @pytest.mark.slow
 def test_heart_demo_writes_a_complete_run_folder(
     base: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
