@@ -27,7 +27,7 @@ from server.report.result import FederationResult, write_run_folder
 from server.report.runfolder import refuse_occupied
 from shared.atomic import require_writable_dir
 from shared.config import RunConfig
-from shared.pipeline import Pretrained
+from shared.pipeline import Pretrained, build_model, check_memory
 from shared.tasks import SiteData, load_sites
 
 # Per-task demo defaults. Batch 128 for chest-xray was measured too (bench_privacy): better
@@ -99,6 +99,21 @@ def site_summary(site: SiteData) -> str:
     return f"{site.name}: {site.num_train} train / {site.num_val} held-out{dropped}"
 
 
+def check_demo_memory(cfg: RunConfig, pretrained: Pretrained, sites: list[SiteData], *, compare: bool) -> None:
+    """Refuse, before any federation starts, a run the largest site could not hold in memory.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``--image-size``, the estimate and the memory available.
+    """
+    largest = max(sites, key=lambda s: s.x_train.nbytes + s.x_val.nbytes)
+    check_memory(cfg.study, build_model(cfg.study, pretrained), largest, flag="--image-size")
+    if compare:
+        scratch = cfg.study.with_overrides(setup="scratch")
+        check_memory(scratch, build_model(scratch, None), largest, flag="--image-size")
+
+
 def _federate(cfg: RunConfig, title: str, num_sites: int, sites_root: Path, console: Console) -> FederationResult:
     recorder = FederationRecorder()
     # The demo's researcher operates every simulated hospital: their policy follows --dp.
@@ -165,6 +180,7 @@ def run_demo(options: DemoOptions, console: Console) -> Path:
         f"({', '.join(site_summary(s) for s in sites)})"
     )
     pretrained = ensure_backbone(cfg, console)
+    check_demo_memory(cfg, pretrained, sites, compare=options.compare)
     dp = f"DP epsilon {cfg.study.target_epsilon:g}" if cfg.study.dp else "no DP"
     transfer = _federate(cfg, f"Federated transfer ({cfg.study.backbone}, {cfg.study.strategy}, {dp})", len(sites), options.sites_root / "transfer", console)
     comparison = {"federated transfer": summarize(transfer.final_rows())}

@@ -139,6 +139,18 @@ def test_state_dir_in_an_unwritable_place_is_refused_before_training(
     _assert_refused(code, err, f"{blocker}", "--state-dir", out=tmp_path / "run")
 
 
+def test_image_size_beyond_the_machines_memory_is_refused_before_federating(
+    base: list[str], tmp_path: Path, pneumonia_npz: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Execute: on main the run died allocating tens of GB inside Ray
+    argv = [*base, "--task", "chest-xray", "--data", str(pneumonia_npz), "--image-size", "10000"]
+    code, err = _run(argv, capsys)
+
+    # Assert
+    _assert_refused(code, err, "--image-size 10000 needs about", "GiB this machine has available", out=tmp_path / "run")
+    assert not (tmp_path / "state" / "sites").exists()
+
+
 @pytest.mark.slow
 def test_heart_demo_writes_a_complete_run_folder(
     base: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
