@@ -77,6 +77,25 @@ def test_csv_with_wrong_columns(base: list[str], tmp_path: Path, capsys: pytest.
     _assert_refused(code, err, "heart.csv", "chol", out=tmp_path / "run")
 
 
+def test_csv_where_every_patient_is_sick_is_refused_before_federating(
+    base: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: every `num` > 0 (on main: trained, accuracy 1.000 at every site in the model card)
+    from shared.tasks import heart
+
+    frame = heart.load_frame()
+    frame["num"] = 1
+    csv = tmp_path / "all_sick.csv"
+    frame.to_csv(csv, index=False)
+
+    # Execute
+    code, err = _run([*base, "--data", str(csv)], capsys)
+
+    # Assert
+    _assert_refused(code, err, "all_sick.csv", "holds only class 1", "Hungary 1: 172", out=tmp_path / "run")
+    assert not (tmp_path / "state" / "sites").exists()
+
+
 def test_unknown_backbone(base: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _run([*base, "--backbone", "resnet-9000"], capsys)
     _assert_refused(code, err, "resnet-9000", out=tmp_path / "run")
