@@ -233,7 +233,8 @@ def site_data(table: pd.DataFrame, site: str, *, dropped: int = 0) -> SiteData:
         raise InputError(f"unknown heart-disease site {site!r}; sites: {', '.join(SITES)}.")
     rows = table[table["dataset"] == site]
     if rows.empty:
-        raise InputError(f"heart-disease data hold no rows for site {site!r}.")
+        lost = f": all {dropped} of its rows have a missing value" if dropped else ""
+        raise InputError(f"heart-disease data hold no rows for site {site!r}{lost}.")
     x = rows[list(FEATURES)].to_numpy(dtype=np.float64)
     y = rows["label"].to_numpy(dtype=np.int64)
     counts = np.bincount(y, minlength=2)

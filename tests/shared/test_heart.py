@@ -322,3 +322,15 @@ def test_rows_blanked_in_a_csv_are_counted_and_logged(tmp_path: Path, caplog: py
     # Assert
     assert (hungary.num_train, hungary.dropped) == (113, 33 + 89)
     assert "Hungary: 172 rows kept, 122 dropped (a missing value)" in caplog.text
+
+
+def test_a_site_whose_every_row_has_a_missing_value_says_so(tmp_path: Path) -> None:
+    # Prepare
+    frame = heart.load_frame()
+    frame.loc[frame["dataset"] == "Switzerland", "chol"] = np.nan
+    path = tmp_path / "no_chol_in_switzerland.csv"
+    frame.to_csv(path, index=False)
+
+    # Execute / Assert
+    with pytest.raises(InputError, match="no rows for site 'Switzerland': all 123 of its rows have a missing value"):
+        heart.load_sites(("Switzerland",), csv_path=path)
