@@ -161,7 +161,8 @@ class SiteClient(NumPyClient):
         set_arrays(problem.model, problem.names, parameters)
         loss, accuracy, auc = evaluate(problem.module, problem.x_val, problem.y_val)
         metrics: dict[str, Scalar] = {
-            wire.METRIC_SITE: problem.site_name, wire.METRIC_ACCURACY: accuracy, wire.METRIC_AUC: auc
+            wire.METRIC_SITE: problem.site_name, wire.METRIC_ACCURACY: accuracy, wire.METRIC_AUC: auc,
+            wire.METRIC_DROPPED_ROWS: problem.dropped,
         }
         metrics.update(self._privacy_spent(cfg, len(problem.y_train)))
         return loss, len(problem.y_val), metrics

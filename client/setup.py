@@ -12,7 +12,7 @@ from pathlib import Path
 from client.ledger import KEY_FILE, LEDGER_FILE, PrivacyLedger
 from client.policy import SitePolicy
 from client.site import POLICY_FILE
-from shared.atomic import atomic_write_text
+from shared.atomic import atomic_write_text, require_writable_dir
 
 
 def prepare_site_dir(site_dir: Path, *, site: str, policy: SitePolicy | None = None) -> Path:
@@ -31,8 +31,14 @@ def prepare_site_dir(site_dir: Path, *, site: str, policy: SitePolicy | None = N
     -------
     Path
         ``site_dir``.
+
+    Raises
+    ------
+    InputError
+        If ``site_dir`` cannot be created or written (a read-only place, a file in the way).
     """
     site_dir = Path(site_dir)
+    require_writable_dir(site_dir, what="site directory", hint="the site keeps its privacy ledger there")
     site_dir.mkdir(parents=True, exist_ok=True)
     if not (site_dir / LEDGER_FILE).exists() and not (site_dir / KEY_FILE).exists():
         PrivacyLedger.init(site_dir, site=site)

@@ -129,6 +129,9 @@ def run_federation(
         stop=stop,
     )
     checkpoints.workflow(fit, strategy, recorder)(grid, legacy)
+    if recorder.dropped_rows:
+        dropped = ", ".join(f"{site} {n}" for site, n in sorted(recorder.dropped_rows.items()))
+        log(INFO, "rows the sites' preprocessing dropped (a missing value): %s", dropped)
     return FederationResult(
         config=cfg,
         manifest=backbone.manifest if backbone else None,
@@ -139,6 +142,7 @@ def run_federation(
         full_model_bytes=full_model_bytes(model),
         backbone_bytes=dict(recorder.backbone_bytes),
         resumed=checkpoints.card(recorder.rows),
+        dropped_rows=dict(recorder.dropped_rows),
     )
 
 

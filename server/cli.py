@@ -14,7 +14,7 @@ import click
 import typer
 from rich.console import Console
 
-from shared.errors import CareFLError, ConfigError
+from shared.errors import CareFLError, ConfigError, IntegrityError
 
 DEFAULT_STATE = Path(".carefl")
 PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
@@ -41,7 +41,7 @@ def backbones(
     registry: Annotated[Path, typer.Option(help="Backbone registry directory.")] = DEFAULT_STATE / "registry",
     verify: Annotated[bool, typer.Option(help="Resolve and hash each backbone's weights.")] = False,
 ) -> None:
-    """List known backbones (built-in and registered)."""
+    """List known backbones (built-in and registered); with --verify, fail if any does not verify."""
     from rich.table import Table
 
     from shared.backbones import BackboneRegistry
@@ -50,6 +50,7 @@ def backbones(
     table = Table(title="Backbones")
     for column in ("name", "architecture", "features", "sha256", "weights"):
         table.add_column(column)
+    failures: dict[str, CareFLError] = {}
     for name in reg.names():
         manifest = reg.manifest(name)
         where = "-"
@@ -57,9 +58,23 @@ def backbones(
             try:
                 where = f"verified ({reg.resolve(name).origin})"
             except CareFLError as err:
+                failures[name] = err
                 where = f"[red]{err}[/]"
         table.add_row(name, manifest.architecture, str(manifest.feature_dim), manifest.sha256[:16] + "...", where)
     Console().print(table)
+    if failures:
+        raise verification_failure(failures)
+
+
+def verification_failure(failures: dict[str, CareFLError]) -> CareFLError:
+    """One error naming every backbone that failed ``--verify``, of the gravest kind among them.
+
+    A weights file that fails its SHA-256 makes it an :class:`IntegrityError` (exit 3);
+    otherwise (weights not found) the first failure's kind.
+    """
+    kind = IntegrityError if any(isinstance(e, IntegrityError) for e in failures.values()) else type(next(iter(failures.values())))
+    names = ", ".join(failures)
+    return kind(f"{len(failures)} backbone(s) failed verification: {names} (see the weights column above).")
 
 
 def provision(

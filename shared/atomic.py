@@ -55,3 +55,44 @@ def fsync_path(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def require_writable_dir(path: Path, *, what: str, hint: str = "") -> None:
+    """Refuse, before any work starts, a directory that cannot be created or written.
+
+    ``path`` need not exist: the nearest existing ancestor must then be a directory in which a
+    file can be created (a probe file is created and removed again; nothing else is written).
+    Trying beats ``os.access``: it also sees read-only mounts, and it is not fooled by root.
+
+    Parameters
+    ----------
+    path : Path
+        The directory a run will create or write into.
+    what : str
+        What it is, for the message (e.g. ``"run folder"``).
+    hint : str
+        What to do instead (e.g. ``"choose another --out"``).
+
+    Raises
+    ------
+    InputError
+        Naming ``path``, the ancestor that blocks it and the reason.
+    """
+    from shared.errors import InputError
+
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    advice = f"; {hint}" if hint else ""
+    if not existing.is_dir():
+        blocker = "" if existing == path else f" cannot be created: {existing}"
+        raise InputError(f"{what} {path}{blocker} is not a directory{advice}.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".carefl-write-probe-", dir=existing)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        where = "" if existing == path else f" ({existing}, where it would be created)"
+        raise InputError(f"{what} {path} is not writable{where}: {reason}{advice}.") from err
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)

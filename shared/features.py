@@ -42,8 +42,12 @@ def cache_key(backbone_sha256: str, data_fingerprint: str, preprocessing: Mappin
     return sha256_bytes(blob.encode("utf-8"))
 
 
+FEATURE_BATCH = 256
+"""Examples run through the frozen backbone at once when features are computed."""
+
+
 @torch.no_grad()
-def compute_features(backbone: nn.Module, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+def compute_features(backbone: nn.Module, x: np.ndarray, *, batch_size: int = FEATURE_BATCH) -> np.ndarray:
     """Run ``backbone`` in eval mode over ``x`` in batches; returns float32 features."""
     backbone.eval()
     chunks = [

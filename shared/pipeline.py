@@ -24,6 +24,7 @@ from shared.backbones.architectures import (
 )
 from shared.backbones.manifest import BackboneManifest
 from shared.config import StudyConfig
+from shared.errors import ConfigError
 from shared.features import site_features
 from shared.params import exchanged_names
 from shared.tasks import TaskInfo, get_task, input_spec
@@ -98,6 +99,8 @@ class LocalProblem:
         Inputs of ``module`` and labels.
     site_name : str
         The site these data belong to.
+    dropped : int
+        Rows of the site's raw data preprocessing left out (:attr:`SiteData.dropped`).
     """
 
     model: BackboneWithHead
@@ -108,6 +111,7 @@ class LocalProblem:
     x_val: np.ndarray
     y_val: np.ndarray
     site_name: str
+    dropped: int = 0
 
 
 def local_problem(
@@ -132,7 +136,14 @@ def local_problem(
         Identity of the backbone weights (feature-cache key).
     cache_dir : Path, optional
         The site's cache directory; ``None`` recomputes features.
+
+    Raises
+    ------
+    ConfigError
+        If the run would need more memory than this machine has (:func:`check_memory`),
+        checked before any feature is computed or anything trained.
     """
+    check_memory(cfg, model, site)
     trainable = effective_trainable(cfg)
     names = exchanged_names(model, trainable)
     if trainable in ("head", "last"):
@@ -146,10 +157,10 @@ def local_problem(
             frozen, site, backbone_sha256=backbone_sha256, preprocessing=spec, cache_dir=cache_dir
         )
         return LocalProblem(
-            model, names, module, features.train, site.y_train, features.val, site.y_val, site.name
+            model, names, module, features.train, site.y_train, features.val, site.y_val, site.name, site.dropped
         )
     return LocalProblem(
-        model, names, model, site.x_train, site.y_train, site.x_val, site.y_val, site.name
+        model, names, model, site.x_train, site.y_train, site.x_val, site.y_val, site.name, site.dropped
     )
 
 
@@ -162,3 +173,119 @@ def train_settings(cfg: StudyConfig, *, server_round: int, proximal_mu: float = 
         seed=cfg.seed * 1000 + server_round,
         proximal_mu=proximal_mu,
     )
+
+
+# ------------------------------------------------------------------ memory a site needs
+_PROBE_SIDE = 32
+_FLOAT_BYTES = 4
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What one site's training process needs at its largest moment, approximately.
+
+    Attributes
+    ----------
+    total_bytes : int
+        The largest pass plus what stays resident (the site's arrays and features).
+    pass_name : str
+        Which pass is the largest, in words (named in a refusal).
+    """
+
+    total_bytes: int
+    pass_name: str
+
+
+def memory_estimate(cfg: StudyConfig, model: BackboneWithHead, site: SiteData) -> MemoryEstimate:
+    """Estimate the memory local training of ``model`` on ``site`` needs (image tasks).
+
+    Convolutional activations grow with the square of the image side, so the backbone is run
+    once on one small probe image (hooks record every layer's input and output) and the sizes
+    are scaled to ``cfg.image_size``. The passes: features through the frozen part
+    (:data:`~shared.features.FEATURE_BATCH` images, the largest layer's input and output
+    live at once), evaluation (:data:`~shared.training.PREDICT_BATCH`), and, when backbone
+    layers train, a training batch keeping every activation and its gradient (with DP, one
+    gradient per example of every trainable parameter as well). Tabular tasks hold only their
+    arrays.
+    """
+    from shared.features import FEATURE_BATCH
+    from shared.training import PREDICT_BATCH
+
+    resident = site.x_train.nbytes + site.x_val.nbytes
+    passes = {"the site's data": 0}
+    if get_task(cfg.task).info.input_spec.get("kind") == "grayscale-image":
+        peak, saved = _activations_per_image(model, cfg.image_size)
+        trainable = effective_trainable(cfg)
+        if trainable in ("head", "last"):
+            passes[f"features of {FEATURE_BATCH} images at a time"] = FEATURE_BATCH * peak
+        if trainable != "head":
+            params = sum(p.numel() for p in model.parameters() if p.requires_grad) * _FLOAT_BYTES
+            per_example = params if cfg.dp else 0
+            passes[f"a training batch of {cfg.batch_size} images"] = cfg.batch_size * (2 * saved + per_example) + 3 * params
+            passes[f"evaluating {PREDICT_BATCH} images at a time"] = PREDICT_BATCH * peak
+        resident += (site.num_train + site.num_val) * model.head.in_features * _FLOAT_BYTES
+    name = max(passes, key=lambda k: passes[k])
+    return MemoryEstimate(total_bytes=int(resident + passes[name]), pass_name=name)
+
+
+def check_memory(
+    cfg: StudyConfig, model: BackboneWithHead, site: SiteData, *, flag: str = "image-size", available: int | None = None
+) -> MemoryEstimate:
+    """Refuse a run whose estimated memory exceeds what this machine has available.
+
+    Parameters
+    ----------
+    cfg, model, site
+        As for :func:`memory_estimate`.
+    flag : str
+        The setting to name (``image-size`` in a run config, ``--image-size`` on the command line).
+    available : int, optional
+        Bytes available (default: ``psutil.virtual_memory().available``).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``flag`` and its value, the estimate, the pass it comes from, and the limit.
+    """
+    import psutil
+
+    estimate = memory_estimate(cfg, model, site)
+    limit = psutil.virtual_memory().available if available is None else available
+    if estimate.total_bytes > limit:
+        raise ConfigError(
+            f"{flag} {cfg.image_size} needs about {estimate.total_bytes / GIB:.1f} GiB of memory at site "
+            f"{site.name} ({estimate.pass_name} at {cfg.image_size}x{cfg.image_size}), more than the "
+            f"{limit / GIB:.1f} GiB this machine has available; lower {flag}."
+        )
+    return estimate
+
+
+def _activations_per_image(model: BackboneWithHead, image_size: int) -> tuple[int, int]:
+    """Bytes per image at ``image_size``: (the largest layer's input + output, all layers' outputs)."""
+    trunk = model.backbone[1] if isinstance(model.backbone, nn.Sequential) and isinstance(model.backbone[0], ImageNetInput) else model.backbone
+    side = min(_PROBE_SIDE, image_size)
+    probe = nn.Sequential(ImageNetInput(side), trunk)
+    peak = saved = 0
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal peak, saved
+        size_in = sum(t.numel() for t in inputs if isinstance(t, torch.Tensor))
+        size_out = output.numel() if isinstance(output, torch.Tensor) else 0
+        peak = max(peak, size_in + size_out)
+        saved += size_out
+
+    leaves = [m for m in probe.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(record) for m in leaves]
+    modes = {m: m.training for m in probe.modules()}  # frozen BatchNorm must stay in eval mode
+    try:
+        probe.eval()
+        with torch.no_grad():
+            probe(torch.zeros(1, side, side))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    scale = (image_size / side) ** 2 * _FLOAT_BYTES
+    return int(peak * scale), int(saved * scale)

@@ -39,6 +39,7 @@ from types import FrameType, TracebackType
 
 import psutil
 
+from shared.atomic import require_writable_dir
 from shared.errors import DeploymentError
 from shared.log import log
 
@@ -186,6 +187,7 @@ class ProcessGroups:
 
     # ------------------------------------------------------------------------- context manager
     def __enter__(self) -> ProcessGroups:
+        require_writable_dir(self.log_dir, what="log directory")  # one clear line, before any process starts
         if threading.current_thread() is threading.main_thread():
             self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)  # type: ignore[assignment]
             self._handler_installed = True

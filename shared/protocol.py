@@ -50,6 +50,8 @@ METRIC_DELTA: Final = "delta"
 METRIC_LIFETIME_EPSILON: Final = "lifetime-epsilon"
 METRIC_NOISE_MULTIPLIER: Final = "noise-multiplier"
 METRIC_DELTA_CLIPPED: Final = "delta-clipped-fraction"
+METRIC_DROPPED_ROWS: Final = "dropped-rows"
+"""Rows of the site's raw data its task's preprocessing left out (heart-disease: a missing value)."""
 
 # ------------------------------------------------------------------ error codes of a site's replies
 BACKBONE_REFUSED: Final = 4001

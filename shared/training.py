@@ -126,8 +126,12 @@ def run_epochs(
     return last
 
 
+PREDICT_BATCH = 512
+"""Examples evaluated at once."""
+
+
 @torch.no_grad()
-def predict_proba(module: nn.Module, x: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
+def predict_proba(module: nn.Module, x: np.ndarray, *, batch_size: int = PREDICT_BATCH) -> np.ndarray:
     """Return class probabilities of ``module`` on ``x`` (eval mode)."""
     module.eval()
     outputs = [

@@ -25,10 +25,11 @@ from server.progress import RoundTable
 from server.recorder import FederationRecorder
 from server.report.result import FederationResult, write_run_folder
 from server.report.runfolder import refuse_occupied
+from shared.atomic import require_writable_dir
 from shared.config import RunConfig
 from shared.hashing import sha256_bytes
-from shared.pipeline import Pretrained
-from shared.tasks import load_sites
+from shared.pipeline import Pretrained, build_model, check_memory
+from shared.tasks import SiteData, load_sites
 
 # Per-task demo defaults. Batch 128 for chest-xray was measured too (bench_privacy): better
 # at epsilon 1 (AUC 0.930 vs 0.918) but worse at the demo's epsilon 3 (0.926 vs 0.962).
@@ -103,6 +104,27 @@ def ensure_backbone(cfg: RunConfig, console: Console) -> Pretrained:
     return Pretrained(resolved.manifest, resolved.path)
 
 
+def site_summary(site: SiteData) -> str:
+    """One site's rows for the console: training, held-out, and dropped by preprocessing."""
+    dropped = f", {site.dropped} dropped (a missing value)" if site.dropped else ""
+    return f"{site.name}: {site.num_train} train / {site.num_val} held-out{dropped}"
+
+
+def check_demo_memory(cfg: RunConfig, pretrained: Pretrained, sites: list[SiteData], *, compare: bool) -> None:
+    """Refuse, before any federation starts, a run the largest site could not hold in memory.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``--image-size``, the estimate and the memory available.
+    """
+    largest = max(sites, key=lambda s: s.x_train.nbytes + s.x_val.nbytes)
+    check_memory(cfg.study, build_model(cfg.study, pretrained), largest, flag="--image-size")
+    if compare:
+        scratch = cfg.study.with_overrides(setup="scratch")
+        check_memory(scratch, build_model(scratch, None), largest, flag="--image-size")
+
+
 def _federate(cfg: RunConfig, title: str, num_sites: int, sites_root: Path, console: Console) -> FederationResult:
     recorder = FederationRecorder()
     # The demo's researcher operates every simulated hospital: their policy follows --dp.
@@ -156,17 +178,20 @@ def run_demo(options: DemoOptions, console: Console) -> Path:
     Raises
     ------
     InputError
-        If the output folder already holds files, or the data are unusable.
+        If the output folder already holds files or cannot be written, the site directories
+        cannot be written, or the data are unusable (all before any training).
     """
     cfg = options.config
     out = options.out_dir
     refuse_occupied(out)
+    require_writable_dir(options.sites_root, what="the simulated hospitals' directory", hint="choose a writable --state-dir")
     sites = load_sites(cfg.study, cfg.simulation.data_path)
     console.print(
         f"[bold]CareFL demo[/]: task {cfg.study.task}, {len(sites)} hospitals "
-        f"({', '.join(f'{s.name}: {s.num_train} train / {s.num_val} held-out' for s in sites)})"
+        f"({', '.join(site_summary(s) for s in sites)})"
     )
     pretrained = ensure_backbone(cfg, console)
+    check_demo_memory(cfg, pretrained, sites, compare=options.compare)
     dp = f"DP epsilon {cfg.study.target_epsilon:g}" if cfg.study.dp else "no DP"
     transfer = _federate(cfg, f"Federated transfer ({cfg.study.backbone}, {cfg.study.strategy}, {dp})", len(sites), options.sites_root / "transfer", console)
     comparison = {"federated transfer": summarize(transfer.final_rows())}

@@ -44,6 +44,8 @@ class FederationResult:
     resumed : dict[str, Any] | None
         How the run was resumed from a checkpoint (:meth:`server.checkpoint.RunCheckpoints.card`);
         ``None`` if it ran in one go.
+    dropped_rows : dict[str, int]
+        Per site, the rows of its raw data its preprocessing left out, as the site reported.
     """
 
     config: RunConfig
@@ -55,6 +57,7 @@ class FederationResult:
     full_model_bytes: int = 0
     backbone_bytes: dict[int, int] = field(default_factory=dict)
     resumed: dict[str, Any] | None = None
+    dropped_rows: dict[str, int] = field(default_factory=dict)
 
     @property
     def sites(self) -> list[str]:
@@ -93,6 +96,17 @@ def privacy_card(result: FederationResult) -> dict[str, Any]:
         "unit": "one patient record at one site",
         "per_site": {r.site: {"epsilon": r.epsilon, "delta": r.delta} for r in result.final_rows()},
     }
+
+
+DROPPED_ROWS_NOTE = (
+    "rows of a site's raw data its task's preprocessing left out (heart-disease: a missing value in "
+    "a used column, as FLamby's Fed-Heart-Disease), as each site reported them"
+)
+
+
+def data_card(result: FederationResult) -> dict[str, Any]:
+    """What each site's preprocessing left out of its data, for the model card."""
+    return {"dropped_rows_per_site": dict(sorted(result.dropped_rows.items())), "note": DROPPED_ROWS_NOTE}
 
 
 def model_payload(result: FederationResult) -> bytes:
@@ -160,6 +174,7 @@ def write_run_folder(
             metrics={"final_weighted_mean": result.final_summary(), "final_per_site": {r.site: r.as_row() for r in result.final_rows()}},
             extra={
                 "privacy": privacy_card(result),
+                "data": data_card(result),
                 "setup": result.config.study.setup,
                 "strategy": result.config.study.strategy,
                 "exchanged_tensors": result.names,

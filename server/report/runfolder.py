@@ -34,7 +34,7 @@ from typing import Any, cast
 import numpy as np
 
 from server.metrics import METRIC_NAMES, SiteRoundMetrics, rounds_of, weighted_mean
-from shared.atomic import fsync_path
+from shared.atomic import fsync_path, require_writable_dir
 from shared.errors import InputError
 from shared.log import log
 
@@ -143,11 +143,13 @@ class RunFolder:
 
 
 def refuse_occupied(final: Path) -> None:
-    """Raise :class:`InputError` unless ``final`` is missing or an empty directory.
+    """Raise :class:`InputError` unless ``final`` is missing or an empty directory, in a writable place.
 
     Checked before any work starts (the demo, a local deployment) and again when the folder is
-    written.
+    written: the run folder is staged next to ``final`` and renamed onto it, so its parent
+    must be writable (a read-only place would otherwise fail only after training).
     """
+    require_writable_dir(final.parent, what=f"run folder {final}: its parent", hint="choose another --out")
     if not final.exists() and not final.is_symlink():
         return
     if final.is_symlink() or not final.is_dir():

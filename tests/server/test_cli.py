@@ -77,6 +77,25 @@ def test_csv_with_wrong_columns(base: list[str], tmp_path: Path, capsys: pytest.
     _assert_refused(code, err, "heart.csv", "chol", out=tmp_path / "run")
 
 
+def test_csv_where_every_patient_is_sick_is_refused_before_federating(
+    base: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: every `num` > 0 (on main: trained, accuracy 1.000 at every site in the model card)
+    from shared.tasks import heart
+
+    frame = heart.load_frame()
+    frame["num"] = 1
+    csv = tmp_path / "all_sick.csv"
+    frame.to_csv(csv, index=False)
+
+    # Execute
+    code, err = _run([*base, "--data", str(csv)], capsys)
+
+    # Assert
+    _assert_refused(code, err, "all_sick.csv", "holds only class 1", "Hungary 1: 172", out=tmp_path / "run")
+    assert not (tmp_path / "state" / "sites").exists()
+
+
 def test_unknown_backbone(base: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _run([*base, "--backbone", "resnet-9000"], capsys)
     _assert_refused(code, err, "resnet-9000", out=tmp_path / "run")
@@ -109,18 +128,63 @@ def test_output_folder_not_empty(base: list[str], tmp_path: Path, capsys: pytest
     assert (out / "keep.txt").read_text() == "results of another study"
 
 
+def test_output_folder_in_an_unwritable_place_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: --out under a file (root ignores mode bits; the same probe sees read-only mounts)
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a folder")
+    out = blocker / "run"
+
+    # Execute: on main the whole demo trained, then an OSError traceback
+    code, err = _run(["demo", "--out", str(out), "--state-dir", str(tmp_path / "state")], capsys)
+
+    # Assert
+    _assert_refused(code, err, f"run folder {out}", "choose another --out", out=out)
+    assert not (tmp_path / "state").exists()
+
+
+def test_state_dir_in_an_unwritable_place_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    blocker = tmp_path / "state.txt"
+    blocker.write_text("not a folder")
+
+    # Execute
+    code, err = _run(["demo", "--out", str(tmp_path / "run"), "--state-dir", str(blocker / "s")], capsys)
+
+    # Assert
+    _assert_refused(code, err, f"{blocker}", "--state-dir", out=tmp_path / "run")
+
+
+def test_image_size_beyond_the_machines_memory_is_refused_before_federating(
+    base: list[str], tmp_path: Path, pneumonia_npz: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Execute: on main the run died allocating tens of GB inside Ray
+    argv = [*base, "--task", "chest-xray", "--data", str(pneumonia_npz), "--image-size", "10000"]
+    code, err = _run(argv, capsys)
+
+    # Assert
+    _assert_refused(code, err, "--image-size 10000 needs about", "GiB this machine has available", out=tmp_path / "run")
+    assert not (tmp_path / "state" / "sites").exists()
+
+
 @pytest.mark.slow
 def test_heart_demo_writes_a_complete_run_folder(
     base: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Execute
     code = main([*base, "--rounds", "1", "--local-epochs", "1"])
-    capsys.readouterr()
+    printed = capsys.readouterr().out
 
     # Assert
     assert code == 0
     out = tmp_path / "run"
     card = json.loads((out / "model_card.json").read_text())
+    dropped = {"Hungary": 33, "Switzerland": 77, "VA Long Beach": 70}
+    assert card["data"]["dropped_rows_per_site"] == dropped
+    assert "Hungary: 172 train / 89 held-out, 33 dropped (a missing value)" in " ".join(printed.split())
     assert card["task"] == "heart-disease"
     assert card["sites"] == ["Hungary", "Switzerland", "VA Long Beach"]
     assert set(card["comparison"]) == {"federated transfer", "each site alone", "federated from scratch"}

@@ -86,3 +86,26 @@ def test_fedadam_moves_towards_the_mean_delta() -> None:
     eta_norm = eta * np.sqrt(1 - beta_2**t) / (1 - beta_1**t)
     new = parameters_to_ndarrays(params)[0]
     np.testing.assert_allclose(new, eta_norm * m / (np.sqrt(v) + 1e-9), rtol=1e-5)
+
+
+def test_each_sites_dropped_rows_reach_the_recorder() -> None:
+    # Prepare: two sites' evaluation replies, as client.numpy_client sends them
+    from flwr.common import EvaluateRes
+
+    from shared import protocol as wire
+
+    recorder = FederationRecorder()
+    strategy = make_strategy(
+        RunConfig.of(secure_aggregation=False), [np.zeros(2, np.float32)], recorder,
+        fit_config=lambda r: {}, evaluate_config=lambda r: {},
+    )  # fmt: skip
+    replies = [
+        (_Proxy("1"), EvaluateRes(Status(Code.OK, ""), 0.5, 89, {wire.METRIC_SITE: "Hungary", wire.METRIC_DROPPED_ROWS: 33})),
+        (_Proxy("2"), EvaluateRes(Status(Code.OK, ""), 0.4, 16, {wire.METRIC_SITE: "Switzerland", wire.METRIC_DROPPED_ROWS: 77})),
+    ]
+
+    # Execute
+    strategy.aggregate_evaluate(1, replies, [])
+
+    # Assert
+    assert recorder.dropped_rows == {"Hungary": 33, "Switzerland": 77}

