@@ -56,13 +56,13 @@ audit_app = typer.Typer(help="The hospital's audit log of what left the site.", 
 def audit_verify(
     site_dir: Annotated[Path, typer.Option(help="The hospital's site directory.")],
 ) -> None:
-    """Check the audit log's hash chain; report the first altered, removed or reordered entry."""
-    from client.audit import verify
+    """Check the audit log's hash chain, its sealed head and the privacy ledger's charged rounds."""
+    from client.audit import verified_line, verify
 
     report = verify(site_dir)
     if report.problem is not None:
         raise IntegrityError(f"{report.path}: {report.problem} ({report.entries} entries verified before it)")
-    Console().print(f"ok: {report.entries} entries, head {report.head_hash[:16]}", highlight=False, soft_wrap=True)
+    Console().print(verified_line(report), highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
