@@ -48,8 +48,12 @@ def create_client_app(defaults: Mapping[str, str] | None = None, outer_mods: Seq
     def site_dir_of(context: Context) -> Path:
         return site_environment(context, site_defaults).site_dir
 
+    def policy_of(context: Context) -> Path:
+        return site_environment(context, site_defaults).policy_path
+
     # The audit mod is outermost: it records exactly what leaves the site, refusals included.
-    mods = [make_audit_mod(site_dir_of), refusal_mod, make_backbone_mod(site_dir_of), secure_aggregation_mod]
+    backbone_mod = make_backbone_mod(site_dir_of, policy_of)
+    mods = [make_audit_mod(site_dir_of), refusal_mod, backbone_mod, secure_aggregation_mod]
     return ClientApp(client_fn=client_fn, mods=[*outer_mods, *mods])
 
 

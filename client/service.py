@@ -14,24 +14,40 @@ from rich.console import Console
 
 from client.ledger import LEDGER_FILE
 from client.node import CONNECTED_PATTERN, NodeCredentials, NodeOptions, supernode_command
+from client.policy import SitePolicy
+from client.site import POLICY_FILE
 from shared.errors import DeploymentError, InputError
 from shared.executables import INSECURE_WARNING, Announce, command_line, console_announcer, flower_env
 from shared.processes import START_TIMEOUT_S, ManagedProcess, ProcessGroups, follow_output
 
 
-def check_site_dir(site_dir: Path) -> None:
-    """Refuse a site directory without its privacy ledger (the operator creates it once).
+def check_site_dir(site_dir: Path, policy: Path | None = None) -> SitePolicy:
+    """Refuse a site directory without its privacy ledger, or whose policy file is broken.
+
+    Parameters
+    ----------
+    site_dir : Path
+        The site directory (the operator prepares it once).
+    policy : Path, optional
+        The site's policy file (default: ``site_dir/policy.toml``).
+
+    Returns
+    -------
+    SitePolicy
+        The site's policy, as every message will read it.
 
     Raises
     ------
     InputError
-        If ``site_dir/privacy-ledger.json`` is missing.
+        If ``site_dir/privacy-ledger.json`` is missing, or the policy file is missing or invalid
+        (the message names the file and the key).
     """
     if not (site_dir / LEDGER_FILE).is_file():
         raise InputError(
             f"{site_dir} has no privacy ledger; create it once with "
             f"`carefl budget --site-dir {site_dir} --init --site NAME` (and review its policy.toml)."
         )
+    return SitePolicy.load(policy if policy is not None else site_dir / POLICY_FILE)
 
 
 def serve_node(options: NodeOptions, console: Console) -> int:
@@ -40,12 +56,12 @@ def serve_node(options: NodeOptions, console: Console) -> int:
     Raises
     ------
     InputError
-        If the site directory is not prepared.
+        If the site directory is not prepared or its policy file is broken.
     DeploymentError
         If the SuperNode cannot connect (e.g. refused by the SuperLink) or fails.
     """
     site_dir = Path(options.site_dir).resolve()
-    check_site_dir(site_dir)
+    check_site_dir(site_dir, options.policy)
     with ProcessGroups(site_dir / "logs") as procs:
         node = start_supernode(
             procs, options, home=site_dir / "flwr-home", announce=console_announcer(console), name="supernode", wait=False
