@@ -9,11 +9,18 @@ and ``flwr-home/config.toml``, the connection ``flwr`` (and ``carefl federate``)
 progress from the ServerApp's log and waits for it to end. After a crash of the SuperLink,
 restart ``carefl server`` with the same state folder, then ``carefl federate --resume`` with the
 same ``--checkpoint-dir``: the run continues from its last completed round.
+
+One state folder serves one SuperLink: ``carefl server`` holds an exclusive lock on
+``STATE/superlink.lock`` while it runs (released when it stops, or dies), and a second one on
+the same folder refuses to start.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import fcntl
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +45,38 @@ from shared.processes import ProcessGroups, follow_output
 
 APP_DIR = Path(__file__).resolve().parents[1]
 """The Flower app (the project folder with its pyproject.toml) that ``flwr run`` submits."""
+LOCK_FILE = "superlink.lock"
+"""Held by the ``carefl server`` that runs on a state folder (it holds that server's pid)."""
+
+
+@contextmanager
+def hold_state_dir(state_dir: Path) -> Iterator[None]:
+    """Hold ``state_dir`` for one SuperLink: an exclusive ``flock`` on its lock file.
+
+    The lock goes with the process (a crashed server releases it), and its descriptor is not
+    inherited by the SuperLink's processes.
+
+    Raises
+    ------
+    DeploymentError
+        If another ``carefl server`` holds the folder; nothing is written.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "unknown"
+            raise DeploymentError(
+                f"another `carefl server` (pid {holder}) runs on the state folder {state_dir}; "
+                "stop it first, or give this one another --state-dir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 @dataclass(frozen=True)
@@ -82,9 +121,15 @@ def serve_superlink(options: ServerOptions, console: Console) -> int:
     InputError
         If the consortium folder is incomplete.
     DeploymentError
-        If the SuperLink does not start, or a node key cannot be registered.
+        If another ``carefl server`` runs on the same state folder, the SuperLink does not
+        start, or a node key cannot be registered.
     """
     state = options.state_dir.resolve()
+    with hold_state_dir(state):
+        return _serve_superlink(options, state, console)
+
+
+def _serve_superlink(options: ServerOptions, state: Path, console: Console) -> int:
     tls = None
     keys: dict[str, Path] = {}
     if options.consortium is not None:
