@@ -38,6 +38,7 @@ def node(
     policy: Annotated[Path | None, typer.Option(help="The site's policy file (default: SITE_DIR/policy.toml).")] = None,
     port: Annotated[int, typer.Option(help="Port of the SuperNode's Runtime API (distinct per node on one machine).")] = 9094,
     insecure: Annotated[bool, typer.Option(help="No TLS, no node key: a local test only.")] = False,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds the SuperLink may take to accept the node; then it stops and says why.")] = 120.0,
 ) -> None:
     """Run a hospital's SuperNode: TLS to the SuperLink, authenticated with its node key."""
     from client.service import node_options, serve_node
@@ -46,7 +47,7 @@ def node(
         superlink=superlink, site_dir=site_dir, site_index=site_index, credentials=credentials,
         insecure=insecure, data_path=data, policy=policy, port=port,
     )  # fmt: skip
-    serve_node(options, Console())
+    serve_node(options, Console(), connect_timeout=connect_timeout)
 
 
 audit_app = typer.Typer(help="The hospital's audit log of what left the site.", no_args_is_help=True)
