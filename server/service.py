@@ -28,6 +28,7 @@ from typing import Any
 from rich.console import Console
 
 from server.deployment import (
+    RunLog,
     RunningSuperLink,
     follow_run,
     progress_printer,
@@ -221,6 +222,9 @@ def federate(options: FederateOptions, console: Console) -> int:
         If there is no connection in the state folder.
     DeploymentError
         If the run cannot be submitted or does not complete.
+    CareFLError
+        The ServerApp's own error, of its kind, when it stopped the run (a refusal, a backbone
+        that fails its hash, an unknown backbone...).
     """
     home = options.state_dir.resolve() / "flwr-home"
     link = RunningSuperLink(read_flwr_home(home), home)
@@ -229,9 +233,10 @@ def federate(options: FederateOptions, console: Console) -> int:
         config_file = options.state_dir.resolve() / "run-config.toml"
         run_id = submit_run(link, options.app_dir, options.run_config(), config_file, announce=announce)
         console.print(f"Run {run_id} submitted; following its ServerApp log:", highlight=False)
-        status = follow_run(procs, link, run_id, progress_printer(console), announce=announce, timeout=options.timeout)
+        run_log = RunLog(progress_printer(console))
+        status = follow_run(procs, link, run_id, run_log, announce=announce, timeout=options.timeout)
     if status != COMPLETED:
-        raise DeploymentError(f"run {run_id} ended as {status}; `flwr log {run_id} {link.connection.name} --show` tells why.")
+        raise run_log.failure(run_id, status, f"`flwr log {run_id} {link.connection.name} --show` shows its whole log.")
     if options.out_dir is not None:
         console.print(f"Run folder: [bold]{options.out_dir}[/]")
     return run_id
