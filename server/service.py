@@ -46,6 +46,8 @@ from shared.processes import ProcessGroups, follow_output
 
 APP_DIR = Path(__file__).resolve().parents[1]
 """The Flower app (the project folder with its pyproject.toml) that ``flwr run`` submits."""
+DEFAULT_REGISTRY = Path(".carefl") / "registry"
+"""``registry-dir`` of a run submitted without one: ``carefl pretrain``'s default ``--registry``."""
 LOCK_FILE = "superlink.lock"
 """Held by the ``carefl server`` that runs on a state folder (it holds that server's pid)."""
 
@@ -200,8 +202,12 @@ class FederateOptions:
     timeout: float = 24 * 3600.0
 
     def run_config(self) -> dict[str, Any]:
-        """The validated overrides sent with ``flwr run`` (server paths absolute)."""
-        values = dict(self.overrides)
+        """The validated overrides sent with ``flwr run`` (server paths absolute).
+
+        ``registry-dir`` defaults to :data:`DEFAULT_REGISTRY`, where ``carefl pretrain``
+        registers backbones.
+        """
+        values = {"registry-dir": str(DEFAULT_REGISTRY), **self.overrides}
         if self.out_dir is not None:
             values["run-dir"] = str(self.out_dir)
         if self.checkpoint_dir is not None:

@@ -17,7 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import create_client_app
-from client.audit import AUDIT_FILE
+from client.audit import AUDIT_FILE, verify
+from client.ledger import PrivacyLedger
 from client.policy import SitePolicy
 from client.setup import prepare_site_dir
 from client.site import POLICY_FILE
@@ -192,3 +193,38 @@ def test_a_node_with_a_broken_policy_does_not_start(tmp_path: Path, capsys: pyte
     assert code == EXIT_USAGE
     assert len(errors) == 1 and str(broken) in errors[0] and "max_epsilon" in errors[0], err
     assert not (site / "logs").exists()
+
+
+def _offer(backbone: ResolvedBackbone) -> Message:
+    record = {"sha256": backbone.manifest.sha256, "manifest": backbone.manifest.to_json()}
+    return Message(RecordDict({BACKBONE_RECORD: ConfigRecord(record)}), dst_node_id=1, message_type=BACKBONE_MESSAGE_TYPE)  # type: ignore[arg-type]
+
+
+def test_a_simulated_hospital_gets_its_site_prepared(
+    tmp_path: Path, backbone: ResolvedBackbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: `flwr run` with a simulation SuperLink: Flower's node config, nobody prepared a site
+    monkeypatch.setattr("client.site.DEFAULT_SITES_ROOT", tmp_path / "sites")  # the user's ~/.carefl/sites
+    context = Context(run_id=7, node_id=1, node_config={"partition-id": 1, "num-partitions": 3}, state=RecordDict(), run_config={})
+
+    # Execute
+    reply = create_client_app()(_offer(backbone), context)
+
+    # Assert: a ledger, the default policy, and an audit log sealed from its first entry
+    site = tmp_path / "sites" / "site-1"
+    assert not reply.has_error() and reply.content.config_records[BACKBONE_RECORD]["status"] == "need"
+    assert PrivacyLedger.open(site).site == "site-1" and SitePolicy.load(site / POLICY_FILE) == SitePolicy()
+    assert verify(site).ok and verify(site).sealed
+
+
+def test_a_deployed_node_is_never_prepared_by_the_app(tmp_path: Path, backbone: ResolvedBackbone) -> None:
+    # Prepare: a node config naming a site directory its operator never prepared
+    site = tmp_path / "site"
+    context = Context(run_id=7, node_id=1, node_config={"site-index": 0, "site-dir": str(site)}, state=RecordDict(), run_config={})
+
+    # Execute
+    reply = create_client_app()(_offer(backbone), context)
+
+    # Assert
+    assert reply.has_error() and "cannot read the file" in reply.error.reason
+    assert not (site / "privacy-ledger.json").exists()

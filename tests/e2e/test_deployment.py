@@ -28,12 +28,11 @@ from client.service import serve_node, start_supernode
 from client.setup import prepare_site_dir
 from server.checkpoint import load_checkpoint
 from server.deployment import register_nodes, start_superlink
-from server.local.cli import main
 from server.local.demo import demo_config
 from server.local.deployment import DeploymentDemoOptions, LocalDeployment
 from server.provision import ConsortiumLayout, provision
 from server.superlink import SuperLinkOptions, SuperLinkTLS
-from shared.errors import EXIT_INTEGRITY, DeploymentError
+from shared.errors import DeploymentError
 from shared.executables import executable, flower_env
 from shared.processes import ProcessGroups, free_port, group_alive, tagged_processes
 
@@ -248,25 +247,3 @@ def test_carefl_server_and_node_commands_stop_their_processes(
     assert server.returncode == 130 and node.returncode == 130
     assert inner and not [g for g in inner if group_alive(g)]
 
-
-def test_federate_shows_why_the_serverapp_stopped(
-    heart_registry: Path, procs: ProcessGroups, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # Prepare: `carefl server`'s state folder, its SuperLink running (no nodes needed: the
-    # ServerApp stops before the first round)
-    state = tmp_path / "state"
-    options = SuperLinkOptions(tls=None, node_auth=False, database=state / "state.db", port=free_port())
-    start_superlink(procs, options, home=state / "flwr-home", cli_home=state / "flwr-home", announce=print)
-    wrong = "0" * 64
-    capsys.readouterr()
-
-    # Execute: a run whose backbone must have another SHA-256 than the registered one
-    code = main(["federate", "--state-dir", str(state), "--run-config",
-                 f"registry-dir='{heart_registry}' backbone-sha256='{wrong}' num-rounds=1"])  # fmt: skip
-
-    # Assert: the ServerApp's own error, as an integrity error (exit 3), in one line
-    captured = capsys.readouterr()
-    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
-    assert code == EXIT_INTEGRITY, captured.err
-    assert len(errors) == 1 and "but the run config requires 0000000000000000" in errors[0], captured.err
-    assert "Traceback" not in captured.out + captured.err and "Exit Code" not in captured.out

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from server.local.cli import main
-from server.service import LOCK_FILE, hold_state_dir
+from server.service import LOCK_FILE, FederateOptions, hold_state_dir
 from shared.errors import EXIT_DEPLOYMENT
 from shared.processes import free_port
 
@@ -65,3 +65,16 @@ def test_a_crashed_server_releases_its_state_dir(held) -> None:  # type: ignore[
     # Assert
     with hold_state_dir(state):
         assert (state / LOCK_FILE).read_text().strip() == str(os.getpid())
+
+
+def test_a_run_without_registry_dir_uses_the_one_pretrain_registers_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the README's `carefl federate ... --run-config "num-rounds=5"`, from the project folder
+    monkeypatch.chdir(tmp_path)
+
+    # Execute
+    default = FederateOptions(tmp_path / "state", {"num-rounds": 5}).run_config()
+    explicit = FederateOptions(tmp_path / "state", {"registry-dir": "elsewhere"}).run_config()
+
+    # Assert: absolute, since the ServerApp runs in another folder
+    assert default["registry-dir"] == str(tmp_path / ".carefl" / "registry")
+    assert explicit["registry-dir"] == str(tmp_path / "elsewhere")
