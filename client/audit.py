@@ -8,8 +8,11 @@ The log lives in the site directory as two files:
     ``stage``, ``message_type``, ``secagg_stage``, ``reply_to``, ``payload_sha256``,
     ``payload_bytes``, ``epsilon``, ``decision`` and ``entry_hash``.
 ``audit.head``
-    ``{"count": n, "entry_hash": ...}`` of the last entry, replaced atomically after each
-    append, so removing entries from the end is detected.
+    ``{"count": n, "entry_hash": ..., "mac": ...}`` of the last entry, replaced atomically after
+    each append, so removing entries from the end is detected. ``mac`` seals the head with the
+    site key (``ledger.key``, the privacy ledger's key): ``HMAC-SHA256(key,
+    b"carefl-audit/v1/head\x00" + canonical({"count": n, "entry_hash": ...}))`` in hex. It is
+    absent at a site without a key, and in heads written before heads were sealed.
 
 With ``canonical(x) = json.dumps(x, sort_keys=True, separators=(",", ":"))``, an entry's
 ``entry_hash`` is ``sha256(canonical(entry without entry_hash))`` in hex; it covers ``seq`` and
@@ -22,10 +25,18 @@ whose audit log is broken sends nothing (fail closed). Several ClientApp process
 site may append at once: they take turns under an ``flock`` on ``audit.lock``.
 
 What this protects against: editing, removing, reordering or inserting entries, or dropping
-the tail, without rewriting every later entry *and* the head. It does not protect against
-someone who rewrites the whole chain from the altered entry on, head included (a hash chain
-without a key or an outside anchor cannot): to detect that, record the head printed by
-``carefl audit verify`` somewhere the site's disk cannot change (a ticket, the server's logs).
+the tail, without rewriting every later entry *and* the head. A complete rewrite of the chain
+(entries and head) is detected by the head's seal: without the site key, nobody can seal the
+new head. The privacy ledger vouches for the log too: :func:`verify` refuses a ledger whose
+charged rounds have no ``train`` entry in the log (e.g. both files deleted, or entries dropped
+and the head recomputed).
+
+Logs written before heads were sealed: a head without ``mac`` verifies at a site whose ledger
+was created before (its header has no ``seals_audit_head``), and the next append seals it. A
+ledger created since requires a sealed head, so removing the ``mac`` (a downgrade) is refused.
+Someone holding the site key can still rewrite everything; to detect that too, record the head
+printed by ``carefl audit verify`` somewhere the site's disk cannot change (a ticket, the
+server's logs).
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
+from client.ledger import KEY_FILE, LEDGER_FILE, PrivacyLedger, read_site_key, same_mac, site_mac
 from client.records import Clock, canonical, locked, strict_json, utc_now, utc_timestamp
 from shared.atomic import atomic_write_text, fsync_path
 from shared.errors import InputError, IntegrityError
@@ -58,6 +70,8 @@ __all__ = [
     "AuditProblem",
     "AuditRecord",
     "AuditReport",
+    "head_mac",
+    "verified_line",
     "verify",
 ]
 
@@ -66,6 +80,8 @@ HEAD_FILE = "audit.head"
 LOCK_FILE = "audit.lock"
 GENESIS_HASH = "0" * 64
 ACCEPTED = "accepted"
+TRAIN = "train"
+_LABEL_HEAD = b"carefl-audit/v1/head\x00"
 
 RECOVERY = (
     f"Restore {AUDIT_FILE} and {HEAD_FILE} from the site's backup (or move both aside and keep "
@@ -93,11 +109,24 @@ class _Entry(Document):
 
 
 class _Head(Document):
-    """``audit.head``: the number of entries and the last one's hash."""
+    """``audit.head``: the number of entries, the last one's hash and their seal."""
 
     count: int = Field(ge=0)
     entry_hash: str
+    mac: str | None = None
 
+
+@dataclass(frozen=True)
+class _HeadState:
+    """A head as read: ``(count, entry_hash)`` and its seal (None when unsealed)."""
+
+    count: int
+    entry_hash: str
+    mac: str | None
+
+    @property
+    def position(self) -> tuple[int, str]:
+        return self.count, self.entry_hash
 
 
 @dataclass(frozen=True)
@@ -149,19 +178,25 @@ class AuditProblem:
     Attributes
     ----------
     line : int | None
-        1-based line of ``audit.jsonl`` (None when the problem is the head file itself).
+        1-based line of ``audit.jsonl`` (None when the problem is the head file, or the log as
+        a whole).
     kind : str
-        ``altered``, ``removed``, ``reordered``, ``truncated`` or ``malformed``.
+        ``altered``, ``removed``, ``reordered``, ``truncated``, ``malformed``, ``unsealed`` (a
+        head the site's ledger requires sealed) or ``missing`` (charged rounds of the privacy
+        ledger without their entry).
     detail : str
         What was expected and what was found.
+    where : str | None
+        Where the problem is, when not a line (default: the head file).
     """
 
     line: int | None
     kind: str
     detail: str
+    where: str | None = None
 
     def __str__(self) -> str:
-        where = f"line {self.line}" if self.line is not None else HEAD_FILE
+        where = f"line {self.line}" if self.line is not None else self.where or HEAD_FILE
         return f"{where}: {self.kind}: {self.detail}"
 
 
@@ -179,12 +214,18 @@ class AuditReport:
         ``entry_hash`` of the last verified entry (:data:`GENESIS_HASH` when none).
     problem : AuditProblem | None
         The first problem found, or None.
+    sealed : bool
+        Whether the head's seal was checked with the site key.
+    charged_rounds : int | None
+        Rounds the site's privacy ledger charged, each found in the log (None: no ledger).
     """
 
     path: Path
     entries: int
     head_hash: str
     problem: AuditProblem | None = None
+    sealed: bool = False
+    charged_rounds: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -212,15 +253,18 @@ class AuditLog:
     def append(self, record: AuditRecord) -> dict[str, Any]:
         """Append ``record`` and return its full entry once it is durably on disk.
 
+        The new head is sealed with the site key when the site has one.
+
         Raises
         ------
         IntegrityError
-            If the log's tail does not match its head (altered, truncated or replaced); nothing
-            is written.
+            If the log's tail does not match its head (altered, truncated or replaced), or the
+            head's seal does not verify; nothing is written.
         """
         self.site_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with locked(self.site_dir / LOCK_FILE):
-            count, prev_hash = self._tail()
+            key = read_site_key(self.site_dir)
+            count, prev_hash = self._tail(key)
             entry: dict[str, Any] = {
                 "seq": count,
                 "prev_hash": prev_hash,
@@ -245,17 +289,22 @@ class AuditLog:
                 os.fsync(handle.fileno())
             if created:
                 fsync_path(self.site_dir)
-            _write_head(self.head_path, count + 1, entry["entry_hash"])
+            _write_head(self.head_path, count + 1, entry["entry_hash"], key)
         return entry
 
-    def _tail(self) -> tuple[int, str]:
+    def _tail(self, key: bytes | None) -> tuple[int, str]:
         """Return (entries, last entry_hash) after checking the log's last entry against the head.
 
         Two crashes are recovered from, and only when the rest matches the head: a last line
         cut short (no newline: the append was interrupted before the reply left) is dropped,
         and a head one entry behind the log (interrupted between the two writes) catches up.
+        The head's seal is checked first (see :func:`_seal_problem`).
         """
-        head = _read_head(self.head_path) or (0, GENESIS_HASH)
+        state = _read_head(self.head_path)
+        problem = _seal_problem(self.site_dir, state, key)
+        if problem is not None:
+            raise self._fail(problem)
+        head = state.position if state else (0, GENESIS_HASH)
         last, torn_at = _tail_of(self.path)
         if last is None:
             if head[0] > 0:
@@ -273,12 +322,14 @@ class AuditLog:
                     self.path,
                     HEAD_FILE,
                 )
-                _write_head(self.head_path, count, last_hash)
+                _write_head(self.head_path, count, last_hash, key)
             elif head != (count, last_hash):
                 raise self._fail(
                     f"the last entry of {AUDIT_FILE} (seq {entry['seq']}) is not the one {HEAD_FILE} "
                     f"records ({head[0]} entries): entries were removed or replaced"
                 )
+        if state is not None and state.mac is None and key is not None:
+            log(WARNING, "%s: sealing a head written before heads were sealed", self.head_path)
         if torn_at is not None:
             log(WARNING, "%s: dropping a last line cut short (an append was interrupted)", self.path)
             with self.path.open("rb+") as handle:
@@ -300,21 +351,46 @@ def verify(site_dir: Path) -> AuditReport:
     an entry is missing, ``reordered`` when entries are out of order or replayed) and its
     ``prev_hash`` is the previous entry's hash (``altered``). Then the head file: it must not
     record more entries than the log holds (``truncated``), and the entry it records must be
-    the one in the log (``altered``).
+    the one in the log (``altered``). Then the head's seal, with the site key (``altered``;
+    ``unsealed`` when the site's ledger requires a seal and there is none). Last, the privacy
+    ledger: each round it charged must have a ``train`` entry of that run and round
+    (``missing``).
 
     Raises
     ------
     InputError
         If ``site_dir`` does not exist.
+    IntegrityError
+        If the site's privacy ledger does not verify (:class:`client.ledger.LedgerError`).
     """
     site_dir = Path(site_dir)
     if not site_dir.is_dir():
         raise InputError(f"{site_dir} is not a site directory (not found)")
     path = site_dir / AUDIT_FILE
+    ledger = _ledger_of(site_dir)
+    key = read_site_key(site_dir)
     try:
-        head = _read_head(site_dir / HEAD_FILE)
+        state = _read_head(site_dir / HEAD_FILE)
     except IntegrityError as err:
         return AuditReport(path, 0, GENESIS_HASH, AuditProblem(None, "malformed", str(err)))
+    entries, report = _verify_chain(path, state)
+    if report is not None:
+        return report
+    prev = entries[-1]["entry_hash"] if entries else GENESIS_HASH
+    sealing = _seal_problem(site_dir, state, key, ledger)
+    if sealing is not None:
+        kind = "unsealed" if state is not None and state.mac is None else "altered"
+        return AuditReport(path, len(entries), prev, AuditProblem(None, kind, sealing))
+    sealed = state is not None and state.mac is not None
+    if ledger is None:
+        return AuditReport(path, len(entries), prev, sealed=sealed)
+    missing = _uncharged_problem(ledger, entries, log_exists=path.exists() or state is not None)
+    charged = len(ledger.entries())
+    return AuditReport(path, len(entries), prev, missing, sealed=sealed, charged_rounds=charged)
+
+
+def _verify_chain(path: Path, state: _HeadState | None) -> tuple[list[dict[str, Any]], AuditReport | None]:
+    """Check every line of ``path`` and the head against them; return the entries or a report."""
     lines = path.read_bytes().split(b"\n") if path.exists() else [b""]
     torn = lines[-1] != b""
     if not torn:
@@ -324,30 +400,117 @@ def verify(site_dir: Path) -> AuditReport:
     for number, raw in enumerate(lines, start=1):
         if torn and number == len(lines):
             detail = "the last line is cut short (an interrupted append; the next append drops it)"
-            return AuditReport(path, len(entries), prev, AuditProblem(number, "malformed", detail))
+            return entries, AuditReport(path, len(entries), prev, AuditProblem(number, "malformed", detail))
         entry = _parse(raw)
         if isinstance(entry, str):
-            return AuditReport(path, len(entries), prev, AuditProblem(number, "malformed", entry))
+            return entries, AuditReport(path, len(entries), prev, AuditProblem(number, "malformed", entry))
         problem = _check_link(entry, number, prev, lines)
         if problem is not None:
-            return AuditReport(path, len(entries), prev, problem)
+            return entries, AuditReport(path, len(entries), prev, problem)
         entries.append(entry)
         prev = entry["entry_hash"]
-    count, head_hash = head or (0, GENESIS_HASH)
+    count, head_hash = state.position if state else (0, GENESIS_HASH)
     if count > len(entries):
         detail = f"{HEAD_FILE} records {count} entries but the log holds {len(entries)}: its tail was removed"
-        return AuditReport(path, len(entries), prev, AuditProblem(len(entries) + 1, "truncated", detail))
+        problem = AuditProblem(len(entries) + 1, "truncated", detail)
+        return entries, AuditReport(path, len(entries), prev, problem)
     if count > 0 and entries[count - 1]["entry_hash"] != head_hash:
         detail = f"entry seq {count - 1} is not the one {HEAD_FILE} records (hash {head_hash[:16]}...)"
         verified = entries[count - 2]["entry_hash"] if count > 1 else GENESIS_HASH
-        return AuditReport(path, count - 1, verified, AuditProblem(count, "altered", detail))
+        return entries, AuditReport(path, count - 1, verified, AuditProblem(count, "altered", detail))
     if count < len(entries) - 1:
         detail = (
             f"{HEAD_FILE} records {count} entries but the log holds {len(entries)}: "
             "the head was replaced by an older one, or entries were appended behind its back"
         )
-        return AuditReport(path, count, head_hash, AuditProblem(None, "altered", detail))
-    return AuditReport(path, len(entries), prev)
+        return entries, AuditReport(path, count, head_hash, AuditProblem(None, "altered", detail))
+    return entries, None
+
+
+def _ledger_of(site_dir: Path) -> PrivacyLedger | None:
+    """The site's verified privacy ledger, or None when the site has neither ledger nor key."""
+    if not (site_dir / LEDGER_FILE).exists() and not (site_dir / KEY_FILE).exists():
+        return None
+    return PrivacyLedger.open(site_dir)
+
+
+def _seal_problem(
+    site_dir: Path, state: _HeadState | None, key: bytes | None, ledger: PrivacyLedger | None = None
+) -> str | None:
+    """What is wrong with the head's seal, or None.
+
+    A sealed head must verify with the site key. An unsealed head is accepted only where the
+    site's ledger does not require a seal (it predates sealed heads) or there is no key.
+    """
+    if state is None:
+        return None
+    if state.mac is not None:
+        if key is None:
+            return (
+                f"{HEAD_FILE} is sealed with the site key, but {site_dir / KEY_FILE} is missing: "
+                "the seal cannot be checked"
+            )
+        if not same_mac(state.mac, head_mac(key, state.count, state.entry_hash)):
+            return (
+                f"the seal of {HEAD_FILE} does not verify with the site key ({KEY_FILE}): the log and "
+                "its head were rewritten by someone without the key"
+            )
+        return None
+    if key is None or state.count == 0:
+        return None
+    if ledger is None:
+        ledger = PrivacyLedger.open(site_dir)
+    if ledger.seals_audit_head:
+        return (
+            f"{HEAD_FILE} is not sealed, but this site's privacy ledger requires a sealed head: the "
+            "log and its head were rewritten by someone without the site key"
+        )
+    return None
+
+
+def _uncharged_problem(
+    ledger: PrivacyLedger, entries: list[dict[str, Any]], *, log_exists: bool
+) -> AuditProblem | None:
+    """The charged rounds of ``ledger`` that have no ``train`` entry in the log, as a problem."""
+    logged = {(e["run_id"], e["round"]) for e in entries if e["message_type"] == TRAIN}
+    missing = [(e.run_id, e.round) for e in ledger.entries() if (e.run_id, e.round) not in logged]
+    if not missing:
+        return None
+    run, rnd = missing[0]
+    charged = f"{ledger.path.name} records {len(ledger.entries())} charged round(s)"
+    if not log_exists:
+        detail = (
+            f"{AUDIT_FILE} and {HEAD_FILE} are missing, but {charged} (first: run {run} round {rnd}): "
+            "the audit log was deleted"
+        )
+    else:
+        detail = (
+            f"{charged}, and {len(missing)} of them have no {TRAIN} entry in {AUDIT_FILE} "
+            f"(first: run {run} round {rnd}): entries were removed (or a node was killed between "
+            "charging a round and answering it)"
+        )
+    return AuditProblem(None, "missing", detail, where=LEDGER_FILE)
+
+
+def verified_line(report: AuditReport) -> str:
+    """The line ``carefl audit verify`` prints for a log that verified."""
+    if report.sealed:
+        seal = "sealed with the site key"
+    elif report.entries == 0:
+        seal = "nothing to seal"
+    else:
+        seal = "head not sealed (written before heads were sealed, or no site key: record it outside the site)"
+    ledger = (
+        "no privacy ledger"
+        if report.charged_rounds is None
+        else f"{report.charged_rounds} charged round(s) of the privacy ledger each logged"
+    )
+    return f"ok: {report.entries} entries, head {report.head_hash[:16]}, {seal}; {ledger}"
+
+
+def head_mac(key: bytes, count: int, last_hash: str) -> str:
+    """The seal of a head: ``HMAC-SHA256(key, label + canonical({count, entry_hash}))`` in hex."""
+    return site_mac(key, _LABEL_HEAD, canonical({"count": count, "entry_hash": last_hash}))
 
 
 def entry_hash(entry: Mapping[str, Any]) -> str:
@@ -389,7 +552,7 @@ def _parse(raw: bytes) -> dict[str, Any] | str:
     return entry  # as read: its hash covers exactly these values
 
 
-def _read_head(path: Path) -> tuple[int, str] | None:
+def _read_head(path: Path) -> _HeadState | None:
     if not path.exists():
         return None
     try:
@@ -401,11 +564,15 @@ def _read_head(path: Path) -> tuple[int, str] | None:
     except ValidationError as err:
         wrong = problem(err, spell=_Head.key_of)
         raise IntegrityError(f"{path} is malformed ({wrong}). {RECOVERY}") from None
-    return head.count, head.entry_hash
+    return _HeadState(head.count, head.entry_hash, head.mac)
 
 
-def _write_head(path: Path, count: int, last_hash: str) -> None:
-    atomic_write_text(path, json.dumps({"count": count, "entry_hash": last_hash}, sort_keys=True) + "\n")
+def _write_head(path: Path, count: int, last_hash: str, key: bytes | None) -> None:
+    """Replace the head atomically; sealed with ``key`` when the site has one."""
+    head: dict[str, Any] = {"count": count, "entry_hash": last_hash}
+    if key is not None:
+        head["mac"] = head_mac(key, count, last_hash)
+    atomic_write_text(path, json.dumps(head, sort_keys=True) + "\n")
 
 
 def _tail_of(path: Path) -> tuple[bytes | None, int | None]:

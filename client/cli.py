@@ -38,6 +38,7 @@ def node(
     policy: Annotated[Path | None, typer.Option(help="The site's policy file (default: SITE_DIR/policy.toml).")] = None,
     port: Annotated[int, typer.Option(help="Port of the SuperNode's Runtime API (distinct per node on one machine).")] = 9094,
     insecure: Annotated[bool, typer.Option(help="No TLS, no node key: a local test only.")] = False,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds the SuperLink may take to accept the node; then it stops and says why.")] = 120.0,
 ) -> None:
     """Run a hospital's SuperNode: TLS to the SuperLink, authenticated with its node key."""
     from client.service import node_options, serve_node
@@ -46,7 +47,7 @@ def node(
         superlink=superlink, site_dir=site_dir, site_index=site_index, credentials=credentials,
         insecure=insecure, data_path=data, policy=policy, port=port,
     )  # fmt: skip
-    serve_node(options, Console())
+    serve_node(options, Console(), connect_timeout=connect_timeout)
 
 
 audit_app = typer.Typer(help="The hospital's audit log of what left the site.", no_args_is_help=True)
@@ -56,13 +57,13 @@ audit_app = typer.Typer(help="The hospital's audit log of what left the site.", 
 def audit_verify(
     site_dir: Annotated[Path, typer.Option(help="The hospital's site directory.")],
 ) -> None:
-    """Check the audit log's hash chain; report the first altered, removed or reordered entry."""
-    from client.audit import verify
+    """Check the audit log's hash chain, its sealed head and the privacy ledger's charged rounds."""
+    from client.audit import verified_line, verify
 
     report = verify(site_dir)
     if report.problem is not None:
         raise IntegrityError(f"{report.path}: {report.problem} ({report.entries} entries verified before it)")
-    Console().print(f"ok: {report.entries} entries, head {report.head_hash[:16]}", highlight=False, soft_wrap=True)
+    Console().print(verified_line(report), highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

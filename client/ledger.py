@@ -3,11 +3,13 @@
 The ledger lives in the site directory as two files:
 
 ``privacy-ledger.json``
-    A header (format, version, site, creation time, key id), then one entry per charged round
+    A header (format, version, site, creation time, key id and, in ledgers created since audit
+    heads are sealed, ``seals_audit_head: true``), then one entry per charged round
     (run, round, noise multiplier, sample rate, steps, delta, accountant, clipping norm, time),
     then the entry count and the last entry's MAC, sealed together.
 ``ledger.key``
-    32 random bytes (mode 0600) that authenticate the ledger with HMAC-SHA256.
+    32 random bytes (mode 0600), the *site key*: it authenticates the ledger with HMAC-SHA256,
+    and it seals the head of the site's audit log (:mod:`client.audit`).
 
 Epsilon is never stored: :meth:`PrivacyLedger.spent` recomputes it from the charges with
 :func:`shared.privacy.epsilon`, per run or over the site's lifetime (all runs composed). A
@@ -39,7 +41,12 @@ not hold ``ledger.key``; a key that is not this ledger's; a truncated or half-wr
 What it does not protect against: rolling back *both* files to an older backup (the older
 ledger verifies, and the privacy spent since is forgotten), or anyone holding ``ledger.key``
 (who can write any ledger). Detecting those needs an anchor outside the site directory, such
-as the audit log or the server's receipts of the charges.
+as the server's receipts of the charges. The audit log and the ledger vouch for each other:
+``carefl audit verify`` refuses a ledger whose charged rounds have no entry in the audit log.
+
+``seals_audit_head`` is covered by the header's MAC, so it cannot be removed without the key:
+a ledger that carries it requires a sealed audit head (a ledger created before it does not,
+so that audit logs written before heads were sealed still verify).
 """
 
 from __future__ import annotations
@@ -65,7 +72,17 @@ from shared.log import log
 from shared.privacy import ACCOUNTANTS, Charge, epsilon
 from shared.schema import Document, problem
 
-__all__ = ["KEY_FILE", "LEDGER_FILE", "LOCK_FILE", "LedgerEntry", "LedgerError", "PrivacyLedger"]
+__all__ = [
+    "KEY_FILE",
+    "LEDGER_FILE",
+    "LOCK_FILE",
+    "LedgerEntry",
+    "LedgerError",
+    "PrivacyLedger",
+    "read_site_key",
+    "site_mac",
+    "same_mac",
+]
 
 LEDGER_FILE = "privacy-ledger.json"
 KEY_FILE = "ledger.key"
@@ -150,6 +167,7 @@ class _Header(Document):
     site: str
     created_utc: str
     key_id: str
+    seals_audit_head: bool = False  # absent from ledgers created before audit heads were sealed
 
 
 class _Layout(Document):
@@ -230,9 +248,10 @@ class PrivacyLedger:
                 "version": VERSION,
                 "site": site,
                 "created_utc": created,
-                "key_id": _mac(key, _LABEL_KEY_ID, b""),
+                "key_id": site_mac(key, _LABEL_KEY_ID, b""),
+                "seals_audit_head": True,
             }
-            header_mac = _mac(key, _LABEL_HEADER, canonical(header))
+            header_mac = site_mac(key, _LABEL_HEADER, canonical(header))
             _write(site_dir / LEDGER_FILE, key, header, header_mac, [])
         return cls.open(site_dir, now=now)
 
@@ -262,6 +281,11 @@ class PrivacyLedger:
     def site(self) -> str:
         """The site named in the header."""
         return str(self._state.header["site"])
+
+    @property
+    def seals_audit_head(self) -> bool:
+        """Whether this site's audit head must be sealed with the site key (ledgers created since)."""
+        return bool(self._state.header.get("seals_audit_head", False))
 
     @property
     def path(self) -> Path:
@@ -374,30 +398,47 @@ class PrivacyLedger:
                 max_grad_norm=float(max_grad_norm),
                 time_utc=utc_timestamp(self._now, "the ledger"),
             )
-            header_mac = _mac(key, _LABEL_HEADER, canonical(state.header))
+            header_mac = site_mac(key, _LABEL_HEADER, canonical(state.header))
             records = [*state.records, _seal_entry(key, entry, state.head_mac)]
             _write(self.path, key, state.header, header_mac, records)
             self._state, _ = _load(self._dir)
         return entry
 
 
-# --------------------------------------------------------------------------------- helpers
-def _mac(key: bytes, label: bytes, data: bytes) -> str:
+# ------------------------------------------------------------------------------ the site key
+def read_site_key(site_dir: Path) -> bytes | None:
+    """Return the site key (``ledger.key``) of ``site_dir``, or None if the site has none.
+
+    Raises
+    ------
+    LedgerError
+        If the key file exists but cannot be read or is not a key.
+    """
+    if not (Path(site_dir) / KEY_FILE).exists():
+        return None
+    return _read_key(Path(site_dir))
+
+
+def site_mac(key: bytes, label: bytes, data: bytes) -> str:
+    """``HMAC-SHA256(key, label + data)`` in hex; ``label`` separates the uses of one key."""
     return hmac.new(key, label + data, hashlib.sha256).hexdigest()
 
 
-def _same(a: object, b: str) -> bool:
+def same_mac(a: object, b: str) -> bool:
+    """Whether ``a`` is the MAC ``b`` (a string compared in constant time)."""
     return isinstance(a, str) and hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
 
 
+# --------------------------------------------------------------------------------- helpers
+
 def _seal_mac(key: bytes, header: dict[str, Any], count: int, head_mac: str) -> str:
-    return _mac(key, _LABEL_SEAL, canonical({"header": header, "count": count, "head_mac": head_mac}))
+    return site_mac(key, _LABEL_SEAL, canonical({"header": header, "count": count, "head_mac": head_mac}))
 
 
 def _seal_entry(key: bytes, entry: LedgerEntry, prev_mac: str) -> dict[str, Any]:
     """Return the stored record of ``entry``: its fields, ``prev_mac`` and ``mac``."""
     record: dict[str, Any] = {**entry.model_dump(), "prev_mac": prev_mac}
-    record["mac"] = _mac(key, _LABEL_ENTRY, canonical(record) + prev_mac.encode("ascii"))
+    record["mac"] = site_mac(key, _LABEL_ENTRY, canonical(record) + prev_mac.encode("ascii"))
     return record
 
 
@@ -511,13 +552,13 @@ def _load(site_dir: Path) -> tuple[_State, bytes]:
 def _verify(path: Path, key: bytes, doc: dict[str, Any]) -> _State:
     """Check key id, header MAC, the entry chain and the seal, in that order."""
     header = doc["header"]
-    if not _same(header["key_id"], _mac(key, _LABEL_KEY_ID, b"")):
+    if not same_mac(header["key_id"], site_mac(key, _LABEL_KEY_ID, b"")):
         raise _fail(path, f"{KEY_FILE} is not the key of this ledger (or the header's key id was altered)")
-    header_mac = _mac(key, _LABEL_HEADER, canonical(header))
-    if not _same(doc["header_mac"], header_mac):
+    header_mac = site_mac(key, _LABEL_HEADER, canonical(header))
+    if not same_mac(doc["header_mac"], header_mac):
         raise _fail(path, "the header was altered (its MAC does not verify)")
     entries, prev = _verify_chain(path, key, doc["entries"], header_mac)
-    if not _same(doc["seal"], _seal_mac(key, header, doc["count"], doc["head_mac"])):
+    if not same_mac(doc["seal"], _seal_mac(key, header, doc["count"], doc["head_mac"])):
         raise _fail(path, "the seal over count and head_mac was altered (its MAC does not verify)")
     if doc["count"] != len(entries):
         raise _fail(
@@ -525,7 +566,7 @@ def _verify(path: Path, key: bytes, doc: dict[str, Any]) -> _State:
             f"the ledger holds {len(entries)} entries but its seal records {doc['count']}: "
             "entries were removed from (or added at) the end",
         )
-    if not _same(doc["head_mac"], prev):
+    if not same_mac(doc["head_mac"], prev):
         raise _fail(path, "the last entry is not the one the seal records: entries were replaced at the end")
     return _State(header=header, entries=tuple(entries), records=tuple(doc["entries"]), head_mac=prev)
 
@@ -538,14 +579,14 @@ def _verify_chain(
     prev = header_mac
     for position, record in enumerate(records):
         stored = _parse(path, _Record, record, f"entry at position {position} is malformed")
-        if not _same(stored.prev_mac, prev):
+        if not same_mac(stored.prev_mac, prev):
             raise _fail(
                 path,
                 f"entry at position {position} does not follow the entry before it: entries were "
                 "removed, inserted or reordered",
             )
         body = {k: v for k, v in record.items() if k != "mac"}
-        if not _same(stored.mac, _mac(key, _LABEL_ENTRY, canonical(body) + prev.encode("ascii"))):
+        if not same_mac(stored.mac, site_mac(key, _LABEL_ENTRY, canonical(body) + prev.encode("ascii"))):
             raise _fail(path, f"entry at position {position} was altered (its MAC does not verify)")
         entries.append(_entry_of(path, position, stored))
         prev = stored.mac

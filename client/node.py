@@ -20,6 +20,7 @@ from shared.executables import executable
 
 DEFAULT_RUNTIME_PORT = 9094  # flwr.supercore.constant.SUPERNODE_UVICORN_DEFAULT_PORT
 CONNECTED_PATTERN = r"SuperNode ID: \d+"
+ACTIVATION_FAILED = "Failed to activate SuperNode"  # Flower's FLEET_NODE_ACTIVATION_FAILED (code 2004)
 NODE_KEY_FILE = "node.key"
 CA_FILE = "ca.crt"
 

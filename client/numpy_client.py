@@ -15,7 +15,7 @@ from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
 from client.ledger import PrivacyLedger
-from client.policy import SitePolicy
+from client.policy import SitePolicy, check_study
 from client.privacy import check_request, plan_round, site_delta
 from client.site import SiteEnvironment
 from client.store import BackboneStore
@@ -73,6 +73,22 @@ class SiteClient(NumPyClient):
         self.run_id = run_id
         torch.set_num_threads(1)
 
+    def _admit(self, cfg: StudyConfig) -> SitePolicy:
+        """Read the site's policy and check the study against it, before the site's data is read.
+
+        Every message that touches the data (training and evaluation) goes through here.
+
+        Raises
+        ------
+        InputError
+            If the policy file is missing or invalid.
+        PolicyViolation
+            If the policy refuses the study's task, backbone, DP setting or rounds.
+        """
+        policy = SitePolicy.load(self.env.policy_path)
+        check_study(policy, task=cfg.task, backbone_sha256=cfg.backbone_sha256, dp=cfg.dp, rounds=cfg.num_rounds)
+        return policy
+
     def _problem(self, cfg: StudyConfig) -> LocalProblem:
         pretrained = None
         sha = ""
@@ -107,7 +123,7 @@ class SiteClient(NumPyClient):
         self, cfg: StudyConfig, parameters: NDArrays, *, server_round: int, proximal_mu: float
     ) -> tuple[LocalProblem, dict[str, Scalar]]:
         """Check the request against the policy, then train (privately when ``cfg.dp``)."""
-        policy = SitePolicy.load(self.env.policy_path)
+        policy = self._admit(cfg)
         problem = self._problem(cfg)
         noise = check_request(cfg, policy, num_records=len(problem.y_train), backbone_sha256=cfg.backbone_sha256)
         set_arrays(problem.model, problem.names, parameters)
@@ -151,12 +167,14 @@ class SiteClient(NumPyClient):
         }
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
-        """Evaluate the global tensors on the site's held-out part; report the run's epsilon."""
-        cfg, _, _ = config_from_message(config)
+        """Evaluate the global tensors on the site's held-out part, if the site's policy covers the study."""
+        cfg, server_round, _ = config_from_message(config)
         name = site_name(cfg, self.env.index)
         try:
+            self._admit(cfg)
             problem = self._problem(cfg)
         except CareFLError as err:
+            log(WARNING, "%s declines to evaluate round %d: %s", name, server_round, err)
             raise SiteRefusal(f"{name}: {err}") from err
         set_arrays(problem.model, problem.names, parameters)
         loss, accuracy, auc = evaluate(problem.module, problem.x_val, problem.y_val)

@@ -47,6 +47,12 @@ Order of checks
 Rules 5 to 7 apply to runs with DP; a run without DP at a site that does not require it is not
 checked against them. :func:`check_round` checks ``max_epsilon_per_run`` and then
 ``max_lifetime_epsilon`` against the spend a round would bring.
+
+Rules 1 to 4 (:func:`check_study`) concern the study itself, so the node checks them on every
+message that touches the site's data, evaluation included, before it reads the data; rules 5
+to 7 and :func:`check_round` concern DP-SGD training, so only training checks them. A backbone
+offer or delivery is checked against ``allowed_backbones`` before anything is stored
+(:func:`check_backbone`).
 """
 
 from __future__ import annotations
@@ -62,7 +68,15 @@ from shared.errors import InputError, RefusalError
 from shared.schema import BuiltDocument, Document, Sha256, validate
 from shared.tasks.registry import TASKS
 
-__all__ = ["PolicyViolation", "RunRequest", "SitePolicy", "check_round", "check_run"]
+__all__ = [
+    "PolicyViolation",
+    "RunRequest",
+    "SitePolicy",
+    "check_backbone",
+    "check_round",
+    "check_run",
+    "check_study",
+]
 
 _TOLERANCE = 1e-9
 _HEADER = "# CareFL site policy: set by this hospital's operator; the server cannot change it."
@@ -276,6 +290,71 @@ class RunRequest:
     rounds: int
 
 
+def check_study(policy: SitePolicy, *, task: str, backbone_sha256: str, dp: bool, rounds: int) -> None:
+    """Refuse a study the site does not take part in: rules 1 to 4, for every message on its data.
+
+    Parameters
+    ----------
+    policy : SitePolicy
+        The site's policy.
+    task : str
+        Task of the run.
+    backbone_sha256 : str
+        SHA-256 of the backbone weights; ``""`` when training from scratch.
+    dp : bool
+        Whether the run trains with DP-SGD.
+    rounds : int
+        Number of federated rounds.
+
+    Raises
+    ------
+    PolicyViolation
+        For the first of ``allowed_tasks``, ``allowed_backbones``, ``require_dp`` and
+        ``max_rounds`` the study breaks.
+    """
+    if task not in policy.allowed_tasks:
+        raise PolicyViolation(
+            "allowed_tasks",
+            task,
+            policy.allowed_tasks,
+            f"this site takes part only in studies of {', '.join(policy.allowed_tasks)}.",
+        )
+    check_backbone(policy, backbone_sha256)
+    if policy.require_dp and not dp:
+        raise PolicyViolation(
+            "require_dp",
+            dp,
+            policy.require_dp,
+            "this site trains only with differential privacy; the server cannot switch it off.",
+        )
+    if not rounds <= policy.max_rounds:
+        raise PolicyViolation(
+            "max_rounds",
+            rounds,
+            policy.max_rounds,
+            f"accepted: at most {policy.max_rounds} rounds.",
+        )
+
+
+def check_backbone(policy: SitePolicy, sha256: str) -> None:
+    """Refuse a backbone (``""``: training from scratch) that ``allowed_backbones`` does not list.
+
+    Raises
+    ------
+    PolicyViolation
+        ``allowed_backbones``, when the list is set and ``sha256`` is not on it.
+    """
+    if policy.allowed_backbones and sha256 not in policy.allowed_backbones:
+        scratch = " (training from scratch is refused while the list is set)"
+        raise PolicyViolation(
+            "allowed_backbones",
+            sha256,
+            policy.allowed_backbones,
+            "accepted: a backbone whose weights have one of the listed SHA-256 values"
+            f"{scratch if not sha256 else ''}.",
+        )
+
+
 def check_run(policy: SitePolicy, request: RunRequest) -> None:
     """Refuse a run the site's policy does not cover, before any training.
 
@@ -294,36 +373,9 @@ def check_run(policy: SitePolicy, request: RunRequest) -> None:
     PolicyViolation
         For the first rule the request breaks.
     """
-    if request.task not in policy.allowed_tasks:
-        raise PolicyViolation(
-            "allowed_tasks",
-            request.task,
-            policy.allowed_tasks,
-            f"this site takes part only in studies of {', '.join(policy.allowed_tasks)}.",
-        )
-    if policy.allowed_backbones and request.backbone_sha256 not in policy.allowed_backbones:
-        scratch = " (training from scratch is refused while the list is set)"
-        raise PolicyViolation(
-            "allowed_backbones",
-            request.backbone_sha256,
-            policy.allowed_backbones,
-            "accepted: a backbone whose weights have one of the listed SHA-256 values"
-            f"{scratch if not request.backbone_sha256 else ''}.",
-        )
-    if policy.require_dp and not request.dp:
-        raise PolicyViolation(
-            "require_dp",
-            request.dp,
-            policy.require_dp,
-            "this site trains only with differential privacy; the server cannot switch it off.",
-        )
-    if not request.rounds <= policy.max_rounds:
-        raise PolicyViolation(
-            "max_rounds",
-            request.rounds,
-            policy.max_rounds,
-            f"accepted: at most {policy.max_rounds} rounds.",
-        )
+    check_study(
+        policy, task=request.task, backbone_sha256=request.backbone_sha256, dp=request.dp, rounds=request.rounds
+    )
     if not request.dp:
         return
     if not request.delta <= policy.max_delta:

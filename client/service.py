@@ -8,53 +8,175 @@ shown on the console.
 
 from __future__ import annotations
 
+import re
+import socket
+import ssl
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 
 from client.ledger import LEDGER_FILE
-from client.node import CONNECTED_PATTERN, NodeCredentials, NodeOptions, supernode_command
-from shared.errors import DeploymentError, InputError
+from client.node import ACTIVATION_FAILED, CONNECTED_PATTERN, NodeCredentials, NodeOptions, supernode_command
+from client.policy import SitePolicy
+from client.site import POLICY_FILE
+from shared.errors import ConfigError, DeploymentError, InputError
 from shared.executables import INSECURE_WARNING, Announce, command_line, console_announcer, flower_env
 from shared.processes import START_TIMEOUT_S, ManagedProcess, ProcessGroups, follow_output
 
 
-def check_site_dir(site_dir: Path) -> None:
-    """Refuse a site directory without its privacy ledger (the operator creates it once).
+def check_site_dir(site_dir: Path, policy: Path | None = None) -> SitePolicy:
+    """Refuse a site directory without its privacy ledger, or whose policy file is broken.
+
+    Parameters
+    ----------
+    site_dir : Path
+        The site directory (the operator prepares it once).
+    policy : Path, optional
+        The site's policy file (default: ``site_dir/policy.toml``).
+
+    Returns
+    -------
+    SitePolicy
+        The site's policy, as every message will read it.
 
     Raises
     ------
     InputError
-        If ``site_dir/privacy-ledger.json`` is missing.
+        If ``site_dir/privacy-ledger.json`` is missing, or the policy file is missing or invalid
+        (the message names the file and the key).
     """
     if not (site_dir / LEDGER_FILE).is_file():
         raise InputError(
             f"{site_dir} has no privacy ledger; create it once with "
             f"`carefl budget --site-dir {site_dir} --init --site NAME` (and review its policy.toml)."
         )
+    return SitePolicy.load(policy if policy is not None else site_dir / POLICY_FILE)
 
 
-def serve_node(options: NodeOptions, console: Console) -> int:
+def serve_node(options: NodeOptions, console: Console, *, connect_timeout: float = START_TIMEOUT_S) -> int:
     """Run the SuperNode of ``options`` until it exits or Ctrl-C; returns its exit status.
+
+    Parameters
+    ----------
+    options : NodeOptions
+        SuperLink address, credentials, site directory, policy.
+    console : Console
+        Shows the Flower command and the SuperNode's log.
+    connect_timeout : float
+        Seconds the SuperNode may take to be accepted by the SuperLink; then it is stopped.
 
     Raises
     ------
     InputError
-        If the site directory is not prepared.
+        If the site directory is not prepared or its policy file is broken.
     DeploymentError
-        If the SuperNode cannot connect (e.g. refused by the SuperLink) or fails.
+        If the SuperNode is not accepted within ``connect_timeout`` or exits before (the message
+        names the likely cause: a TLS mismatch, an unregistered key, no SuperLink there), or
+        fails later.
     """
+    if not connect_timeout > 0:
+        raise ConfigError(f"`connect-timeout` must be > 0 seconds, got {connect_timeout!r}.")
     site_dir = Path(options.site_dir).resolve()
-    check_site_dir(site_dir)
+    check_site_dir(site_dir, options.policy)
     with ProcessGroups(site_dir / "logs") as procs:
         node = start_supernode(
             procs, options, home=site_dir / "flwr-home", announce=console_announcer(console), name="supernode", wait=False
         )
-        console.print(f"SuperNode started; connecting to {options.superlink}. Ctrl-C stops it. Its log follows.", highlight=False)
-        status = follow_output(node, lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+        console.print(
+            f"SuperNode started; connecting to {options.superlink} (giving up after {connect_timeout:g} s). "
+            "Ctrl-C stops it. Its log follows.",
+            highlight=False,
+        )
+        watch = _ConnectionWatch(node, options, connect_timeout)
+        status = follow_output(node, watch.show(console), check=watch.check)
+        if not watch.connected:
+            raise DeploymentError(not_connected(options, node, f"exited with status {status} before it was accepted"))
     if status != 0:
         raise DeploymentError(f"the SuperNode exited with status {status}; its log: {node.log_path}")
     return status
+
+
+class _ConnectionWatch:
+    """Follows a SuperNode's lines until it is accepted; past the deadline, says why it was not."""
+
+    def __init__(self, node: ManagedProcess, options: NodeOptions, timeout: float) -> None:
+        self._node = node
+        self._options = options
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+        self.connected = False
+
+    def show(self, console: Console) -> Callable[[str], None]:
+        pattern = re.compile(CONNECTED_PATTERN)
+
+        def on_line(line: str) -> None:
+            self.connected = self.connected or bool(pattern.search(line))
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+        return on_line
+
+    def check(self) -> None:
+        if not self.connected and time.monotonic() > self._deadline:
+            raise DeploymentError(not_connected(self._options, self._node, f"was not accepted within {self._timeout:g} s"))
+
+
+def not_connected(options: NodeOptions, node: ManagedProcess, what: str) -> str:
+    """One line: the SuperNode ``what`` (did not connect), the likely cause, and its log."""
+    return f"the SuperNode {what} by the SuperLink at {options.superlink}; likely {connection_hint(options, node.output())}. Its log: {node.log_path}"
+
+
+def connection_hint(options: NodeOptions, output: str) -> str:
+    """The likely reason a SuperNode was not accepted, from its output and a probe of the address."""
+    if ACTIVATION_FAILED in output:
+        key = options.credentials.private_key if options.credentials else "this node's key"
+        return (
+            f"its key ({key}) is not registered with the SuperLink: its operator registers it with "
+            "`flwr supernode register HOSPITAL.pub CONNECTION` (`carefl server --consortium DIR` registers every "
+            "hospital of the consortium when it starts); or the SuperLink restarted and still counts this node "
+            "as online: start it again in a minute"
+        )
+    host, _, port = options.superlink.rpartition(":")
+    tls = speaks_tls(host.strip("[]"), int(port)) if port.isdigit() else None
+    if tls is None:
+        return f"nothing accepts connections at {options.superlink}: is the SuperLink running there (`carefl server`)?"
+    if tls and options.insecure:
+        return "a TLS mismatch: the SuperLink speaks TLS but this node runs with --insecure; give --credentials instead"
+    if not tls and not options.insecure:
+        return (
+            "a TLS mismatch: the SuperLink does not speak TLS (it runs with --insecure); run both with TLS, "
+            "or both with --insecure for a local test"
+        )
+    if not options.insecure:
+        return (
+            "a certificate problem: the SuperLink's certificate is not signed by this node's CA "
+            f"({options.credentials.root_certificates if options.credentials else 'ca.crt'}) or does not name "
+            f"the host {host}; use the folders of one `carefl provision`"
+        )
+    return "a problem its log shows"
+
+
+def speaks_tls(host: str, port: int, timeout: float = 5.0) -> bool | None:
+    """Whether ``host:port`` completes a TLS handshake; None when nothing accepts a connection there.
+
+    The certificate is not checked: the question is only whether the server speaks TLS.
+    """
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with context.wrap_socket(sock, server_hostname=host or None):
+            return True
+    except OSError:  # ssl.SSLError, a reset or a timeout: not TLS
+        return False
+    finally:
+        sock.close()
 
 
 def start_supernode(
@@ -98,7 +220,11 @@ def start_supernode(
     announce(command_line(argv, env))
     process = procs.start(name, argv, env=env)
     if wait:
-        process.wait_for_output(CONNECTED_PATTERN, timeout)
+        try:
+            process.wait_for_output(CONNECTED_PATTERN, timeout)
+        except DeploymentError:
+            ended = f"exited with status {process.returncode}" if not process.alive() else f"was not accepted within {timeout:g} s"
+            raise DeploymentError(not_connected(options, process, ended)) from None
     return process
 
 

@@ -27,12 +27,16 @@ class SiteEnvironment:
         The site's private directory: privacy ledger, received backbones, feature cache.
     policy_path : Path
         The site's privacy policy (TOML).
+    simulated : bool
+        A node of Flower's simulation engine (``partition-id`` set, no ``site-dir``): a
+        simulated hospital, whose site directory the ClientApp prepares itself.
     """
 
     index: int
     data_path: str
     site_dir: Path
     policy_path: Path
+    simulated: bool = False
 
 
 def site_environment(context: Context, defaults: Mapping[str, str]) -> SiteEnvironment:
@@ -59,4 +63,5 @@ def site_environment(context: Context, defaults: Mapping[str, str]) -> SiteEnvir
     else:
         site_dir = Path(defaults.get("sites-root") or DEFAULT_SITES_ROOT) / f"site-{index}"
     policy = Path(str(node["policy"])) if "policy" in node else site_dir / POLICY_FILE
-    return SiteEnvironment(index=index, data_path=data_path, site_dir=site_dir, policy_path=policy)
+    simulated = "site-dir" not in node and "partition-id" in node
+    return SiteEnvironment(index=index, data_path=data_path, site_dir=site_dir, policy_path=policy, simulated=simulated)

@@ -8,19 +8,21 @@ needs) with a delta-aware strategy. ``app`` is what ``flwr run`` loads;
 
 from __future__ import annotations
 
+import logging
 import threading
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.common import Scalar
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.server import Grid, ServerApp, ServerConfig
 from flwr.server.compat import LegacyContext
 from flwr.server.workflow.default_workflows import default_fit_workflow
 
 from server.checkpoint import RunCheckpoints
 from server.distribution import BackboneDistribution, Workflow
-from server.progress import RoundLog
+from server.progress import RoundLog, stop_line
 from server.recorder import FederationRecorder
 from server.report.result import FederationResult, write_run_folder
 from server.secure import SecureFitWorkflow
@@ -28,7 +30,7 @@ from server.stoppable import SitesPresent, StoppableGrid
 from server.strategy import make_strategy
 from shared.backbones import BackboneRegistry, ResolvedBackbone
 from shared.config import RunConfig
-from shared.errors import IntegrityError
+from shared.errors import CareFLError, IntegrityError
 from shared.log import log
 from shared.offline import configure_flower_env
 from shared.params import exchanged_names, full_model_bytes, get_arrays
@@ -172,18 +174,52 @@ def create_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = config or RunConfig.from_run_config(context.run_config)
-        if stop is not None:
-            grid = StoppableGrid(grid, stop)
-        listeners = [RoundLog(cfg.study.num_rounds)]
-        result = run_federation(grid, context, cfg, recorder or FederationRecorder(listeners=listeners), stop)
-        if cfg.server.run_dir:
-            write_run_folder(Path(cfg.server.run_dir), result)
-            log(INFO, "run folder written: %s", cfg.server.run_dir)
+        try:
+            cfg = config or RunConfig.from_run_config(context.run_config)
+            if stop is not None:
+                grid = StoppableGrid(grid, stop)
+            listeners = [RoundLog(cfg.study.num_rounds)]
+            result = run_federation(grid, context, cfg, recorder or FederationRecorder(listeners=listeners), stop)
+            if cfg.server.run_dir:
+                write_run_folder(Path(cfg.server.run_dir), result)
+                log(INFO, "run folder written: %s", cfg.server.run_dir)
+        except CareFLError as err:
+            if config is None:  # loaded by Flower (`flwr run`); a local caller reports errors itself
+                report_stop(err)
+            raise  # Flower marks the run failed (exit code 201), without the traceback
         if results is not None:
             results.append(result)
 
     return app
+
+
+def report_stop(err: CareFLError) -> None:
+    """Log why the run stops in one line, and keep Flower from adding the traceback of ``err``.
+
+    Flower logs every exception that leaves a ServerApp with its traceback ("ServerApp raised an
+    exception" in a deployment, "Simulation raised an exception" under ``flwr run`` with a
+    simulation SuperLink), then marks the run failed. For a CareFL error the cause is already
+    said: the traceback of that one exception is dropped from Flower's record, which keeps its
+    line and the run's failed status and exit code.
+    """
+    log(ERROR, "%s", stop_line(err))
+    setattr(err, _REPORTED, True)  # noqa: B010 - marks this one exception object
+    if not any(isinstance(f, _ReportedErrors) for f in FLOWER_LOGGER.filters):
+        FLOWER_LOGGER.addFilter(_ReportedErrors())
+
+
+_REPORTED = "_carefl_reported"
+
+
+class _ReportedErrors(logging.Filter):
+    """A filter on Flower's logger: records of an error :func:`report_stop` reported lose their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if getattr(error, _REPORTED, False):
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 app = create_server_app()

@@ -33,10 +33,10 @@ from server.flwr_cli import (
     run_config_toml,
     write_flwr_home,
 )
-from server.progress import ROUND_LINE_PREFIX
+from server.progress import ROUND_LINE_PREFIX, parse_stop_line
 from server.superlink import READY_PATTERN, SuperLinkOptions, superlink_command
 from shared.atomic import atomic_write_text
-from shared.errors import DeploymentError
+from shared.errors import CareFLError, DeploymentError
 from shared.executables import INSECURE_WARNING, Announce, command_line, flower_env
 from shared.log import log
 from shared.processes import START_TIMEOUT_S, ManagedProcess, ProcessGroups, read_new_lines, wait_for_port
@@ -47,6 +47,7 @@ CLI_TIMEOUT_S = 120.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CAREFL_LINE = re.compile(r"\b(?:INFO|WARNING|ERROR) carefl: (.*)$")
 _FLOWER_PROBLEM = re.compile(r"^(?:WARNING|ERROR)\s*:\s*(.*)$")
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Violation|Stopped|Refusal)(?::\s.*)?$")
 
 
 def plain(line: str) -> str:
@@ -69,6 +70,51 @@ def progress_printer(console: Console) -> LineHandler:
             console.print(f"  [yellow]Flower:[/] {escape(problem.group(1))}", highlight=False, soft_wrap=True)
 
     return show
+
+
+class RunLog:
+    """Reads a run's ServerApp lines for why it ended, and shows the ones that matter meanwhile.
+
+    A CareFL ServerApp that stops on a CareFL error logs one :func:`server.progress.stop_line`;
+    any other exception leaves Flower's traceback, whose last line names it. :meth:`failure`
+    turns what was seen into the error ``carefl federate`` raises: the ServerApp's own error
+    (same kind, so the same exit status), else a :class:`DeploymentError` naming the exception.
+
+    Parameters
+    ----------
+    show : LineHandler | None
+        Shows lines as they arrive (e.g. :func:`progress_printer`); after the stop line, neither
+        it nor Flower's report of the same exception is shown (the error says it all).
+    """
+
+    def __init__(self, show: LineHandler | None = None) -> None:
+        self._show = show
+        self.stopped: CareFLError | None = None
+        self.exception: str | None = None
+        self._in_traceback = False
+
+    def __call__(self, when: float, line: str) -> None:
+        """Read one line (and show it, unless the run already said why it stopped)."""
+        text = plain(line)
+        carefl = _CAREFL_LINE.search(text)
+        stop = parse_stop_line(carefl.group(1)) if carefl else None
+        if stop is not None:
+            self.stopped = stop
+            return
+        stripped = text.strip()
+        if stripped.startswith("Traceback (most recent call last)"):
+            self._in_traceback = True
+        elif self._in_traceback and _EXCEPTION_LINE.match(stripped):
+            self.exception = stripped  # the last one: the exception that ended the run
+        if self._show is not None and self.stopped is None:
+            self._show(when, text)
+
+    def failure(self, run_id: int, status: str, more: str) -> CareFLError:
+        """The error of run ``run_id``, which ended as ``status``; ``more`` says where to look."""
+        if self.stopped is not None:
+            return type(self.stopped)(f"run {run_id}: {self.stopped}")
+        raised = f": its ServerApp raised {self.exception}" if self.exception else ""
+        return DeploymentError(f"run {run_id} ended as {status}{raised}; {more}")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""A live table of per-site metrics, updated as rounds finish."""
+"""What a run's ServerApp reports as it goes: a line per round, a live table, and why it stopped."""
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from logging import INFO
 
@@ -11,7 +12,13 @@ from rich.live import Live
 from rich.table import Table
 
 from server.metrics import SiteRoundMetrics, weighted_mean
+from shared.errors import CareFLError, ConfigError, DeploymentError, InputError, IntegrityError, RefusalError
 from shared.log import log
+
+KINDS: tuple[type[CareFLError], ...] = (InputError, ConfigError, IntegrityError, DeploymentError, RefusalError)
+"""The kinds of :mod:`shared.errors`, one exit status each."""
+STOP_LINE_PREFIX = "run stopped"
+_STOP_LINE = re.compile(rf"{STOP_LINE_PREFIX} \((\w+)\): (.*)$")
 
 
 def _fmt(value: float) -> str:
@@ -34,6 +41,26 @@ def round_line(server_round: int, total_rounds: int, rows: Sequence[SiteRoundMet
         f"{ROUND_LINE_PREFIX}{server_round}/{total_rounds}: {sites} | mean acc/AUC {mean} "
         f"| max epsilon {_fmt(_max_epsilon(rows))}"
     )
+
+
+def stop_line(err: CareFLError) -> str:
+    """The one line a ServerApp logs when ``err`` stops the run: its kind and its message.
+
+    ``carefl federate`` reads it back from the run's log (:func:`parse_stop_line`) and raises
+    the same kind of error, so the exit status tells a refusal from tampering there too.
+    """
+    kind = next((k for k in KINDS if isinstance(err, k)), CareFLError)
+    message = " ".join(str(err).split())  # one line
+    return f"{STOP_LINE_PREFIX} ({kind.__name__}): {message}"
+
+
+def parse_stop_line(text: str) -> CareFLError | None:
+    """The error of a :func:`stop_line` (its kind, its message), or None if ``text`` is not one."""
+    match = _STOP_LINE.search(text)
+    if match is None:
+        return None
+    kind = next((k for k in KINDS if k.__name__ == match.group(1)), CareFLError)
+    return kind(match.group(2))
 
 
 class RoundLog:

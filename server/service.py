@@ -9,11 +9,18 @@ and ``flwr-home/config.toml``, the connection ``flwr`` (and ``carefl federate``)
 progress from the ServerApp's log and waits for it to end. After a crash of the SuperLink,
 restart ``carefl server`` with the same state folder, then ``carefl federate --resume`` with the
 same ``--checkpoint-dir``: the run continues from its last completed round.
+
+One state folder serves one SuperLink: ``carefl server`` holds an exclusive lock on
+``STATE/superlink.lock`` while it runs (released when it stops, or dies), and a second one on
+the same folder refuses to start.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import fcntl
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,7 @@ from typing import Any
 from rich.console import Console
 
 from server.deployment import (
+    RunLog,
     RunningSuperLink,
     follow_run,
     progress_printer,
@@ -38,6 +46,40 @@ from shared.processes import ProcessGroups, follow_output
 
 APP_DIR = Path(__file__).resolve().parents[1]
 """The Flower app (the project folder with its pyproject.toml) that ``flwr run`` submits."""
+DEFAULT_REGISTRY = Path(".carefl") / "registry"
+"""``registry-dir`` of a run submitted without one: ``carefl pretrain``'s default ``--registry``."""
+LOCK_FILE = "superlink.lock"
+"""Held by the ``carefl server`` that runs on a state folder (it holds that server's pid)."""
+
+
+@contextmanager
+def hold_state_dir(state_dir: Path) -> Iterator[None]:
+    """Hold ``state_dir`` for one SuperLink: an exclusive ``flock`` on its lock file.
+
+    The lock goes with the process (a crashed server releases it), and its descriptor is not
+    inherited by the SuperLink's processes.
+
+    Raises
+    ------
+    DeploymentError
+        If another ``carefl server`` holds the folder; nothing is written.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "unknown"
+            raise DeploymentError(
+                f"another `carefl server` (pid {holder}) runs on the state folder {state_dir}; "
+                "stop it first, or give this one another --state-dir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 @dataclass(frozen=True)
@@ -82,9 +124,15 @@ def serve_superlink(options: ServerOptions, console: Console) -> int:
     InputError
         If the consortium folder is incomplete.
     DeploymentError
-        If the SuperLink does not start, or a node key cannot be registered.
+        If another ``carefl server`` runs on the same state folder, the SuperLink does not
+        start, or a node key cannot be registered.
     """
     state = options.state_dir.resolve()
+    with hold_state_dir(state):
+        return _serve_superlink(options, state, console)
+
+
+def _serve_superlink(options: ServerOptions, state: Path, console: Console) -> int:
     tls = None
     keys: dict[str, Path] = {}
     if options.consortium is not None:
@@ -154,8 +202,12 @@ class FederateOptions:
     timeout: float = 24 * 3600.0
 
     def run_config(self) -> dict[str, Any]:
-        """The validated overrides sent with ``flwr run`` (server paths absolute)."""
-        values = dict(self.overrides)
+        """The validated overrides sent with ``flwr run`` (server paths absolute).
+
+        ``registry-dir`` defaults to :data:`DEFAULT_REGISTRY`, where ``carefl pretrain``
+        registers backbones.
+        """
+        values = {"registry-dir": str(DEFAULT_REGISTRY), **self.overrides}
         if self.out_dir is not None:
             values["run-dir"] = str(self.out_dir)
         if self.checkpoint_dir is not None:
@@ -176,6 +228,9 @@ def federate(options: FederateOptions, console: Console) -> int:
         If there is no connection in the state folder.
     DeploymentError
         If the run cannot be submitted or does not complete.
+    CareFLError
+        The ServerApp's own error, of its kind, when it stopped the run (a refusal, a backbone
+        that fails its hash, an unknown backbone...).
     """
     home = options.state_dir.resolve() / "flwr-home"
     run_config = options.run_config()  # a bad value is named before anything is looked up
@@ -185,9 +240,10 @@ def federate(options: FederateOptions, console: Console) -> int:
         config_file = options.state_dir.resolve() / "run-config.toml"
         run_id = submit_run(link, options.app_dir, run_config, config_file, announce=announce)
         console.print(f"Run {run_id} submitted; following its ServerApp log:", highlight=False)
-        status = follow_run(procs, link, run_id, progress_printer(console), announce=announce, timeout=options.timeout)
+        run_log = RunLog(progress_printer(console))
+        status = follow_run(procs, link, run_id, run_log, announce=announce, timeout=options.timeout)
     if status != COMPLETED:
-        raise DeploymentError(f"run {run_id} ended as {status}; `flwr log {run_id} {link.connection.name} --show` tells why.")
+        raise run_log.failure(run_id, status, f"`flwr log {run_id} {link.connection.name} --show` shows its whole log.")
     if options.out_dir is not None:
         console.print(f"Run folder: [bold]{options.out_dir}[/]")
     return run_id

@@ -406,8 +406,19 @@ def read_new_lines(path: Path, offset: int) -> tuple[list[str], int]:
     return text.splitlines(), offset + end
 
 
-def follow_output(proc: ManagedProcess, on_line: Callable[[str], None], *, poll: float = 0.5) -> int:
-    """Pass each line ``proc`` writes to ``on_line`` until it exits; returns its status."""
+def follow_output(
+    proc: ManagedProcess,
+    on_line: Callable[[str], None],
+    *,
+    poll: float = 0.5,
+    check: Callable[[], None] | None = None,
+) -> int:
+    """Pass each line ``proc`` writes to ``on_line`` until it exits; returns its status.
+
+    ``check`` is called after each poll's lines while ``proc`` runs; it stops the following by
+    raising (e.g. a :class:`DeploymentError` when a deadline passed), and the caller's
+    :class:`ProcessGroups` then stops ``proc``.
+    """
     offset = proc.log_offset
     while True:
         running = proc.alive()
@@ -416,6 +427,8 @@ def follow_output(proc: ManagedProcess, on_line: Callable[[str], None], *, poll:
             on_line(line)
         if not running:
             return proc.popen.wait()
+        if check is not None:
+            check()
         time.sleep(poll)
 
 

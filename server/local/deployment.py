@@ -31,6 +31,7 @@ from client.setup import prepare_site_dir
 from server.checkpoint import CHECKPOINT_FILE
 from server.deployment import (
     LineHandler,
+    RunLog,
     RunningSuperLink,
     follow_run,
     progress_printer,
@@ -261,10 +262,10 @@ class LocalDeployment:
             If the SuperLink dies, the run fails, or no run folder was written.
         """
         assert self.link is not None, "start the SuperLink first"
-        show = progress_printer(self.console)
+        run_log = RunLog(progress_printer(self.console))
 
         def handle(when: float, line: str) -> None:
-            show(when, line)
+            run_log(when, line)
             if on_line is not None:
                 on_line(when, line)
 
@@ -276,7 +277,7 @@ class LocalDeployment:
             self.procs, link, run_id, handle, announce=self.announce, timeout=self.options.run_timeout, watch=self.nodes
         )
         if status != COMPLETED:
-            raise DeploymentError(f"run {run_id} ended as {status}; see the logs in {self.paths.logs}")
+            raise run_log.failure(run_id, status, f"see the logs in {self.paths.logs}")
         if not (self.out / "model.pt").is_file():
             raise DeploymentError(f"run {run_id} completed but wrote no run folder at {self.out}; see {self.paths.logs}")
         return self.out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import subprocess
 import sys
@@ -19,10 +20,15 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.audit import AUDIT_FILE, GENESIS_HASH, HEAD_FILE, AuditLog, AuditRecord, verify
 from client.audit_mod import make_audit_mod
+from client.ledger import KEY_FILE, LEDGER_FILE, PrivacyLedger, site_mac
+from client.ledger import _write as write_ledger
+from client.records import canonical
 from client.refusal_mod import refusal_mod
 from client.secagg import secure_aggregation_mod
+from client.setup import prepare_site_dir
 from server.local.cli import main
 from shared.errors import EXIT_INTEGRITY, InputError, IntegrityError
+from shared.privacy import Charge
 from shared.protocol import SITE_REFUSED
 
 ENTRIES = 6
@@ -384,3 +390,171 @@ def test_cli_verify(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert bad == EXIT_INTEGRITY
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "line 4: removed" in errors[0], err
+
+
+# ---------------------------------------------- the seal and the ledger (site key present)
+def _charging_client(site: Path) -> Callable[[Message, Context], Message]:
+    """A ClientApp stand-in that charges the site's real ledger for each train round, as fit does."""
+
+    def client(msg: Message, context: Context) -> Message:
+        if msg.metadata.message_type == "train":
+            server_round = int(msg.content.config_records["fitins.config"]["server-round"])
+            PrivacyLedger.open(site).charge(
+                run_id=str(msg.metadata.run_id), round=server_round, charge=Charge(1.1, 0.1, 10),
+                delta=1e-5, accountant="rdp", max_grad_norm=1.0,
+            )  # fmt: skip
+        return Message(RecordDict({"metrics": MetricRecord({"epsilon": 0.5})}), reply_to=msg)
+
+    return client
+
+
+@pytest.fixture()
+def charged_site(tmp_path: Path) -> Path:
+    """A prepared site (real ledger and key) that answered 3 charged train rounds and an evaluation."""
+    site = prepare_site_dir(tmp_path / "hospital", site="Hungary")
+    mod = make_audit_mod(lambda _: site)
+    for round_ in (1, 2, 3):
+        mod(_train_message(round_), _context(), _charging_client(site))
+    evaluate = Message(RecordDict({"config": ConfigRecord({"server-round": 3})}), dst_node_id=1, message_type="evaluate")
+    mod(evaluate, _context(), _charging_client(site))
+    return site
+
+
+def _rewrite_chain(site: Path, head: Callable[[dict[str, object], dict[str, object]], dict[str, object]]) -> None:
+    """An attacker without the site key edits entry 2 and rehashes the whole chain and the head."""
+    old_head = json.loads((site / HEAD_FILE).read_text())
+    entries = [json.loads(line) for line in _lines(site)]
+    entries[1]["payload_sha256"] = hashlib.sha256(b"what was really sent").hexdigest()
+    prev = GENESIS_HASH
+    for entry in entries:
+        entry["prev_hash"] = prev
+        body = {k: v for k, v in entry.items() if k != "entry_hash"}
+        entry["entry_hash"] = prev = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    _write_lines(site, [json.dumps(e, sort_keys=True, separators=(",", ":")) + "\n" for e in entries])
+    new_head = {"count": len(entries), "entry_hash": prev}
+    (site / HEAD_FILE).write_text(json.dumps(head(new_head, old_head)))
+
+
+def _verify_cli(site: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(["audit", "verify", "--site-dir", str(site)])
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert code == 0 or len(errors) == 1, captured.err
+    return code, errors[0] if errors else captured.out
+
+
+def test_head_is_sealed_with_the_site_key(charged_site: Path) -> None:
+    # Prepare
+    key = (charged_site / KEY_FILE).read_bytes()
+    head = json.loads((charged_site / HEAD_FILE).read_text())
+    body = json.dumps({"count": head["count"], "entry_hash": head["entry_hash"]}, sort_keys=True, separators=(",", ":"))
+
+    # Execute
+    report = verify(charged_site)
+
+    # Assert: the documented recipe recomputes the seal
+    assert head["mac"] == hmac.new(key, b"carefl-audit/v1/head\x00" + body.encode(), hashlib.sha256).hexdigest()
+    assert report.ok and report.sealed and report.entries == 4 and report.charged_rounds == 3
+
+
+def test_deleting_the_audit_log_of_a_charged_ledger_is_found(
+    charged_site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    (charged_site / AUDIT_FILE).unlink()
+    (charged_site / HEAD_FILE).unlink()
+
+    # Execute
+    code, line = _verify_cli(charged_site, capsys)
+
+    # Assert
+    assert code == EXIT_INTEGRITY
+    assert "audit.jsonl and audit.head are missing" in line and "3 charged round(s)" in line
+    assert "first: run 7 round 1" in line
+
+
+def test_a_charged_round_without_its_entry_is_found(charged_site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: round 4 is charged, but its reply never reached the audit log
+    PrivacyLedger.open(charged_site).charge(
+        run_id="7", round=4, charge=Charge(1.1, 0.1, 10), delta=1e-5, accountant="rdp", max_grad_norm=1.0
+    )
+
+    # Execute
+    code, line = _verify_cli(charged_site, capsys)
+
+    # Assert
+    assert code == EXIT_INTEGRITY
+    assert "privacy-ledger.json: missing:" in line and "1 of them have no train entry" in line
+    assert "run 7 round 4" in line
+
+
+@pytest.mark.parametrize(
+    ("head", "found"),
+    [
+        (lambda new, old: new, "audit.head: unsealed: audit.head is not sealed"),
+        (lambda new, old: {**new, "mac": old["mac"]}, "audit.head: altered: the seal of audit.head does not verify"),
+    ],
+    ids=["seal-dropped", "old-seal-kept"],
+)
+def test_a_complete_rewrite_without_the_key_is_found(
+    charged_site: Path, capsys: pytest.CaptureFixture[str], head: Callable[..., dict[str, object]], found: str
+) -> None:
+    # Prepare: the chain is consistent again, only the seal can tell
+    _rewrite_chain(charged_site, head)
+    assert _verify_chain_only(charged_site)
+
+    # Execute
+    code, line = _verify_cli(charged_site, capsys)
+
+    # Assert
+    assert code == EXIT_INTEGRITY
+    assert found in line
+    with pytest.raises(IntegrityError, match="seal|not sealed"):
+        AuditLog(charged_site).append(_record(9))
+
+
+def _verify_chain_only(site: Path) -> bool:
+    """Whether the chain alone (no key, no ledger) verifies: a copy of the log without its site."""
+    bare = site.parent / "bare"
+    bare.mkdir()
+    for name in (AUDIT_FILE, HEAD_FILE):
+        doc = (site / name).read_text()
+        (bare / name).write_text(doc if name == AUDIT_FILE else json.dumps({k: v for k, v in json.loads(doc).items() if k != "mac"}))
+    return verify(bare).ok
+
+
+def _legacy_ledger(site: Path) -> None:
+    """Rewrite the site's ledger as a ledger created before heads were sealed (no header flag)."""
+    key = (site / KEY_FILE).read_bytes()
+    doc = json.loads((site / LEDGER_FILE).read_text())
+    header = {k: v for k, v in doc["header"].items() if k != "seals_audit_head"}
+    records, prev = [], site_mac(key, b"carefl-ledger/v1/header\x00", canonical(header))
+    header_mac = prev
+    for record in doc["entries"]:
+        body = {k: v for k, v in record.items() if k not in ("mac", "prev_mac")} | {"prev_mac": prev}
+        body["mac"] = prev = site_mac(key, b"carefl-ledger/v1/entry\x00", canonical(body) + prev.encode())
+        records.append(body)
+    write_ledger(site / LEDGER_FILE, key, header, header_mac, records)
+
+
+def test_a_log_written_before_heads_were_sealed_still_verifies(
+    charged_site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: an older site: its ledger has no seals_audit_head, its head no mac
+    _legacy_ledger(charged_site)
+    head = json.loads((charged_site / HEAD_FILE).read_text())
+    (charged_site / HEAD_FILE).write_text(json.dumps({"count": head["count"], "entry_hash": head["entry_hash"]}))
+    assert not PrivacyLedger.open(charged_site).seals_audit_head
+
+    # Execute
+    before = verify(charged_site)
+    code, out = _verify_cli(charged_site, capsys)
+    AuditLog(charged_site).append(_record(9))
+    after = verify(charged_site)
+
+    # Assert: verified as before (unsealed, said so), and sealed by the next append
+    assert before.ok and not before.sealed and before.charged_rounds == 3
+    assert code == 0 and "head not sealed" in out
+    assert after.ok and after.sealed and after.entries == 5
+    assert "mac" in json.loads((charged_site / HEAD_FILE).read_text())

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ import torch
 from rich.console import Console
 
 from client.node import NodeCredentials, NodeOptions
-from client.service import start_supernode
+from client.service import serve_node, start_supernode
+from client.setup import prepare_site_dir
 from server.checkpoint import load_checkpoint
 from server.deployment import register_nodes, start_superlink
 from server.local.demo import demo_config
@@ -160,6 +162,13 @@ def test_unregistered_node_key_is_refused(consortium: ConsortiumLayout, procs: P
     assert intruder.wait(timeout=60) != 0
     assert "Failed to activate SuperNode" in intruder.output()
     assert "SuperNode ID" not in intruder.output()
+    # ... and `carefl node` says why, and how to fix it
+    again = replace(_node(consortium, "intruder", options.address, tmp_path), max_wait_time=None)
+    prepare_site_dir(again.site_dir, site="Intruder")
+    with pytest.raises(DeploymentError) as refused:
+        serve_node(again, _console()[0], connect_timeout=60)
+    assert "exited with status" in str(refused.value) and "is not registered with the SuperLink" in str(refused.value)
+    assert "flwr supernode register" in str(refused.value)
 
 
 def test_node_without_tls_cannot_connect(consortium: ConsortiumLayout, procs: ProcessGroups, tmp_path: Path) -> None:
@@ -177,6 +186,15 @@ def test_node_without_tls_cannot_connect(consortium: ConsortiumLayout, procs: Pr
     assert plain.wait(timeout=90) != 0
     assert "SuperNode ID" not in plain.output()
     assert "Connection attempt failed" in plain.output()
+    # `carefl node` does not retry forever: it stops after its connect timeout and names the mismatch
+    node = replace(_node(consortium, "hungary", options.address, tmp_path, tls=False), max_wait_time=None)
+    prepare_site_dir(node.site_dir, site="Hungary")
+    started = time.monotonic()
+    with pytest.raises(DeploymentError) as mismatch:
+        serve_node(node, _console()[0], connect_timeout=10)
+    assert time.monotonic() - started < 40
+    assert "was not accepted within 10 s" in str(mismatch.value)
+    assert "the SuperLink speaks TLS but this node runs with --insecure" in str(mismatch.value)
 
 
 def test_carefl_server_and_node_commands_stop_their_processes(
@@ -199,6 +217,12 @@ def test_carefl_server_and_node_commands_stop_their_processes(
         env=env,
     )
     server.wait_for_output("SuperLink ready on 127.0.0.1", timeout=120)
+    second = procs.start(
+        "carefl-server-2",
+        [*carefl, "server", "--consortium", str(consortium.root), "--state-dir", str(tmp_path / "state"), "--port", str(free_port())],
+        env=env,
+    )
+    assert second.wait(timeout=120) == 4
     node = procs.start(
         "carefl-node",
         [*carefl, "node", "--superlink", f"127.0.0.1:{port}", "--site-dir", str(site),
@@ -216,5 +240,10 @@ def test_carefl_server_and_node_commands_stop_their_processes(
     assert executable("flower-superlink") in server.output() and "--enable-supernode-auth" in server.output()
     assert "Node keys: hungary registered, intruder registered" in server.output()
     assert "flower-supernode --superlink" in node.output()
+    # A second server on the same state folder was refused, and left the live one alone
+    refusal = [line for line in second.output().splitlines() if line.startswith("error:")]
+    assert len(refusal) == 1 and f"another `carefl server` (pid {server.pid}) runs on the state folder" in refusal[0]
+    assert "started superlink" not in second.output() and "interrupted" not in second.output()
     assert server.returncode == 130 and node.returncode == 130
     assert inner and not [g for g in inner if group_alive(g)]
+

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flwr.common import ndarray_to_bytes
 
+from client.audit import verify
 from client.policy import SitePolicy
 from server.local.simulation import simulate
 from server.report.result import write_run_folder
@@ -52,6 +53,9 @@ def test_heart_transfer_federation(heart_registry: Path, tmp_path: Path) -> None
     assert second.backbone_bytes == {}
     # Training moved the head
     assert not np.allclose(first.parameters[0], initial_head[0])
+    # Each site's audit log verifies: sealed, and every charged round (2 runs x 2) has its entry
+    reports = [verify(site) for site in sorted(sites.iterdir())]
+    assert [(r.ok, r.sealed, r.charged_rounds) for r in reports] == [(True, True, 4)] * 3, reports
 
 
 def test_chest_xray_federation_writes_run_folder(pneumonia_npz: Path, tmp_path: Path) -> None:

@@ -231,4 +231,5 @@ def test_federate_refuses_unknown_run_config_keys_before_submitting(tmp_path: Pa
         options.run_config()
     assert FederateOptions(tmp_path, {"num-rounds": 3}, checkpoint_dir=Path("ck"), resume=True).run_config() == {
         "num-rounds": 3, "checkpoint-dir": str(Path("ck").resolve()), "resume": True,
+        "registry-dir": str(Path(".carefl/registry").resolve()),  # `carefl pretrain`'s, by default
     }  # fmt: skip

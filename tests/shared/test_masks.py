@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import sys
 import types
 
@@ -14,7 +15,18 @@ from scipy.stats import chisquare
 
 from shared.masks import FLOWER_TARGETS, expand_masks, install_secure_masks, masks_installed, uniform_integers
 
-FLOWER_GENERATOR = secaggplus_utils.pseudo_rand_gen  # captured before any installation
+
+def _flowers_own_generator() -> types.FunctionType:
+    """Flower's ``pseudo_rand_gen`` from a fresh copy of its module (importing ``client.app``
+    anywhere in the test session installs CareFL's masks into the loaded one)."""
+    spec = importlib.util.find_spec(secaggplus_utils.__name__)
+    assert spec is not None and spec.loader is not None
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    return fresh.pseudo_rand_gen
+
+
+FLOWER_GENERATOR = _flowers_own_generator()
 
 
 def _fold_twin(seed: bytes) -> bytes:
