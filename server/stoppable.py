@@ -28,13 +28,6 @@ POLL_S = 0.2
 Workflow = Callable[[Grid, Context], None]
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived: stop as for Ctrl-C (every wait ends, every started process stops).
-
-    Not a ``KeyboardInterrupt``: click would turn that into its own Ctrl-C status.
-    """
-
-
 class RunStopped(Exception):
     """The run was stopped from outside (Ctrl-C, SIGTERM); the ServerApp ends at once."""
 

@@ -29,6 +29,14 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: stop as for Ctrl-C (every wait ends, every started process stops); exit 143.
+
+    Not a ``KeyboardInterrupt``: click would turn that into its own Ctrl-C status, and not an
+    ``Exception``: no ``except Exception`` on the way may swallow it.
+    """
+
+
 class CareFLError(Exception):
     """Base class of errors whose message is meant for the operator."""
 

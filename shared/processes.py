@@ -11,8 +11,8 @@ only the groups started here are signalled).
 
 Stopping is SIGTERM to the groups, a grace period, then SIGKILL. :class:`ProcessGroups` is a
 context manager that stops everything on exit: on success, on an error and on Ctrl-C; while it
-is active in the main thread, SIGTERM to this process is turned into ``KeyboardInterrupt`` so
-that it stops its children too.
+is active in the main thread, SIGTERM to this process is turned into
+:class:`~shared.errors.Terminated` so that it stops its children too.
 
 Example
 -------
@@ -40,7 +40,7 @@ from types import FrameType, TracebackType
 import psutil
 
 from shared.atomic import require_writable_dir
-from shared.errors import DeploymentError
+from shared.errors import DeploymentError, Terminated
 from shared.log import log
 
 TAG_VARIABLE = "CAREFL_PROCESS_TAG"
@@ -471,4 +471,4 @@ def _parent_death_signal() -> Callable[[], None] | None:
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise Terminated(f"signal {signum}")

@@ -21,8 +21,7 @@ from rich.console import Console
 from client import cli as hospital
 from server import cli as consortium
 from server.cli import DEFAULT_STATE
-from server.stoppable import Terminated
-from shared.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, CareFLError, ConfigError
+from shared.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, CareFLError, ConfigError, Terminated
 from shared.offline import configure_flower_env
 
 

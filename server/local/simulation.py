@@ -15,9 +15,8 @@ from client.policy import SitePolicy
 from client.setup import prepare_site_dir
 from server.recorder import FederationRecorder
 from server.report.result import FederationResult
-from server.stoppable import Terminated
 from shared.config import RunConfig
-from shared.errors import ConfigError
+from shared.errors import ConfigError, Terminated
 from shared.offline import configure_flower_env
 
 if TYPE_CHECKING:

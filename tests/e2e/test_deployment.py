@@ -32,7 +32,7 @@ from server.local.demo import demo_config
 from server.local.deployment import DeploymentDemoOptions, LocalDeployment
 from server.provision import ConsortiumLayout, provision
 from server.superlink import SuperLinkOptions, SuperLinkTLS
-from shared.errors import DeploymentError
+from shared.errors import EXIT_TERMINATED, DeploymentError
 from shared.executables import executable, flower_env
 from shared.processes import ProcessGroups, free_port, group_alive, tagged_processes
 
@@ -244,6 +244,6 @@ def test_carefl_server_and_node_commands_stop_their_processes(
     refusal = [line for line in second.output().splitlines() if line.startswith("error:")]
     assert len(refusal) == 1 and f"another `carefl server` (pid {server.pid}) runs on the state folder" in refusal[0]
     assert "started superlink" not in second.output() and "interrupted" not in second.output()
-    assert server.returncode == 130 and node.returncode == 130
+    assert server.returncode == EXIT_TERMINATED and node.returncode == EXIT_TERMINATED
     assert inner and not [g for g in inner if group_alive(g)]
 

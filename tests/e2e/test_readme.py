@@ -1,6 +1,7 @@
 """The README's deployment recipe, run as written: real ``carefl`` commands on 127.0.0.1.
 
-``RECIPE`` is the README's "By hand, as a consortium would" block, word for word. The test runs
+``RECIPE`` is read out of README.md's "By hand, as a consortium would" block, so the two
+cannot drift apart. The test runs
 it in an empty folder with two changes only: every port is replaced by a free one (the machine
 may be shared), and the run is shortened to 1 round of 1 local epoch. Long-running commands
 (``carefl server``, ``carefl node``) start as processes and must be ready before the next line;
@@ -24,20 +25,20 @@ from shared.errors import EXIT_INTEGRITY
 from shared.executables import flower_env
 from shared.processes import ProcessGroups, free_port
 
-RECIPE = """
-carefl provision --out consortium --hospital hungary --hospital switzerland --hospital va-long-beach
-carefl pretrain                                       # the consortium's heart backbone, registered in .carefl/registry
-carefl server --consortium consortium                 # SuperLink: TLS, node auth, state DB; registers the hospitals
-carefl budget --site-dir site-hu --init --site Hungary  # once per hospital: ledger + policy
-carefl budget --site-dir site-ch --init --site Switzerland
-carefl budget --site-dir site-va --init --site "VA Long Beach"
-carefl node --superlink 127.0.0.1:8000 --credentials consortium/hospitals/hungary --site-dir site-hu --site-index 0 --port 9094
-carefl node --superlink 127.0.0.1:8000 --credentials consortium/hospitals/switzerland --site-dir site-ch --site-index 1 --port 9095
-carefl node --superlink 127.0.0.1:8000 --credentials consortium/hospitals/va-long-beach --site-dir site-va --site-index 2 --port 9096
-carefl federate --state-dir .carefl/superlink --run-config "num-rounds=5" --out runs/x --checkpoint-dir ck [--resume]
-carefl audit verify --site-dir site-hu                # the hospital checks its audit log
-"""
-"""The block to keep in README.md (each node's ``--port`` matters only where nodes share a machine)."""
+README = Path(__file__).resolve().parents[2] / "README.md"
+MARKER = "<!-- recipe:deployment -->"
+
+
+def readme_recipe() -> str:
+    """The README's deployment block: the bash code block right after :data:`MARKER`."""
+    text = README.read_text(encoding="utf-8")
+    assert MARKER in text, f"{README} lost its {MARKER} marker"
+    block = text.split(MARKER, 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return block
+
+
+RECIPE = readme_recipe()
+"""The README's block, as a user copies it."""
 
 SHORT_RUN = {"num-rounds=5": "num-rounds=1 local-epochs=1"}
 READY = {"server": "SuperLink ready on 127.0.0.1", "node": r"SuperNode ID: \d+"}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import DeploymentError
+from shared.errors import DeploymentError, Terminated
 from shared.processes import (
     ManagedProcess,
     ProcessGroups,
@@ -79,7 +79,7 @@ def test_exit_on_error_and_on_interrupt_stops_everything(tmp_path: Path) -> None
 
 def test_sigterm_to_the_supervisor_stops_its_children(tmp_path: Path) -> None:
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt), ProcessGroups(tmp_path, grace=5) as procs:
+    with pytest.raises(Terminated), ProcessGroups(tmp_path, grace=5) as procs:
         procs.start("sleeper", [sys.executable, "-c", "import time; time.sleep(600)"])
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises before this ends
