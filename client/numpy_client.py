@@ -26,8 +26,9 @@ from shared.errors import CareFLError, RefusalError
 from shared.log import log
 from shared.params import get_arrays, set_arrays, subtract
 from shared.pipeline import LocalProblem, build_model, local_problem, train_settings
+from shared.scores import binary_metrics, choose_threshold, classification_metrics
 from shared.tasks import load_site, site_name
-from shared.training import TrainSettings, evaluate, train
+from shared.training import TrainSettings, predict_proba, train
 
 
 class SiteRefusal(RefusalError):
@@ -43,6 +44,27 @@ def bound_delta(delta: NDArrays, bound: float) -> tuple[NDArrays, float]:
     total = sum(int(np.size(a)) for a in delta)
     clipped = sum(int(np.count_nonzero(np.abs(a) > bound)) for a in delta)
     return [np.clip(a, -bound, bound).astype(np.float32) for a in delta], clipped / max(total, 1)
+
+
+def clinical_metrics(labels: np.ndarray, probs: np.ndarray | None, rule: str) -> dict[str, Scalar]:
+    """The site's clinical scores: at 0.5, and at the threshold ``rule`` picks on these same records.
+
+    Only these aggregates leave the site, never a score or a label. All NaN unless the task is
+    binary and there are records.
+    """
+    if probs is None or probs.ndim != 2 or probs.shape[1] != 2:
+        return {key: math.nan for key in wire.CLINICAL_METRICS}
+    positive = probs[:, 1]
+    at_half = binary_metrics(labels, positive, threshold=0.5)
+    threshold = choose_threshold(labels, positive, rule)
+    at_op = binary_metrics(labels, positive, threshold=threshold)
+    return {
+        wire.METRIC_SENSITIVITY: at_half.sensitivity, wire.METRIC_SPECIFICITY: at_half.specificity,
+        wire.METRIC_PPV: at_half.ppv, wire.METRIC_NPV: at_half.npv, wire.METRIC_F1: at_half.f1,
+        wire.METRIC_BALANCED_ACCURACY: at_half.balanced_accuracy, wire.METRIC_BRIER: at_half.brier,
+        wire.METRIC_ECE: at_half.ece, wire.METRIC_THRESHOLD: threshold,
+        wire.METRIC_SENSITIVITY_AT_OP: at_op.sensitivity, wire.METRIC_SPECIFICITY_AT_OP: at_op.specificity,
+    }  # fmt: skip
 
 
 def config_from_message(config: dict[str, Scalar]) -> tuple[StudyConfig, int, float]:
@@ -177,11 +199,13 @@ class SiteClient(NumPyClient):
             log(WARNING, "%s declines to evaluate round %d: %s", name, server_round, err)
             raise SiteRefusal(f"{name}: {err}") from err
         set_arrays(problem.model, problem.names, parameters)
-        loss, accuracy, auc = evaluate(problem.module, problem.x_val, problem.y_val)
+        probs = predict_proba(problem.module, problem.x_val) if len(problem.y_val) else None
+        loss, accuracy, auc = (math.nan,) * 3 if probs is None else classification_metrics(problem.y_val, probs)
         metrics: dict[str, Scalar] = {
             wire.METRIC_SITE: problem.site_name, wire.METRIC_ACCURACY: accuracy, wire.METRIC_AUC: auc,
             wire.METRIC_DROPPED_ROWS: problem.dropped,
         }
+        metrics.update(clinical_metrics(problem.y_val, probs, cfg.operating_point))
         metrics.update(self._privacy_spent(cfg, len(problem.y_train)))
         return loss, len(problem.y_val), metrics
 

@@ -6,7 +6,14 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-METRIC_NAMES: tuple[str, ...] = ("loss", "accuracy", "auc", "epsilon", "delta")
+CLINICAL_NAMES: tuple[str, ...] = (
+    "sensitivity", "specificity", "ppv", "npv", "f1", "balanced_accuracy", "brier", "ece",
+    "threshold", "sensitivity_at_op", "specificity_at_op",
+)  # fmt: skip
+"""The clinical fields of :class:`SiteRoundMetrics` (binary tasks), in wire order."""
+METRIC_NAMES: tuple[str, ...] = ("loss", "accuracy", "auc", "epsilon", "delta", *CLINICAL_NAMES)
+SITE_ONLY_NAMES: tuple[str, ...] = ("threshold",)
+"""Metrics that have no meaningful mean over sites (each site's own operating point)."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,17 @@ class SiteRoundMetrics:
         Privacy this site's data has spent in the run so far (NaN without DP).
     delta : float
         Delta of that guarantee (NaN without DP).
+    sensitivity, specificity, ppv, npv, f1, balanced_accuracy : float
+        Binary tasks: scores at the 0.5 cut-off (positive when p >= 0.5); NaN when undefined.
+    brier, ece : float
+        Brier score and expected calibration error (10 equal-width bins) of the probabilities.
+    threshold : float
+        The site's operating point, chosen by the study's ``operating-point`` rule on its own
+        validation data.
+    sensitivity_at_op, specificity_at_op : float
+        Sensitivity and specificity at that operating point.
+
+    Every field after ``auc`` defaults to NaN, so rows written before a field existed still load.
     """
 
     round: int
@@ -41,6 +59,17 @@ class SiteRoundMetrics:
     auc: float
     epsilon: float = math.nan
     delta: float = math.nan
+    sensitivity: float = math.nan
+    specificity: float = math.nan
+    ppv: float = math.nan
+    npv: float = math.nan
+    f1: float = math.nan
+    balanced_accuracy: float = math.nan
+    brier: float = math.nan
+    ece: float = math.nan
+    threshold: float = math.nan
+    sensitivity_at_op: float = math.nan
+    specificity_at_op: float = math.nan
 
     def as_row(self) -> dict[str, float | int | str]:
         """Return the metrics as a flat dict (one CSV row)."""

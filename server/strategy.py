@@ -25,7 +25,7 @@ from flwr.common import (
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
-from server.metrics import SiteRoundMetrics
+from server.metrics import CLINICAL_NAMES, SiteRoundMetrics
 from server.recorder import FederationRecorder
 from shared import protocol as wire
 from shared.config import RunConfig
@@ -120,6 +120,10 @@ class DeltaMixin:
                 auc=float(res.metrics.get(wire.METRIC_AUC, math.nan)),
                 epsilon=float(res.metrics.get(wire.METRIC_EPSILON, math.nan)),
                 delta=float(res.metrics.get(wire.METRIC_DELTA, math.nan)),
+                **{
+                    name: float(res.metrics.get(key, math.nan))
+                    for name, key in zip(CLINICAL_NAMES, wire.CLINICAL_METRICS, strict=True)
+                },
             )
             for proxy, res in results
         ]

@@ -85,6 +85,11 @@ class StudyConfig(KebabDocument):
         Side of the images fed to the backbone (chest-xray).
     val_fraction : float
         Validation fraction for image folders without a validation split.
+    operating_point : str
+        How each site picks its decision threshold on its own validation data, reported next to
+        the 0.5 figures: ``youden`` (maximise sensitivity + specificity - 1), ``sensitivity:S``
+        (the highest threshold reaching sensitivity S, 0 < S < 1) or a fixed threshold such as
+        ``0.5``. Only the threshold and its sensitivity/specificity leave the site.
     dp : bool
         Train with DP-SGD (a site's policy may require it whatever the server says).
     target_epsilon : float
@@ -137,6 +142,7 @@ class StudyConfig(KebabDocument):
     dirichlet_alpha: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     image_size: int = Field(default=64, ge=8)
     val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    operating_point: str = "0.5"
     dp: bool = True
     target_epsilon: float = Field(default=3.0, gt=0, allow_inf_nan=False)
     target_delta: float = Field(default=0.0, ge=0, lt=1)
@@ -156,6 +162,14 @@ class StudyConfig(KebabDocument):
 
         if value not in TASKS:
             raise ValueError(f"must be one of {', '.join(TASKS)}")
+        return value
+
+    @field_validator("operating_point")
+    @classmethod
+    def _operating_point_rule(cls, value: str) -> str:
+        from shared.scores import parse_operating_point
+
+        parse_operating_point(value)
         return value
 
     @field_validator("backbone_sha256")

@@ -44,6 +44,26 @@ SERVER_KEYS: Final = (ROUND_KEY, PROXIMAL_MU_KEY)
 METRIC_SITE: Final = "site"
 METRIC_ACCURACY: Final = "accuracy"
 METRIC_AUC: Final = "auc"
+METRIC_SENSITIVITY: Final = "sensitivity"
+"""Binary tasks, at the 0.5 cut-off (positive when p >= 0.5), like the next six."""
+METRIC_SPECIFICITY: Final = "specificity"
+METRIC_PPV: Final = "ppv"
+METRIC_NPV: Final = "npv"
+METRIC_F1: Final = "f1"
+METRIC_BALANCED_ACCURACY: Final = "balanced-accuracy"
+METRIC_BRIER: Final = "brier"
+"""Brier score of the positive-class probabilities (threshold-free)."""
+METRIC_ECE: Final = "ece"
+"""Expected calibration error, 10 equal-width bins (threshold-free)."""
+METRIC_THRESHOLD: Final = "threshold"
+"""The site's operating point, chosen by the study's ``operating-point`` rule on its validation data."""
+METRIC_SENSITIVITY_AT_OP: Final = "sensitivity-at-op"
+METRIC_SPECIFICITY_AT_OP: Final = "specificity-at-op"
+CLINICAL_METRICS: Final = (
+    METRIC_SENSITIVITY, METRIC_SPECIFICITY, METRIC_PPV, METRIC_NPV, METRIC_F1, METRIC_BALANCED_ACCURACY,
+    METRIC_BRIER, METRIC_ECE, METRIC_THRESHOLD, METRIC_SENSITIVITY_AT_OP, METRIC_SPECIFICITY_AT_OP,
+)  # fmt: skip
+"""The clinical metrics a site reports in evaluation (NaN where undefined or not a binary task)."""
 METRIC_TRAIN_LOSS: Final = "train-loss"
 METRIC_EPSILON: Final = "epsilon"
 METRIC_DELTA: Final = "delta"

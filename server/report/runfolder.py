@@ -33,7 +33,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from server.metrics import METRIC_NAMES, SiteRoundMetrics, rounds_of, weighted_mean
+from server.metrics import METRIC_NAMES, SITE_ONLY_NAMES, SiteRoundMetrics, rounds_of, weighted_mean
 from shared.atomic import fsync_path, require_writable_dir
 from shared.errors import InputError
 from shared.log import log
@@ -252,7 +252,8 @@ def write_metrics(
     Notes
     -----
     The CSV holds one row per site per round, followed in each round by a row with site
-    ``"weighted-mean"`` whose ``num_examples`` is the round's total. Floats keep full ``repr``
+    ``"weighted-mean"`` whose ``num_examples`` is the round's total (its ``threshold`` is empty: each
+    site has its own operating point). Floats keep full ``repr``
     precision; NaN is an empty cell. The JSON is ``{"rounds": [{"round", "sites",
     "weighted_mean"}]}`` with NaN as ``null``.
     """
@@ -275,7 +276,7 @@ def _group_by_round(rows: Sequence[SiteRoundMetrics]) -> dict[int, list[SiteRoun
 
 def _mean_row(rnd: int, rows: Sequence[SiteRoundMetrics]) -> SiteRoundMetrics:
     """Return the example-weighted mean of one round's ``rows`` as a pseudo-site row."""
-    means = {name: weighted_mean(rows, name) for name in METRIC_NAMES}
+    means = {name: weighted_mean(rows, name) for name in METRIC_NAMES if name not in SITE_ONLY_NAMES}
     total = sum(row.num_examples for row in rows)
     return SiteRoundMetrics(round=rnd, site=WEIGHTED_MEAN_SITE, num_examples=total, **means)
 
@@ -329,7 +330,8 @@ def read_metrics_csv(path: Path) -> list[SiteRoundMetrics]:
     Returns
     -------
     list[SiteRoundMetrics]
-        The per-site rows in file order; weighted-mean rows are left out, empty cells are NaN.
+        The per-site rows in file order; weighted-mean rows are left out, empty cells are NaN,
+        and so are the metrics of columns an older file lacks.
 
     Raises
     ------
@@ -342,29 +344,44 @@ def read_metrics_csv(path: Path) -> list[SiteRoundMetrics]:
         raise InputError(f"cannot read metrics file {path}: {err.strerror or err}") from err
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
-    if header is None or tuple(header) != CSV_COLUMNS:
+    columns = _metric_columns(header)
+    if columns is None:
         expected = ",".join(CSV_COLUMNS)
         raise InputError(f"metrics file {path} must start with header {expected}, found {header}")
     rows = []
     for line_number, cells in enumerate(reader, start=2):
-        if len(cells) == len(CSV_COLUMNS) and cells[1] == WEIGHTED_MEAN_SITE:
+        if len(cells) == 3 + len(columns) and cells[1] == WEIGHTED_MEAN_SITE:
             continue
-        rows.append(_parse_row(cells, path, line_number))
+        rows.append(_parse_row(cells, columns, path, line_number))
     return rows
 
 
-def _parse_row(cells: Sequence[str], path: Path, line_number: int) -> SiteRoundMetrics:
+def _metric_columns(header: Sequence[str] | None) -> tuple[str, ...] | None:
+    """The metric columns of a ``metrics.csv`` header, or ``None`` if it is not one.
+
+    A file written before a metric existed lacks its column (the row's field is then NaN); its
+    header still starts with ``round,site,num_examples`` and names only known metrics, once each.
+    """
+    if header is None or tuple(header[:3]) != CSV_COLUMNS[:3]:
+        return None
+    columns = tuple(header[3:])
+    if not columns or len(set(columns)) != len(columns) or not set(columns) <= set(METRIC_NAMES):
+        return None
+    return columns
+
+
+def _parse_row(cells: Sequence[str], columns: Sequence[str], path: Path, line_number: int) -> SiteRoundMetrics:
     """Parse one CSV row into :class:`SiteRoundMetrics`, naming the line on failure."""
-    if len(cells) != len(CSV_COLUMNS):
+    if len(cells) != 3 + len(columns):
         raise InputError(
             f"metrics file {path}, line {line_number}: "
-            f"expected {len(CSV_COLUMNS)} cells, found {len(cells)}"
+            f"expected {3 + len(columns)} cells, found {len(cells)}"
         )
     rnd, site, num_examples, *metric_cells = cells
     try:
         metrics = {
             name: math.nan if cell == "" else float(cell)
-            for name, cell in zip(METRIC_NAMES, metric_cells)
+            for name, cell in zip(columns, metric_cells)
         }
         return SiteRoundMetrics(
             round=int(rnd), site=site, num_examples=int(num_examples), **metrics

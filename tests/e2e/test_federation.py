@@ -24,7 +24,7 @@ def _head_bytes(model_arrays: list[np.ndarray]) -> int:
 
 def test_heart_transfer_federation(heart_registry: Path, tmp_path: Path) -> None:
     # Prepare
-    cfg = RunConfig.of(registry_dir=str(heart_registry), num_rounds=2, local_epochs=1)
+    cfg = RunConfig.of(registry_dir=str(heart_registry), num_rounds=2, local_epochs=1, operating_point="sensitivity:0.9")
     resolved = BackboneRegistry(heart_registry).resolve(cfg.study.backbone)
     initial_model = build_model(cfg.study, Pretrained(resolved.manifest, resolved.path))
     initial_head = get_arrays(initial_model, ["head.weight", "head.bias"])
@@ -39,6 +39,9 @@ def test_heart_transfer_federation(heart_registry: Path, tmp_path: Path) -> None
         (rnd, site) for rnd in (1, 2) for site in ("Hungary", "Switzerland", "VA Long Beach")
     }
     assert all(0.0 <= r.accuracy <= 1.0 for r in first.rows)
+    # ... with its clinical scores at 0.5, and at the operating point it chose on its own data
+    assert all(0.0 <= r.sensitivity <= 1.0 and 0.0 <= r.brier <= 1.0 for r in first.rows)
+    assert all(r.sensitivity_at_op >= 0.9 and 0.0 <= r.threshold <= 1.0 for r in first.rows)
     # Only the head travels, as a masked delta (SecAgg+: int64) of the same shapes after the
     # site's masked weight
     assert first.names == ["head.weight", "head.bias"]

@@ -62,6 +62,11 @@ def _checkpoint(round_: int = 2, cfg: RunConfig | None = None) -> Checkpoint:
     )
 
 
+def _cells(row: SiteRoundMetrics) -> dict[str, object]:
+    """``row.as_row()`` with NaN as ``"nan"`` (NaN equals nothing, itself included)."""
+    return {k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in row.as_row().items()}
+
+
 def _same(a: Checkpoint, b: Checkpoint) -> None:
     assert (a.round, a.names, a.config, a.backbone_sha256) == (b.round, b.names, b.config, b.backbone_sha256)
     for x, y in zip(a.arrays, b.arrays, strict=True):
@@ -69,7 +74,7 @@ def _same(a: Checkpoint, b: Checkpoint) -> None:
     assert a.strategy_state.keys() == b.strategy_state.keys()
     for key in a.strategy_state:
         assert all(np.array_equal(x, y) for x, y in zip(a.strategy_state[key], b.strategy_state[key], strict=True))
-    assert [r.as_row() for r in a.rows][0] == [r.as_row() for r in b.rows][0]
+    assert _cells(a.rows[0]) == _cells(b.rows[0])
     assert math.isnan(b.rows[1].auc) and b.rows[1].site == "Switzerland"
     assert (a.upload_bytes, a.backbone_bytes, a.failures, a.segments) == (b.upload_bytes, b.backbone_bytes, b.failures, b.segments)
 
@@ -242,3 +247,23 @@ def test_resumed_run_ends_with_the_uninterrupted_model(heart_registry: Path, tmp
         assert a_row.accuracy == pytest.approx(b_row.accuracy) and a_row.loss == pytest.approx(b_row.loss, rel=1e-4)
     assert full.resumed is None
     assert resumed.resumed is not None and resumed.resumed["resumed_after_round"] == 2
+
+
+def test_a_checkpoint_from_before_the_clinical_metrics_still_loads() -> None:
+    # Prepare: today's checkpoint with its rows cut to the fields an older version wrote
+    from server.metrics import CLINICAL_NAMES
+
+    with np.load(io.BytesIO(checkpoint_bytes(_checkpoint())), allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    meta = json.loads(str(arrays["meta"][()]))
+    meta["rows"] = [{k: v for k, v in row.items() if k not in CLINICAL_NAMES} for row in meta["rows"]]
+    arrays["meta"] = np.array(json.dumps(meta))
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **arrays)
+
+    # Execute
+    loaded = checkpoint_from_bytes(buffer.getvalue())
+
+    # Assert
+    assert loaded.rows[0].epsilon == 1.5
+    assert all(math.isnan(getattr(loaded.rows[0], name)) for name in CLINICAL_NAMES)

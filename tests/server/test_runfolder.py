@@ -152,9 +152,12 @@ def test_metrics_csv_round_trip_keeps_values_and_nan(tmp_path: Path) -> None:
     assert len(back) == len(rows)
     assert all(_same(a, b) for a, b in zip(back, rows))
     lines = (final / "metrics.csv").read_text().splitlines()
-    assert lines[0] == "round,site,num_examples,loss,accuracy,auc,epsilon,delta"
+    assert lines[0] == (
+        "round,site,num_examples,loss,accuracy,auc,epsilon,delta,sensitivity,specificity,ppv,npv,f1,"
+        "balanced_accuracy,brier,ece,threshold,sensitivity_at_op,specificity_at_op"
+    )
     assert len(lines) == 1 + len(rows) + 3  # header, per-site rows, one mean row per round
-    assert lines[2] == "0,b,10,0.7,0.4,,,"
+    assert lines[2] == "0,b,10,0.7,0.4,,," + "," * 11  # NaN auc, epsilon, delta and 11 clinical: empty
 
 
 def test_metrics_json_is_strict_and_holds_the_weighted_mean(tmp_path: Path) -> None:

@@ -109,3 +109,32 @@ def test_each_sites_dropped_rows_reach_the_recorder() -> None:
 
     # Assert
     assert recorder.dropped_rows == {"Hungary": 33, "Switzerland": 77}
+
+
+def test_each_sites_clinical_scores_and_operating_point_reach_its_row() -> None:
+    # Prepare: a site reporting every clinical metric, and one (older) reporting none
+    from flwr.common import EvaluateRes
+
+    from server.metrics import CLINICAL_NAMES
+    from shared import protocol as wire
+
+    recorder = FederationRecorder()
+    strategy = make_strategy(
+        RunConfig.of(secure_aggregation=False), [np.zeros(2, np.float32)], recorder,
+        fit_config=lambda r: {}, evaluate_config=lambda r: {},
+    )  # fmt: skip
+    clinical = {key: 0.01 * (i + 1) for i, key in enumerate(wire.CLINICAL_METRICS)}
+    replies = [
+        (_Proxy("1"), EvaluateRes(Status(Code.OK, ""), 0.5, 89, {wire.METRIC_SITE: "Hungary", **clinical})),
+        (_Proxy("2"), EvaluateRes(Status(Code.OK, ""), 0.4, 16, {wire.METRIC_SITE: "Switzerland"})),
+    ]
+
+    # Execute
+    strategy.aggregate_evaluate(1, replies, [])
+
+    # Assert: field name = wire key in snake case, each value where it belongs
+    hungary, switzerland = recorder.rows
+    assert [name.replace("_", "-") for name in CLINICAL_NAMES] == list(wire.CLINICAL_METRICS)
+    assert {name: getattr(hungary, name) for name in CLINICAL_NAMES} == dict(zip(CLINICAL_NAMES, clinical.values()))
+    assert (hungary.threshold, hungary.sensitivity_at_op) == (clinical["threshold"], clinical["sensitivity-at-op"])
+    assert all(np.isnan(getattr(switzerland, name)) for name in CLINICAL_NAMES)

@@ -269,3 +269,15 @@ def test_non_finite_hyperparameter_is_refused(key: str, value: float) -> None:
     # Prepare / Execute / Assert
     with pytest.raises(ConfigError, match=f"`{key}`"):
         RunConfig.from_run_config({key: value})
+
+
+@pytest.mark.parametrize("rule", ["youden", "sensitivity:0.95", "0.3"])
+def test_operating_point_accepts_its_rules(rule: str) -> None:
+    # Execute / Assert
+    assert StudyConfig.from_run_config({"operating-point": rule}).operating_point == rule
+
+
+def test_operating_point_refusal_names_the_key() -> None:
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"`operating-point` must be .*youden.*got 'sensitivity:1.5'"):
+        StudyConfig.from_run_config({"operating-point": "sensitivity:1.5"})
