@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import Message
 from flwr.server import Grid
 from flwr.server.compat import LegacyContext
 from flwr.supercore.run import Run
 
+from server.distribution import Workflow
 from server.strategy import FederationStopped
 
 POLL_S = 0.2
-
-Workflow = Callable[[Grid, Context], None]
 
 
 class RunStopped(Exception):

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from shared.errors import ConfigError
-from shared.schema import KebabDocument, kebab, validate
+from shared.schema import KebabDocument, Sha256OrEmpty, kebab, validate
 from shared.secagg import SecAggSettings
 
 PATH = {"path": True}
@@ -124,7 +124,7 @@ class StudyConfig(KebabDocument):
     task: str = "heart-disease"
     setup: Setup = "transfer"
     backbone: str = "heart-mlp-cleveland"
-    backbone_sha256: str = ""
+    backbone_sha256: Sha256OrEmpty = ""
     trainable: Trainable = "head"
     last_blocks: int = Field(default=1, ge=1)
     strategy: Strategy = "fedavg"
@@ -170,13 +170,6 @@ class StudyConfig(KebabDocument):
         from shared.scores import parse_operating_point
 
         parse_operating_point(value)
-        return value
-
-    @field_validator("backbone_sha256")
-    @classmethod
-    def _full_sha256(cls, value: str) -> str:
-        if value and not (len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
-            raise ValueError("must be 64 lowercase hex digits (a full SHA-256)")
         return value
 
     @model_validator(mode="after")

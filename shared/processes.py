@@ -189,7 +189,7 @@ class ProcessGroups:
     def __enter__(self) -> ProcessGroups:
         require_writable_dir(self.log_dir, what="log directory")  # one clear line, before any process starts
         if threading.current_thread() is threading.main_thread():
-            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)  # type: ignore[assignment]
+            self._previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)  # type: ignore[assignment]
             self._handler_installed = True
         return self
 
@@ -470,5 +470,6 @@ def _parent_death_signal() -> Callable[[], None] | None:
     return set_signal
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+def raise_terminated(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM handler: raise :class:`~shared.errors.Terminated` in the main thread."""
     raise Terminated(f"signal {signum}")

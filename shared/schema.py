@@ -42,6 +42,9 @@ def _full_sha256(value: str) -> str:
 Sha256 = Annotated[str, AfterValidator(_full_sha256)]
 """A full SHA-256 in lowercase hex."""
 
+Sha256OrEmpty = Annotated[str, AfterValidator(lambda value: _full_sha256(value) if value else value)]
+"""A full SHA-256 in lowercase hex, or ``""`` (none pinned)."""
+
 
 class Document(BaseModel):
     """Base of CareFL's documents: strict types, unknown keys refused, immutable."""

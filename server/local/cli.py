@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import Annotated
 
 import click
@@ -23,6 +22,7 @@ from server import cli as consortium
 from server.cli import DEFAULT_STATE
 from shared.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, CareFLError, ConfigError, Terminated
 from shared.offline import configure_flower_env
+from shared.processes import raise_terminated
 
 
 def demo(
@@ -136,10 +136,6 @@ def build_app() -> typer.Typer:
     return app
 
 
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``carefl`` console script; returns the exit status.
 
@@ -149,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     configure_flower_env()
     err = Console(stderr=True)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         status = build_app()(args=argv, standalone_mode=False)
     except CareFLError as error:
