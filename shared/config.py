@@ -38,6 +38,8 @@ Setup = Literal["transfer", "benchmark", "scratch"]
 Trainable = Literal["head", "last", "full"]
 Accountant = Literal["rdp", "prv"]
 Strategy = Literal["fedavg", "fedprox", "fedadam", "fedyogi"]
+ClassWeighting = Literal["none", "balanced"]
+Missing = Literal["drop", "impute"]
 
 
 class StudyConfig(KebabDocument):
@@ -90,6 +92,15 @@ class StudyConfig(KebabDocument):
         the 0.5 figures: ``youden`` (maximise sensitivity + specificity - 1), ``sensitivity:S``
         (the highest threshold reaching sensitivity S, 0 < S < 1) or a fixed threshold such as
         ``0.5``. Only the threshold and its sensitivity/specificity leave the site.
+    class_weighting : str
+        ``none``, or ``balanced``: each training record's loss is weighted by
+        ``n / (k * n_c)`` from the site's own training counts (``n`` records, ``k`` classes,
+        ``n_c`` of the record's class), so a rare class counts as much as a common one. Still a
+        per-sample loss: DP-SGD clips each record's gradient as before.
+    missing : str
+        What a site does with a tabular record missing a value: ``drop`` it (FLamby's rule) or
+        ``impute`` it (median of a numeric column, mode of a categorical one, learned from the
+        site's own training rows only). Counts are reported either way.
     dp : bool
         Train with DP-SGD (a site's policy may require it whatever the server says).
     target_epsilon : float
@@ -143,6 +154,8 @@ class StudyConfig(KebabDocument):
     image_size: int = Field(default=64, ge=8)
     val_fraction: float = Field(default=0.2, gt=0, lt=1)
     operating_point: str = "0.5"
+    class_weighting: ClassWeighting = "none"
+    missing: Missing = "drop"
     dp: bool = True
     target_epsilon: float = Field(default=3.0, gt=0, allow_inf_nan=False)
     target_delta: float = Field(default=0.0, ge=0, lt=1)

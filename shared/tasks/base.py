@@ -7,18 +7,19 @@ task means one module with its :class:`Task` subclass and one line in the regist
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import WARNING
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shared.errors import InputError
+from shared.errors import ConfigError, InputError
 from shared.log import log
 
 if TYPE_CHECKING:
     from shared.config import StudyConfig
+    from shared.tasks.report import DataReport
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class SiteData:
     dropped : int
         Rows of the site's raw data its task's preprocessing left out (heart-disease: a
         missing value in a used column, as FLamby); reported, never silent.
+    preprocessing : Mapping[str, Any]
+        What the site's preprocessing learned from its own training rows and must apply again
+        to a new record (heart-disease: the standardization's means and scales, imputed
+        values), JSON-ready. Stays at the site, stored with its copy of the model.
     """
 
     name: str
@@ -47,6 +52,7 @@ class SiteData:
     y_val: np.ndarray
     fingerprint: str
     dropped: int = 0
+    preprocessing: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def num_train(self) -> int:
@@ -57,6 +63,30 @@ class SiteData:
     def num_val(self) -> int:
         """Number of held-out examples."""
         return int(len(self.y_val))
+
+
+@dataclass(frozen=True)
+class OwnData:
+    """A hospital's own data, used whole: where they are and how the site splits them.
+
+    Set by the site (node config), never by the server.
+
+    Attributes
+    ----------
+    path : str
+        The site's data: a file or folder in a format its task reads.
+    name : str
+        The site's name in metrics and reports.
+    val_fraction : float
+        Share of records (of patients, with a patient column) held out for validation.
+    seed : int
+        Seed of the site's split.
+    """
+
+    path: str
+    name: str
+    val_fraction: float = 0.2
+    seed: int = 42
 
 
 @dataclass(frozen=True)
@@ -106,6 +136,18 @@ class Task(ABC):
     def site_name(self, cfg: StudyConfig, index: int) -> str:
         """The name of site ``index`` (0-based), without loading any data."""
         return f"site-{index + 1}"
+
+    def load_own(self, cfg: StudyConfig, source: OwnData) -> tuple[SiteData, DataReport]:
+        """Read a hospital's own data whole and split them the site's way.
+
+        Returns the site's data and the report of what was read (:mod:`shared.tasks.report`).
+
+        Raises
+        ------
+        InputError
+            If the data cannot be used (one line naming the file and what is wrong).
+        """
+        raise ConfigError(f"the {self.info.name} task cannot read a site's own data.")
 
     @abstractmethod
     def load_sites(self, cfg: StudyConfig, data_path: str, *, only: int | None = None) -> list[SiteData]:
