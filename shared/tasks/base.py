@@ -90,6 +90,28 @@ class OwnData:
 
 
 @dataclass(frozen=True)
+class Records:
+    """Records a trained model is applied to (``carefl evaluate`` / ``carefl predict``).
+
+    Attributes
+    ----------
+    ids : list[str]
+        One id per record: the file (relative to the data path) or ``line N`` of a table.
+    x : np.ndarray
+        Model inputs (float32), preprocessed exactly as the site's training records were.
+    y : np.ndarray | None
+        Integer labels, or ``None`` for unlabelled records.
+    report : DataReport
+        What was read and what was refused.
+    """
+
+    ids: list[str]
+    x: np.ndarray
+    y: np.ndarray | None
+    report: DataReport
+
+
+@dataclass(frozen=True)
 class TaskInfo:
     """Static facts about a task.
 
@@ -148,6 +170,29 @@ class Task(ABC):
             If the data cannot be used (one line naming the file and what is wrong).
         """
         raise ConfigError(f"the {self.info.name} task cannot read a site's own data.")
+
+    def read_records(
+        self, cfg: StudyConfig, path: str, *, preprocessing: Mapping[str, Any], labelled: bool
+    ) -> Records:
+        """Read records at ``path`` for a trained model, preprocessed with ``preprocessing``.
+
+        Parameters
+        ----------
+        cfg : StudyConfig
+            The study the model was trained in (task, image size).
+        path : str
+            Any data layout the task trains on; unlabelled layouts too when ``labelled`` is false.
+        preprocessing : Mapping[str, Any]
+            What the site learned from its training rows (:attr:`SiteData.preprocessing`).
+        labelled : bool
+            Whether labels are required (evaluate) or optional and ignored (predict).
+
+        Raises
+        ------
+        InputError
+            If nothing usable is there (one line naming the file and what is wrong).
+        """
+        raise ConfigError(f"the {self.info.name} task cannot read records for a trained model.")
 
     @abstractmethod
     def load_sites(self, cfg: StudyConfig, data_path: str, *, only: int | None = None) -> list[SiteData]:
