@@ -58,14 +58,22 @@ class NodeOptions:
     ----------
     superlink : str
         ``host:port`` of the SuperLink.
-    site_index : int
-        Which site of the federation this hospital is (its data split for built-in tasks).
+    partition : tuple[int, int] | None
+        ``(partition-id, num-partitions)`` to hold a partition of a shared benchmark data set;
+        ``None`` (a hospital): ``data_path`` is the site's own data, used whole.
     site_dir : Path
         The site's private directory (privacy ledger, policy, received backbones).
     credentials : NodeCredentials | None
         TLS and authentication; ``None`` connects without TLS and without a node key.
     data_path : str
-        The site's data (empty: the task's built-in source).
+        The site's own data (or the shared data set a partition is cut from; empty: the
+        task's built-in source).
+    site_name : str
+        The site's name in metrics (default: the site directory's name).
+    val_fraction : float | None
+        Share of the site's own records it holds out for validation (default 0.2).
+    split_seed : int | None
+        Seed of the site's own split (default 42).
     policy : Path | None
         The site's policy file (default: ``site_dir/policy.toml``).
     host, port : str, int
@@ -75,18 +83,25 @@ class NodeOptions:
     """
 
     superlink: str
-    site_index: int
     site_dir: Path
     credentials: NodeCredentials | None
     data_path: str = ""
+    partition: tuple[int, int] | None = None
+    site_name: str = ""
+    val_fraction: float | None = None
+    split_seed: int | None = None
     policy: Path | None = None
     host: str = "127.0.0.1"
     port: int = DEFAULT_RUNTIME_PORT
     max_wait_time: float | None = None
 
     def __post_init__(self) -> None:
-        if self.site_index < 0:
-            raise ConfigError(f"`site-index` must be >= 0, got {self.site_index!r}.")
+        if self.partition is not None and not 0 <= self.partition[0] < self.partition[1]:
+            raise ConfigError(f"partition {self.partition[0]} of {self.partition[1]} does not exist (0-based ids).")
+        if self.partition is None and not self.data_path:
+            raise ConfigError("a hospital's node needs its own data (--data PATH), or a benchmark partition.")
+        if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"`val-fraction` must be in (0, 1), got {self.val_fraction!r}.")
         if not 0 < self.port < 65536:
             raise ConfigError(f"`port` must be in 1..65535, got {self.port!r}.")
 
@@ -97,15 +112,23 @@ class NodeOptions:
 
     def node_config(self) -> dict[str, str | int]:
         """The node-config keys :func:`client.site.site_environment` reads."""
-        values: dict[str, str | int] = {"site-index": self.site_index, "site-dir": str(Path(self.site_dir).resolve())}
+        values: dict[str, str | int | float] = {"site-dir": str(Path(self.site_dir).resolve())}
         if self.data_path:
             values["data-path"] = self.data_path
+        if self.partition is not None:
+            values["partition-id"], values["num-partitions"] = self.partition
+        else:
+            values["site-name"] = self.site_name or Path(self.site_dir).resolve().name
+            if self.val_fraction is not None:
+                values["val-fraction"] = self.val_fraction
+            if self.split_seed is not None:
+                values["split-seed"] = self.split_seed
         if self.policy is not None:
             values["policy"] = str(Path(self.policy).resolve())
         return values
 
 
-def node_config_arg(values: Mapping[str, str | int]) -> str:
+def node_config_arg(values: Mapping[str, str | int | float]) -> str:
     """Format ``--node-config``: ``key=value`` pairs, strings double-quoted (TOML).
 
     Raises

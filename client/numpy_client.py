@@ -17,7 +17,7 @@ from flwr.common import NDArrays, Scalar
 from client.ledger import PrivacyLedger
 from client.policy import SitePolicy, check_study
 from client.privacy import check_request, plan_round, site_delta
-from client.site import SiteEnvironment
+from client.site import SiteEnvironment, site_data, site_label
 from client.store import BackboneStore
 from shared import protocol as wire
 from shared.config import StudyConfig
@@ -27,7 +27,6 @@ from shared.log import log
 from shared.params import get_arrays, set_arrays, subtract
 from shared.pipeline import LocalProblem, build_model, local_problem, train_settings
 from shared.scores import binary_metrics, choose_threshold, classification_metrics
-from shared.tasks import load_site, site_name
 from shared.training import TrainSettings, predict_proba, train
 
 
@@ -118,13 +117,13 @@ class SiteClient(NumPyClient):
             pretrained = BackboneStore(self.env.site_dir).get(cfg.backbone_sha256)
             sha = pretrained.manifest.sha256
         model = build_model(cfg, pretrained)
-        site = load_site(cfg, self.env.index, self.env.data_path)
+        site = site_data(cfg, self.env)
         return local_problem(cfg, model, site, backbone_sha256=sha, cache_dir=self.env.site_dir)
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """Check policy and budget, charge the ledger, train; return the delta and privacy spent."""
         cfg, server_round, mu = config_from_message(config)
-        name = site_name(cfg, self.env.index)
+        name = site_label(cfg, self.env)
         try:
             problem, metrics = self._train(cfg, parameters, server_round=server_round, proximal_mu=mu)
         except CareFLError as err:
@@ -191,7 +190,7 @@ class SiteClient(NumPyClient):
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         """Evaluate the global tensors on the site's held-out part, if the site's policy covers the study."""
         cfg, server_round, _ = config_from_message(config)
-        name = site_name(cfg, self.env.index)
+        name = site_label(cfg, self.env)
         try:
             self._admit(cfg)
             problem = self._problem(cfg)

@@ -232,10 +232,13 @@ def node_options(
     *,
     superlink: str,
     site_dir: Path,
-    site_index: int,
     credentials: Path | None,
     insecure: bool,
     data_path: str = "",
+    partition: tuple[int, int] | None = None,
+    site_name: str = "",
+    val_fraction: float | None = None,
+    split_seed: int | None = None,
     policy: Path | None = None,
     port: int,
 ) -> NodeOptions:
@@ -250,10 +253,13 @@ def node_options(
         raise InputError("give the hospital's folder from `carefl provision` with --credentials, or --insecure for a local test.")
     return NodeOptions(
         superlink=superlink,
-        site_index=site_index,
         site_dir=site_dir,
         credentials=None if credentials is None else NodeCredentials.from_dir(credentials),
         data_path=data_path,
+        partition=partition,
+        site_name=site_name,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
         policy=policy,
         port=port,
     )

@@ -242,8 +242,8 @@ class LocalDeployment:
         cfg = self.options.config
         options = NodeOptions(
             superlink=self.superlink_options.address,
-            site_index=index,
             site_dir=self.paths.site_dir(hospital),
+            partition=(index, len(self.hospitals)),
             credentials=NodeCredentials.from_dir(self.layout.hospital_dir(hospital)),
             data_path=str(Path(cfg.simulation.data_path).resolve()) if cfg.simulation.data_path else "",
             port=free_port(),

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from shared.tasks.base import SiteData, Task, TaskInfo, check_sites
+from shared.errors import ConfigError
+from shared.tasks.base import OwnData, Records, SiteData, Task, TaskInfo, check_sites
 from shared.tasks.chest_xray import CHEST
 from shared.tasks.heart_disease import HEART
 from shared.tasks.registry import TASKS, get_task
 
 if TYPE_CHECKING:
     from shared.config import StudyConfig
+    from shared.tasks.report import DataReport
 
 __all__ = [
-    "CHEST", "HEART", "TASKS", "SiteData", "Task", "TaskInfo",
-    "check_sites", "get_task", "input_spec", "load_site", "load_sites", "site_name",
+    "CHEST", "HEART", "TASKS", "OwnData", "Records", "SiteData", "Task", "TaskInfo",
+    "check_sites", "get_task", "input_spec", "load_own", "load_partition", "load_site", "load_sites", "site_name",
 ]  # fmt: skip
 
 
@@ -58,6 +60,36 @@ def load_sites(cfg: StudyConfig, data_path: str = "", *, only: int | None = None
     sites = task.load_sites(cfg, data_path, only=only)
     check_sites(sites, task.info)
     return sites
+
+
+def load_own(cfg: StudyConfig, source: OwnData) -> tuple[SiteData, DataReport]:
+    """Read a hospital's own data whole, split its way, and check the labels fit the task.
+
+    Raises
+    ------
+    InputError
+        If the data are unusable (the report's ``problem`` says why) or their labels do not fit.
+    """
+    task = get_task(cfg.task)
+    site, report = task.load_own(cfg, source)
+    check_sites([site], task.info)
+    return site, report
+
+
+def load_partition(cfg: StudyConfig, index: int, count: int, data_path: str = "") -> SiteData:
+    """Load partition ``index`` of ``count`` of a shared data set (a simulated or benchmark site).
+
+    Raises
+    ------
+    ConfigError
+        If ``count`` (when set) is not the number of sites the study partitions the data into.
+    """
+    expected = get_task(cfg.task).num_partitions(cfg)
+    if count and count != expected:
+        raise ConfigError(
+            f"`num-partitions` = {count}, but the {cfg.task} study partitions its data into {expected} sites."
+        )
+    return load_site(cfg, index, data_path)
 
 
 def load_site(cfg: StudyConfig, index: int, data_path: str = "") -> SiteData:

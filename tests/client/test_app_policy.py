@@ -64,7 +64,7 @@ def _site(tmp_path: Path, backbone: ResolvedBackbone, policy: SitePolicy | None 
 
 
 def _context(site: Path, policy_file: Path | None = None) -> Context:
-    node = {"site-index": 0, "site-dir": str(site), "policy": str(policy_file or site / POLICY_FILE)}
+    node = {"partition-id": 0, "num-partitions": 3, "site-dir": str(site), "policy": str(policy_file or site / POLICY_FILE)}
     return Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config={})
 
 
@@ -181,7 +181,7 @@ def test_a_node_with_a_broken_policy_does_not_start(tmp_path: Path, capsys: pyte
     site = prepare_site_dir(tmp_path / "site", site="Hungary")
     broken = tmp_path / "policy.toml"
     broken.write_text("[privacy]\nmax_epsilon = 3.0\n")
-    argv = ["node", "--superlink", f"127.0.0.1:{free_port()}", "--site-dir", str(site), "--insecure",
+    argv = ["node", "--superlink", f"127.0.0.1:{free_port()}", "--site-dir", str(site), "--insecure", "--data", str(tmp_path),
             "--policy", str(broken), "--port", str(free_port())]  # fmt: skip
 
     # Execute
@@ -220,7 +220,7 @@ def test_a_simulated_hospital_gets_its_site_prepared(
 def test_a_deployed_node_is_never_prepared_by_the_app(tmp_path: Path, backbone: ResolvedBackbone) -> None:
     # Prepare: a node config naming a site directory its operator never prepared
     site = tmp_path / "site"
-    context = Context(run_id=7, node_id=1, node_config={"site-index": 0, "site-dir": str(site)}, state=RecordDict(), run_config={})
+    context = Context(run_id=7, node_id=1, node_config={"partition-id": 0, "num-partitions": 3, "site-dir": str(site)}, state=RecordDict(), run_config={})
 
     # Execute
     reply = create_client_app()(_offer(backbone), context)

@@ -72,7 +72,7 @@ def plain_port() -> Iterator[int]:
 
 def _options(port: int, consortium: ConsortiumLayout | None) -> NodeOptions:
     credentials = NodeCredentials.from_dir(consortium.hospital_dir("hungary")) if consortium else None
-    return NodeOptions(superlink=f"127.0.0.1:{port}", site_index=0, site_dir=Path("site"), credentials=credentials)
+    return NodeOptions(superlink=f"127.0.0.1:{port}", site_dir=Path("site"), partition=(0, 3), credentials=credentials)
 
 
 def test_the_probe_tells_tls_from_plain_from_nothing(tls_port: int, plain_port: int) -> None:

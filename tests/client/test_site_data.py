@@ -15,7 +15,7 @@ from client.ledger import PrivacyLedger
 from client.numpy_client import SiteClient, SiteRefusal
 from client.policy import SitePolicy
 from client.setup import prepare_site_dir
-from client.site import POLICY_FILE, SiteEnvironment
+from client.site import POLICY_FILE, Partition, SiteEnvironment
 from server.app import site_config
 from shared import protocol as wire
 from shared.config import RunConfig
@@ -27,7 +27,7 @@ from shared.tasks.chest_data import load_image_dataset
 
 def _site(site_dir: Path, data: Path, name: str) -> SiteEnvironment:
     prepare_site_dir(site_dir, site=name, policy=SitePolicy())
-    return SiteEnvironment(index=0, data_path=str(data), site_dir=site_dir, policy_path=site_dir / POLICY_FILE)
+    return SiteEnvironment(data_path=str(data), site_dir=site_dir, policy_path=site_dir / POLICY_FILE, partition=Partition(0))
 
 
 def _fit(env: SiteEnvironment, cfg: RunConfig) -> None:

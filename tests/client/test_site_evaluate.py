@@ -13,7 +13,7 @@ import numpy as np
 from client.numpy_client import SiteClient, clinical_metrics
 from client.policy import SitePolicy
 from client.setup import prepare_site_dir
-from client.site import POLICY_FILE, SiteEnvironment
+from client.site import POLICY_FILE, Partition, SiteEnvironment
 from server.app import site_config
 from shared import protocol as wire
 from shared.config import RunConfig
@@ -25,7 +25,7 @@ def test_evaluate_reports_scores_at_half_and_at_the_sites_operating_point(tmp_pa
     # Prepare: a real site (index 0: Hungary), a study asking for sensitivity 0.9
     site_dir = tmp_path / "site"
     prepare_site_dir(site_dir, site="Hungary", policy=SitePolicy())
-    env = SiteEnvironment(index=0, data_path="", site_dir=site_dir, policy_path=site_dir / POLICY_FILE)
+    env = SiteEnvironment(data_path="", site_dir=site_dir, policy_path=site_dir / POLICY_FILE, partition=Partition(0, 3))
     cfg = RunConfig.of(
         task="heart-disease", setup="scratch", num_rounds=1, secure_aggregation=False,
         operating_point="sensitivity:0.9",

@@ -31,7 +31,7 @@ from client.ledger import KEY_FILE, LEDGER_FILE, PrivacyLedger
 from client.numpy_client import SiteClient, SiteRefusal
 from client.policy import SitePolicy
 from client.setup import prepare_site_dir
-from client.site import POLICY_FILE, SiteEnvironment
+from client.site import POLICY_FILE, Partition, SiteEnvironment
 from client.store import BackboneStore
 from server.app import site_config
 from server.local.simulation import simulate
@@ -85,7 +85,7 @@ class FinishedRun:
 
 def _environment(site_dir: Path) -> SiteEnvironment:
     return SiteEnvironment(
-        index=SITE_INDEX, data_path="", site_dir=site_dir, policy_path=site_dir / POLICY_FILE
+        data_path="", site_dir=site_dir, policy_path=site_dir / POLICY_FILE, partition=Partition(SITE_INDEX, 3)
     )
 
 

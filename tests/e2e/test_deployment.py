@@ -76,8 +76,8 @@ def _tls_superlink(procs: ProcessGroups, layout: ConsortiumLayout, tmp_path: Pat
 def _node(layout: ConsortiumLayout, name: str, address: str, tmp_path: Path, *, tls: bool = True) -> NodeOptions:
     return NodeOptions(
         superlink=address,
-        site_index=0,
         site_dir=tmp_path / "sites" / name,
+        partition=(0, 3),
         credentials=NodeCredentials.from_dir(layout.hospital_dir(name)) if tls else None,
         port=free_port(),
         max_wait_time=8,

@@ -29,7 +29,7 @@ from shared.offline import FLOWER_OFFLINE_ENV
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
-NODE_CONFIG_KEYS = {"site-index", "data-path", "site-dir", "policy"}
+NODE_CONFIG_KEYS = {"site-name", "data-path", "site-dir", "policy"}
 FLOWER_PROGRAMS = ("flower-superlink", "flower-supernode")
 
 
@@ -204,7 +204,7 @@ def test_every_file_a_command_reads_is_provisioned(provisioned: Path) -> None:
 def test_node_config_is_what_the_site_reads() -> None:
     from flwr.common.config import parse_config_args
 
-    indexes = []
+    names = []
     for hospital in HOSPITALS:
         # Execute
         command = _compose()["services"][hospital]["command"]
@@ -214,8 +214,8 @@ def test_node_config_is_what_the_site_reads() -> None:
         assert set(config) == NODE_CONFIG_KEYS
         assert config["site-dir"] == "/site" and config["policy"] == "/site/policy.toml"
         assert config["data-path"] == "/data"
-        indexes.append(config["site-index"])
-    assert indexes == [0, 1, 2]
+        names.append(config["site-name"])
+    assert names == list(HOSPITALS)  # each hospital's own data, under its own name: no partition
 
 
 def test_certificate_names_the_host_the_nodes_dial(provisioned: Path) -> None:

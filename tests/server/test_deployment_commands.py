@@ -90,7 +90,7 @@ def test_superlink_tls_from_an_incomplete_consortium_is_refused(tmp_path: Path) 
 def test_supernode_command_authenticates_and_passes_the_site(supernode_help: str, tmp_path: Path) -> None:
     # Prepare
     options = NodeOptions(
-        superlink="127.0.0.1:8000", site_index=2, site_dir=tmp_path / "my site", credentials=CREDS,
+        superlink="127.0.0.1:8000", site_dir=tmp_path / "my site", credentials=CREDS, site_name="Hospital B",
         data_path="/data/heart.csv", policy=tmp_path / "policy.toml", port=9101, max_wait_time=30,
     )  # fmt: skip
 
@@ -108,7 +108,7 @@ def test_supernode_command_authenticates_and_passes_the_site(supernode_help: str
     # The node config reaches the ClientApp as client.site reads it, spaces in paths included
     parsed = parse_config_args([argv[argv.index("--node-config") + 1]])
     assert parsed == {
-        "site-index": 2,
+        "site-name": "Hospital B",
         "site-dir": str((tmp_path / "my site").resolve()),
         "data-path": "/data/heart.csv",
         "policy": str((tmp_path / "policy.toml").resolve()),
@@ -116,7 +116,7 @@ def test_supernode_command_authenticates_and_passes_the_site(supernode_help: str
 
 
 def test_insecure_supernode_sends_no_key(supernode_help: str, tmp_path: Path) -> None:
-    argv = supernode_command(NodeOptions(superlink="127.0.0.1:8000", site_index=0, site_dir=tmp_path, credentials=None))
+    argv = supernode_command(NodeOptions(superlink="127.0.0.1:8000", site_dir=tmp_path, credentials=None, partition=(0, 3)))
     assert "--insecure" in argv
     assert "--auth-supernode-private-key" not in argv and "--root-certificates" not in argv
     for flag in _flags(argv):
@@ -124,7 +124,7 @@ def test_insecure_supernode_sends_no_key(supernode_help: str, tmp_path: Path) ->
 
 
 def test_node_config_refuses_what_flowers_parser_cannot_carry() -> None:
-    assert node_config_arg({"site-index": 1, "site-dir": "/a b"}) == 'site-index=1 site-dir="/a b"'
+    assert node_config_arg({"partition-id": 1, "site-dir": "/a b"}) == 'partition-id=1 site-dir="/a b"'
     with pytest.raises(ConfigError, match="site-dir"):
         node_config_arg({"site-dir": 'a"b'})
 
