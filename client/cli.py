@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from client.data_cli import data_app
 from shared.errors import ConfigError, IntegrityError
 
 
@@ -83,3 +84,4 @@ def register(app: typer.Typer) -> None:
     app.command()(budget)
     app.command()(node)
     app.add_typer(audit_app, name="audit")
+    app.add_typer(data_app, name="data")
