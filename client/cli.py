@@ -32,18 +32,45 @@ def budget(
 
 def node(
     superlink: Annotated[str, typer.Option(help="The SuperLink's address, host:port.")],
-    site_dir: Annotated[Path, typer.Option(help="The hospital's site directory (prepared once with `carefl budget --init`).")],
-    credentials: Annotated[Path | None, typer.Option(help="The hospital's folder from `carefl provision` (node.key, ca.crt).")] = None,
-    data: Annotated[str, typer.Option(help="The site's own data, used whole: a class-folder tree, a manifest CSV, DICOM, an .npz or a table (see `carefl data check`).")] = "",
-    site_name: Annotated[str, typer.Option(help="The site's name in metrics (default: the site directory's name).")] = "",
-    val_fraction: Annotated[float | None, typer.Option(help="Share of the site's records held out for validation (default 0.2).")] = None,
-    split_seed: Annotated[int | None, typer.Option(help="Seed of the site's own train/validation split (default 42).")] = None,
-    partition_id: Annotated[int | None, typer.Option(help="Benchmarks only: hold partition N of a shared data set (with --num-partitions).")] = None,
-    num_partitions: Annotated[int | None, typer.Option(help="Benchmarks only: how many partitions the shared data set is cut into.")] = None,
-    policy: Annotated[Path | None, typer.Option(help="The site's policy file (default: SITE_DIR/policy.toml).")] = None,
-    port: Annotated[int, typer.Option(help="Port of the SuperNode's Runtime API (distinct per node on one machine).")] = 9094,
+    site_dir: Annotated[
+        Path, typer.Option(help="The hospital's site directory (prepared once with `carefl budget --init`).")
+    ],
+    credentials: Annotated[
+        Path | None, typer.Option(help="The hospital's folder from `carefl provision` (node.key, ca.crt).")
+    ] = None,
+    data: Annotated[
+        str,
+        typer.Option(
+            help="The site's own data, used whole: a class-folder tree, a manifest CSV, DICOM, an .npz or a table (see `carefl data check`)."
+        ),
+    ] = "",
+    site_name: Annotated[
+        str, typer.Option(help="The site's name in metrics (default: the site directory's name).")
+    ] = "",
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Share of the site's records held out for validation (default 0.2).")
+    ] = None,
+    split_seed: Annotated[
+        int | None, typer.Option(help="Seed of the site's own train/validation split (default 42).")
+    ] = None,
+    partition_id: Annotated[
+        int | None,
+        typer.Option(help="Benchmarks only: hold partition N of a shared data set (with --num-partitions)."),
+    ] = None,
+    num_partitions: Annotated[
+        int | None, typer.Option(help="Benchmarks only: how many partitions the shared data set is cut into.")
+    ] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="The site's policy file (default: SITE_DIR/policy.toml).")
+    ] = None,
+    port: Annotated[
+        int, typer.Option(help="Port of the SuperNode's Runtime API (distinct per node on one machine).")
+    ] = 9094,
     insecure: Annotated[bool, typer.Option(help="No TLS, no node key: a local test only.")] = False,
-    connect_timeout: Annotated[float, typer.Option(help="Seconds the SuperLink may take to accept the node; then it stops and says why.")] = 120.0,
+    connect_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds the SuperLink may take to accept the node; then it stops and says why."),
+    ] = 120.0,
 ) -> None:
     """Run a hospital's SuperNode: TLS to the SuperLink, authenticated with its node key."""
     from client.service import node_options, serve_node
@@ -59,7 +86,9 @@ def node(
 def partition_of(partition_id: int | None, num_partitions: int | None) -> tuple[int, int] | None:
     """``(partition-id, num-partitions)`` from the two options, which come together or not at all."""
     if (partition_id is None) != (num_partitions is None):
-        raise ConfigError("give --partition-id and --num-partitions together (a benchmark partition), or neither.")
+        raise ConfigError(
+            "give --partition-id and --num-partitions together (a benchmark partition), or neither."
+        )
     return None if partition_id is None or num_partitions is None else (partition_id, num_partitions)
 
 

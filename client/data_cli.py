@@ -24,8 +24,12 @@ data_app = typer.Typer(help="A hospital's own data: check it before joining.", n
 @data_app.command("check")
 def check(
     task: Annotated[str, typer.Option(help="The task the data are for (heart-disease, chest-xray).")],
-    data: Annotated[Path, typer.Option(help="The site's data: class folders, a manifest CSV, DICOM, an .npz or a table.")],
-    val_fraction: Annotated[float, typer.Option(help="Share of records held out for validation, as the node would.")] = 0.2,
+    data: Annotated[
+        Path, typer.Option(help="The site's data: class folders, a manifest CSV, DICOM, an .npz or a table.")
+    ],
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of records held out for validation, as the node would.")
+    ] = 0.2,
     split_seed: Annotated[int, typer.Option(help="Seed of the split, as the node would.")] = 42,
     image_size: Annotated[int, typer.Option(help="Side images are resized to (chest-xray).")] = 64,
     missing: Annotated[str, typer.Option(help="Tabular rows with a missing value: drop or impute.")] = "drop",
@@ -43,7 +47,9 @@ def check(
     if not data.exists():
         raise InputError(f"{data} does not exist.")
     with console.status(f"reading {data} ..."):
-        site, report = load_own(cfg, OwnData(path=str(data), name=data.name, val_fraction=val_fraction, seed=split_seed))
+        site, report = load_own(
+            cfg, OwnData(path=str(data), name=data.name, val_fraction=val_fraction, seed=split_seed)
+        )
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2, sort_keys=True, default=str))
     else:
@@ -52,7 +58,8 @@ def check(
         raise InputError(f"{data}: {report.problem}")
     if not as_json:
         Console().print(
-            f"[green]usable[/]: {site.num_train} training and {site.num_val} validation records.", highlight=False
+            f"[green]usable[/]: {site.num_train} training and {site.num_val} validation records.",
+            highlight=False,
         )
 
 
@@ -63,7 +70,9 @@ def render(report: DataReport, console: Console) -> None:
     overview.add_row("records", str(report.records))
     overview.add_row("patients", str(report.patients) if report.patients else "no patient column")
     ratio = report.imbalance()
-    overview.add_row("class imbalance", "n/a" if math.isnan(ratio) else f"{ratio:.1f} : 1 (largest : smallest)")
+    overview.add_row(
+        "class imbalance", "n/a" if math.isnan(ratio) else f"{ratio:.1f} : 1 (largest : smallest)"
+    )
     if report.dropped:
         overview.add_row("rows dropped (missing value)", str(report.dropped))
     overview.add_row("refused", str(len(report.refused)))

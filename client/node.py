@@ -46,7 +46,9 @@ class NodeCredentials:
         creds = cls(Path(folder) / NODE_KEY_FILE, Path(folder) / CA_FILE)
         for path in (creds.private_key, creds.root_certificates):
             if not path.is_file():
-                raise InputError(f"{path} not found: give the hospital's folder from `carefl provision` (hospitals/<name>).")
+                raise InputError(
+                    f"{path} not found: give the hospital's folder from `carefl provision` (hospitals/<name>)."
+                )
         return creds
 
 
@@ -97,7 +99,9 @@ class NodeOptions:
 
     def __post_init__(self) -> None:
         if self.partition is not None and not 0 <= self.partition[0] < self.partition[1]:
-            raise ConfigError(f"partition {self.partition[0]} of {self.partition[1]} does not exist (0-based ids).")
+            raise ConfigError(
+                f"partition {self.partition[0]} of {self.partition[1]} does not exist (0-based ids)."
+            )
         if self.partition is None and not self.data_path:
             raise ConfigError("a hospital's node needs its own data (--data PATH), or a benchmark partition.")
         if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
@@ -140,7 +144,9 @@ def node_config_arg(values: Mapping[str, str | int | float]) -> str:
     for key, value in values.items():
         if isinstance(value, str):
             if '"' in value or "\n" in value or "\\" in value:
-                raise ConfigError(f"node-config value of `{key}` may not contain '\"', '\\' or a line break: {value!r}")
+                raise ConfigError(
+                    f"node-config value of `{key}` may not contain '\"', '\\' or a line break: {value!r}"
+                )
             parts.append(f'{key}="{value}"')
         else:
             parts.append(f"{key}={value}")

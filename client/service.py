@@ -82,7 +82,12 @@ def serve_node(options: NodeOptions, console: Console, *, connect_timeout: float
     check_site_dir(site_dir, options.policy)
     with ProcessGroups(site_dir / "logs") as procs:
         node = start_supernode(
-            procs, options, home=site_dir / "flwr-home", announce=console_announcer(console), name="supernode", wait=False
+            procs,
+            options,
+            home=site_dir / "flwr-home",
+            announce=console_announcer(console),
+            name="supernode",
+            wait=False,
         )
         console.print(
             f"SuperNode started; connecting to {options.superlink} (giving up after {connect_timeout:g} s). "
@@ -92,7 +97,9 @@ def serve_node(options: NodeOptions, console: Console, *, connect_timeout: float
         watch = _ConnectionWatch(node, options, connect_timeout)
         status = follow_output(node, watch.show(console), check=watch.check)
         if not watch.connected:
-            raise DeploymentError(not_connected(options, node, f"exited with status {status} before it was accepted"))
+            raise DeploymentError(
+                not_connected(options, node, f"exited with status {status} before it was accepted")
+            )
     if status != 0:
         raise DeploymentError(f"the SuperNode exited with status {status}; its log: {node.log_path}")
     return status
@@ -119,7 +126,9 @@ class _ConnectionWatch:
 
     def check(self) -> None:
         if not self.connected and time.monotonic() > self._deadline:
-            raise DeploymentError(not_connected(self._options, self._node, f"was not accepted within {self._timeout:g} s"))
+            raise DeploymentError(
+                not_connected(self._options, self._node, f"was not accepted within {self._timeout:g} s")
+            )
 
 
 def not_connected(options: NodeOptions, node: ManagedProcess, what: str) -> str:
@@ -223,7 +232,11 @@ def start_supernode(
         try:
             process.wait_for_output(CONNECTED_PATTERN, timeout)
         except DeploymentError:
-            ended = f"exited with status {process.returncode}" if not process.alive() else f"was not accepted within {timeout:g} s"
+            ended = (
+                f"exited with status {process.returncode}"
+                if not process.alive()
+                else f"was not accepted within {timeout:g} s"
+            )
             raise DeploymentError(not_connected(options, process, ended)) from None
     return process
 
@@ -250,7 +263,9 @@ def node_options(
         If neither or both of ``credentials`` and ``insecure`` are given, or a file is missing.
     """
     if insecure == (credentials is not None):
-        raise InputError("give the hospital's folder from `carefl provision` with --credentials, or --insecure for a local test.")
+        raise InputError(
+            "give the hospital's folder from `carefl provision` with --credentials, or --insecure for a local test."
+        )
     return NodeOptions(
         superlink=superlink,
         site_dir=site_dir,

@@ -18,9 +18,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-
 from logging import INFO
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.app import Context
@@ -116,14 +115,21 @@ def site_environment(context: Context, defaults: Mapping[str, str]) -> SiteEnvir
             "node config `site-index` is retired: a node's `data-path` is its own data, used whole; to hold "
             "a partition of a shared benchmark data set, set `partition-id` and `num-partitions`."
         )
-    data_path = str(node.get("data-path") or defaults.get("data-path") or context.run_config.get("data-path", ""))
+    data_path = str(
+        node.get("data-path") or defaults.get("data-path") or context.run_config.get("data-path", "")
+    )
     partition = None
     if "partition-id" in node:
-        partition = Partition(_int(node, "partition-id", minimum=0), _int(node, "num-partitions", minimum=0, default=0))
+        partition = Partition(
+            _int(node, "partition-id", minimum=0), _int(node, "num-partitions", minimum=0, default=0)
+        )
     if "site-dir" in node:
         site_dir = Path(str(node["site-dir"]))
     else:
-        site_dir = Path(defaults.get("sites-root") or DEFAULT_SITES_ROOT) / f"site-{partition.index if partition else 0}"
+        site_dir = (
+            Path(defaults.get("sites-root") or DEFAULT_SITES_ROOT)
+            / f"site-{partition.index if partition else 0}"
+        )
     policy = Path(str(node["policy"])) if "policy" in node else site_dir / POLICY_FILE
     own = None
     if partition is None:
@@ -140,7 +146,12 @@ def site_environment(context: Context, defaults: Mapping[str, str]) -> SiteEnvir
         )
     simulated = "site-dir" not in node and partition is not None
     return SiteEnvironment(
-        data_path=data_path, site_dir=site_dir, policy_path=policy, own=own, partition=partition, simulated=simulated
+        data_path=data_path,
+        site_dir=site_dir,
+        policy_path=policy,
+        own=own,
+        partition=partition,
+        simulated=simulated,
     )
 
 

@@ -81,7 +81,9 @@ def site_split(
     if patients is not None:
         return _by_patient(labels, np.asarray(patients), val_fraction, seed, source)
     if len(labels) < 2:
-        raise InputError(f"{source}: {len(labels)} record(s) cannot be split into training and validation parts.")
+        raise InputError(
+            f"{source}: {len(labels)} record(s) cannot be split into training and validation parts."
+        )
     from sklearn.model_selection import train_test_split
 
     stratify = _stratifiable(labels)
@@ -91,7 +93,9 @@ def site_split(
             indices, test_size=val_fraction, stratify=labels if stratify else None, random_state=seed
         )
     except ValueError as err:
-        raise InputError(f"{source}: cannot split {len(labels)} records with val-fraction {val_fraction}: {err}") from err
+        raise InputError(
+            f"{source}: cannot split {len(labels)} records with val-fraction {val_fraction}: {err}"
+        ) from err
     return Split(np.sort(train).astype(np.int64), np.sort(val).astype(np.int64), stratify, False)
 
 
@@ -100,7 +104,9 @@ def _stratifiable(labels: np.ndarray) -> bool:
     return len(counts) > 1 and int(counts.min()) >= MIN_PER_CLASS_TO_STRATIFY
 
 
-def _by_patient(labels: np.ndarray, patients: np.ndarray, val_fraction: float, seed: int, source: str) -> Split:
+def _by_patient(
+    labels: np.ndarray, patients: np.ndarray, val_fraction: float, seed: int, source: str
+) -> Split:
     """Assign whole patients to one side, stratified on each patient's majority label."""
     from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
@@ -124,5 +130,7 @@ def _by_patient(labels: np.ndarray, patients: np.ndarray, val_fraction: float, s
         train, val = next(splitter_g.split(indices, labels, groups))
         stratified = False
     if len(train) == 0 or len(val) == 0:
-        raise InputError(f"{source}: {num_patients} patients leave one part empty with val-fraction {val_fraction}.")
+        raise InputError(
+            f"{source}: {num_patients} patients leave one part empty with val-fraction {val_fraction}."
+        )
     return Split(np.sort(train).astype(np.int64), np.sort(val).astype(np.int64), stratified, True)
