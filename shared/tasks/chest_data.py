@@ -129,7 +129,8 @@ def dataset_fingerprint(
     """
     arrays = dict(zip(NPZ_KEYS, (train_images, train_labels, val_images, val_labels)))
     lines = [
-        f"{name}|{array.dtype.str}|{list(array.shape)}|{sha256_bytes(np.ascontiguousarray(array).tobytes())}"
+        f"{name}|{array.dtype.str}|{list(array.shape)}|"
+        f"{sha256_bytes(np.ascontiguousarray(array).tobytes())}"
         for name, array in arrays.items()
     ]
     lines.append("classes|" + "\x1f".join(classes))
@@ -198,11 +199,15 @@ def load_image_dataset(
     if not path.exists():
         raise InputError(f"{path} does not exist")
     if path.is_dir():
-        dataset = _load_folder(path, val_fraction=val_fraction, seed=seed, image_size_hint=image_size_hint)
+        dataset = _load_folder(
+            path, val_fraction=val_fraction, seed=seed, image_size_hint=image_size_hint
+        )
     elif path.suffix.lower() == ".npz":
         dataset = _load_npz(path)
     else:
-        raise InputError(f"{path} is neither a .npz file (MedMNIST layout) nor a directory of class folders")
+        raise InputError(
+            f"{path} is neither a .npz file (MedMNIST layout) nor a directory of class folders"
+        )
     log(
         INFO,
         "loaded %s: %d train / %d val images of %dx%d, classes %s",
@@ -262,7 +267,9 @@ def _as_grayscale(path: Path, key: str, images: np.ndarray) -> np.ndarray:
     if images.ndim == 4 and images.shape[3] in (1, 3):
         images = images[..., 0] if images.shape[3] == 1 else _rgb_to_gray(images)
     if images.ndim != 3:
-        raise InputError(f"{path}: {key} must have shape (N,H,W) or (N,H,W,1|3), got {images.shape}")
+        raise InputError(
+            f"{path}: {key} must have shape (N,H,W) or (N,H,W,1|3), got {images.shape}"
+        )
     if min(images.shape) == 0:
         raise InputError(f"{path}: {key} is empty (shape {images.shape})")
     if min(images.shape[1:]) < MIN_IMAGE_SIDE:
@@ -307,7 +314,9 @@ def _npz_classes(path: Path, train_labels: np.ndarray, val_labels: np.ndarray) -
     return tuple(str(label) for label in range(num_classes))
 
 
-def _load_folder(path: Path, *, val_fraction: float, seed: int, image_size_hint: int) -> ImageDataset:
+def _load_folder(
+    path: Path, *, val_fraction: float, seed: int, image_size_hint: int
+) -> ImageDataset:
     """Load a directory of class folders and draw a stratified train/val split."""
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"`val_fraction` must be in (0, 1), got {val_fraction}")
@@ -318,7 +327,9 @@ def _load_folder(path: Path, *, val_fraction: float, seed: int, image_size_hint:
         key=lambda child: child.name,
     )
     if len(class_dirs) < 2:
-        raise InputError(f"{path} must hold at least 2 class folders, found {len(class_dirs)}")
+        raise InputError(
+            f"{path} must hold at least 2 class folders, found {len(class_dirs)}"
+        )
     images: list[np.ndarray] = []
     files: list[Path] = []
     labels: list[int] = []
@@ -360,7 +371,9 @@ def _read_image(file: Path) -> np.ndarray:
     try:
         with Image.open(file) as image:
             if image.format not in IMAGE_FORMATS:
-                raise InputError(f"{file} is not a readable image (PNG/JPEG): format is {image.format}")
+                raise InputError(
+                    f"{file} is not a readable image (PNG/JPEG): format is {image.format}"
+                )
             if min(image.size) < MIN_IMAGE_SIDE:
                 raise InputError(
                     f"{file} is {image.size[0]}x{image.size[1]} pixels: too small to be an X-ray "
@@ -389,7 +402,10 @@ def _stack_common_size(images: list[np.ndarray], files: list[Path], image_size_h
         *size, enlarged, files[smallest], images[smallest].shape[1], images[smallest].shape[0],
     )  # fmt: skip
     return np.stack(
-        [np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)) for image in images]
+        [
+            np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+            for image in images
+        ]
     )
 
 
@@ -421,7 +437,9 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     """Return ``labels`` as a non-empty 1-D int64 array of non-negative values."""
     array = np.asarray(labels)
     if array.ndim != 1 or len(array) == 0 or not np.issubdtype(array.dtype, np.integer):
-        raise ConfigError(f"`labels` must be a non-empty 1-D integer array, got {array.dtype} {array.shape}")
+        raise ConfigError(
+            f"`labels` must be a non-empty 1-D integer array, got {array.dtype} {array.shape}"
+        )
     if array.min() < 0:
         raise ConfigError(f"`labels` must be >= 0, got {array.min()}")
     return array.astype(np.int64)
@@ -437,7 +455,9 @@ def _site_counts(count: int, row: np.ndarray) -> np.ndarray:
 
 def _counts_per_site(class_counts: np.ndarray, proportions: np.ndarray) -> np.ndarray:
     """Return the number of examples each site gets, summed over classes."""
-    return np.sum([_site_counts(int(n), row) for n, row in zip(class_counts, proportions)], axis=0)
+    return np.sum(
+        [_site_counts(int(n), row) for n, row in zip(class_counts, proportions)], axis=0
+    )
 
 
 def dirichlet_split(
@@ -506,7 +526,9 @@ def dirichlet_split(
     )
 
 
-def partition_indices(labels: np.ndarray, proportions: np.ndarray, *, seed: int) -> list[np.ndarray]:
+def partition_indices(
+    labels: np.ndarray, proportions: np.ndarray, *, seed: int
+) -> list[np.ndarray]:
     """Assign every index of ``labels`` to one site by per-class proportions.
 
     For each class its indices are shuffled (seeded) and cut at the cumulative proportions
@@ -532,7 +554,8 @@ def partition_indices(labels: np.ndarray, proportions: np.ndarray, *, seed: int)
         raise ConfigError(f"`proportions` must be 2-D (classes, sites), got {proportions.shape}")
     if proportions.shape[0] <= labels.max():
         raise ConfigError(
-            f"`proportions` has {proportions.shape[0]} rows but the largest label is {labels.max()}"
+            f"`proportions` has {proportions.shape[0]} rows but the largest label is "
+            f"{labels.max()}"
         )
     if (proportions < 0).any() or not np.allclose(proportions.sum(axis=1), 1.0):
         raise ConfigError("`proportions` rows must be non-negative and sum to 1")
@@ -593,3 +616,4 @@ def split_sites(
         if len(site.val_idx) == 0:
             log(WARNING, "%s has no validation examples (alpha=%g)", site.name, alpha)
     return sites
+

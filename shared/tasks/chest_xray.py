@@ -40,6 +40,4 @@ class ChestXray(Task):
         from shared.tasks import chest
 
         dataset = chest.load_dataset(data_path, val_fraction=cfg.val_fraction, seed=cfg.seed)
-        return chest.load_sites(
-            dataset, num_sites=cfg.num_sites, alpha=cfg.dirichlet_alpha, seed=cfg.seed, only=only
-        )
+        return chest.load_sites(dataset, num_sites=cfg.num_sites, alpha=cfg.dirichlet_alpha, seed=cfg.seed, only=only)

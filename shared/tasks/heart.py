@@ -271,9 +271,7 @@ def load_sites(sites: tuple[str, ...] = SITES, csv_path: Path | None = None) -> 
     return [_site(table, site, dropped) for site in sites]
 
 
-def load_federation(
-    hospitals: tuple[str, ...], csv_path: Path | None = None, *, only: int | None = None
-) -> list[SiteData]:
+def load_federation(hospitals: tuple[str, ...], csv_path: Path | None = None, *, only: int | None = None) -> list[SiteData]:
     """Load a federation's hospitals (just number ``only`` if given), refusing one-class data.
 
     The federation's training data are checked together (:func:`check_federation`) even when
@@ -303,11 +301,5 @@ def _load_table(csv_path: Path | None) -> tuple[pd.DataFrame, dict[str, int]]:
 
 def _site(table: pd.DataFrame, site: str, dropped: dict[str, int]) -> SiteData:
     data = site_data(table, site, dropped=dropped.get(site, 0))
-    log(
-        INFO,
-        "%s: %d rows kept, %d dropped (a missing value)",
-        site,
-        data.num_train + data.num_val,
-        data.dropped,
-    )
+    log(INFO, "%s: %d rows kept, %d dropped (a missing value)", site, data.num_train + data.num_val, data.dropped)
     return data
