@@ -47,6 +47,7 @@ def demo(
     deployment: Annotated[bool, typer.Option(help="Run as real Flower processes on 127.0.0.1: a TLS SuperLink, one SuperNode per hospital, `flwr run` (no baselines).")] = False,
     secure_aggregation: Annotated[bool, typer.Option(help="Aggregate with SecAgg+ (masked uploads).")] = True,
     resume: Annotated[bool, typer.Option(help="With --deployment and the same --out: continue an interrupted run from its last checkpoint.")] = False,
+    site: Annotated[list[str] | None, typer.Option(help="With --deployment: a hospital with its own data, NAME=PATH (repeat per hospital); each node uses its data whole.")] = None,
 ) -> None:
     """Run a local federation of hospitals on real data, offline, and compare with baselines."""
     from server.local.demo import DemoOptions, default_out_dir, demo_config, run_demo, state_key
@@ -76,6 +77,9 @@ def demo(
         registry_dir=str(state_dir / "registry"),
         secure_aggregation=secure_aggregation,
     )
+    own_data = own_sites(site or [], deployment=deployment, data=data)
+    if own_data:
+        cfg = cfg.with_overrides(num_sites=len(own_data), min_sites=min(cfg.study.min_sites, len(own_data)))
     if resume and not (deployment and out):
         raise ConfigError("--resume continues an interrupted `carefl demo --deployment`: give --deployment and its --out.")
     out_dir = out or default_out_dir(task)
@@ -83,7 +87,7 @@ def demo(
         from server.local.deployment import DeploymentDemoOptions, run_local_deployment
 
         work_dir = state_dir / "deployments" / state_key(out_dir)
-        run_local_deployment(DeploymentDemoOptions(cfg, out_dir, work_dir, resume=resume), Console())
+        run_local_deployment(DeploymentDemoOptions(cfg, out_dir, work_dir, resume=resume, own_data=own_data), Console())
         return
     options = DemoOptions(
         config=cfg,
@@ -92,6 +96,32 @@ def demo(
         compare=compare,
     )
     run_demo(options, Console())
+
+
+def own_sites(values: list[str], *, deployment: bool, data: Path | None) -> dict[str, str]:
+    """Parse ``--site NAME=PATH`` values into hospital name -> own data path.
+
+    Raises
+    ------
+    ConfigError
+        If a value is not ``NAME=PATH``, a name repeats, or ``--site`` comes without
+        ``--deployment`` or with ``--data`` (a shared data set to partition).
+    """
+    if not values:
+        return {}
+    if not deployment:
+        raise ConfigError("--site gives a hospital of a deployment its own data: add --deployment.")
+    if data is not None:
+        raise ConfigError("--data is a shared data set the hospitals partition; with --site each has its own: drop one.")
+    sites: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(f"--site takes NAME=PATH, got {value!r}.")
+        if name.strip() in sites:
+            raise ConfigError(f"--site names hospital {name.strip()!r} twice.")
+        sites[name.strip()] = path.strip()
+    return sites
 
 
 IMAGE_FLAGS = ("--sites", "--alpha", "--image-size")

@@ -17,9 +17,9 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -74,6 +74,9 @@ class DeploymentDemoOptions:
         The Flower app submitted with ``flwr run`` (the folder of CareFL's pyproject.toml).
     run_timeout : float
         Seconds the run may take.
+    own_data : Mapping[str, str]
+        Hospital name -> its own data (each node's ``data-path``, used whole). Empty: every
+        node holds a partition of ``config``'s shared data set (``partition-id``).
     """
 
     config: RunConfig
@@ -82,6 +85,7 @@ class DeploymentDemoOptions:
     resume: bool = False
     app_dir: Path = APP_DIR
     run_timeout: float = RUN_TIMEOUT_S
+    own_data: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -171,8 +175,11 @@ class LocalDeployment:
         self.paths = DeploymentPaths(options.work_dir.resolve())
         _check_folders(self.out, self.paths, options)
         cfg = options.config
-        sites = load_sites(cfg.study, cfg.simulation.data_path)
-        self.hospitals = [hospital_slug(s.name) for s in sites]
+        names = list(options.own_data) or [s.name for s in load_sites(cfg.study, cfg.simulation.data_path)]
+        self.site_names = dict(zip((hospital_slug(n) for n in names), names, strict=True))
+        self.hospitals = list(self.site_names)
+        if len(self.hospitals) != len(names):
+            raise InputError(f"hospital names {', '.join(names)} are not distinct as consortium members.")
         console.print(
             f"[bold]CareFL deployment demo[/]: task {cfg.study.task}, {len(self.hospitals)} hospitals as SuperNodes "
             f"({', '.join(self.hospitals)}), one SuperLink, all on {DEFAULT_HOST}; working folder {self.paths.root}",
@@ -183,7 +190,8 @@ class LocalDeployment:
         ensure_backbone(cfg, console)
         self.layout = _consortium(self.paths, self.hospitals, console)
         for index, hospital in enumerate(self.hospitals):
-            prepare_site_dir(self.paths.site_dir(hospital), site=site_name(cfg.study, index), policy=SitePolicy(require_dp=cfg.study.dp))
+            name = self.site_names[hospital] if options.own_data else site_name(cfg.study, index)
+            prepare_site_dir(self.paths.site_dir(hospital), site=name, policy=SitePolicy(require_dp=cfg.study.dp))
         self.announce = console_announcer(console)
         self.superlink_options = SuperLinkOptions(
             tls=SuperLinkTLS.from_consortium(self.layout), database=self.paths.database, port=free_port()
@@ -240,12 +248,15 @@ class LocalDeployment:
     def _start_node(self, index: int, hospital: str, *, attempt: int) -> ManagedProcess:
         assert self.link is not None
         cfg = self.options.config
+        own = self.options.own_data.get(self.site_names[hospital])
+        shared_data = str(Path(cfg.simulation.data_path).resolve()) if cfg.simulation.data_path else ""
         options = NodeOptions(
             superlink=self.superlink_options.address,
             site_dir=self.paths.site_dir(hospital),
-            partition=(index, len(self.hospitals)),
+            partition=None if own else (index, len(self.hospitals)),
+            site_name=self.site_names[hospital],
             credentials=NodeCredentials.from_dir(self.layout.hospital_dir(hospital)),
-            data_path=str(Path(cfg.simulation.data_path).resolve()) if cfg.simulation.data_path else "",
+            data_path=str(Path(own).resolve()) if own else shared_data,
             port=free_port(),
         )
         name = f"supernode-{hospital}" if attempt == 1 else f"supernode-{hospital}-{attempt}"
