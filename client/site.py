@@ -165,7 +165,8 @@ def site_label(cfg: StudyConfig, env: SiteEnvironment) -> str:
 
 
 def site_data(cfg: StudyConfig, env: SiteEnvironment) -> SiteData:
-    """Read the site's data: its own, whole, or its partition of the shared data set.
+    """Read the site's data: its own, whole (decoded once, then from the site's cache), or its
+    partition of the shared data set.
 
     Raises
     ------
@@ -174,14 +175,20 @@ def site_data(cfg: StudyConfig, env: SiteEnvironment) -> SiteData:
     ConfigError
         If the partition does not fit the study.
     """
+    from client.data_cache import cached_site, data_key, store_site
     from shared.tasks import load_own, load_partition
 
     if env.own is not None:
+        key = data_key(cfg, env.own)
+        cached = cached_site(env.site_dir, key)
+        if cached is not None:
+            return cached
         site, report = load_own(cfg, env.own)
         log(
             INFO, "%s: own data %s: %d training / %d validation records (%s), %d refused",
             site.name, env.own.path, site.num_train, site.num_val, report.layout or "?", len(report.refused),
         )  # fmt: skip
+        store_site(env.site_dir, key, site)
         return site
     assert env.partition is not None
     return load_partition(cfg, env.partition.index, env.partition.count, env.data_path)
