@@ -6,6 +6,7 @@ It only translates between Flower's messages and the site's modules: data and mo
 
 from __future__ import annotations
 
+import json
 import math
 from logging import INFO, WARNING
 
@@ -64,6 +65,16 @@ def clinical_metrics(labels: np.ndarray, probs: np.ndarray | None, rule: str) ->
         wire.METRIC_ECE: at_half.ece, wire.METRIC_THRESHOLD: threshold,
         wire.METRIC_SENSITIVITY_AT_OP: at_op.sensitivity, wire.METRIC_SPECIFICITY_AT_OP: at_op.specificity,
     }  # fmt: skip
+
+
+def class_counts_text(y_train: np.ndarray, y_val: np.ndarray) -> str:
+    """The site's records per class label in its training and validation parts, as JSON text."""
+
+    def counts(labels: np.ndarray) -> dict[str, int]:
+        values, numbers = np.unique(np.asarray(labels), return_counts=True)
+        return {str(int(v)): int(n) for v, n in zip(values, numbers, strict=True)}
+
+    return json.dumps({"train": counts(y_train), "val": counts(y_val)}, sort_keys=True)
 
 
 def config_from_message(config: dict[str, Scalar]) -> tuple[StudyConfig, int, float]:
@@ -203,6 +214,7 @@ class SiteClient(NumPyClient):
         metrics: dict[str, Scalar] = {
             wire.METRIC_SITE: problem.site_name, wire.METRIC_ACCURACY: accuracy, wire.METRIC_AUC: auc,
             wire.METRIC_DROPPED_ROWS: problem.dropped,
+            wire.METRIC_CLASS_COUNTS: class_counts_text(problem.y_train, problem.y_val),
         }
         metrics.update(clinical_metrics(problem.y_val, probs, cfg.operating_point))
         metrics.update(self._privacy_spent(cfg, len(problem.y_train)))

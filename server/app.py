@@ -145,6 +145,7 @@ def run_federation(
         backbone_bytes=dict(recorder.backbone_bytes),
         resumed=checkpoints.card(recorder.rows),
         dropped_rows=dict(recorder.dropped_rows),
+        class_balance=dict(recorder.class_balance),
     )
 
 

@@ -30,6 +30,8 @@ class FederationRecorder:
         Per round, the reasons of failed client replies.
     dropped_rows : dict[str, int]
         Per site, the rows of its raw data its preprocessing left out (as the site reports).
+    class_balance : dict[str, dict[str, dict[str, int]]]
+        Per site, its records per class label in its training and validation parts (as the site reports).
     listeners : list[RoundListener]
         Called with the round and its rows after each evaluation.
     """
@@ -40,6 +42,7 @@ class FederationRecorder:
     final_parameters: list[np.ndarray] | None = None
     failures: dict[int, list[str]] = field(default_factory=dict)
     dropped_rows: dict[str, int] = field(default_factory=dict)
+    class_balance: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     listeners: list[RoundListener] = field(default_factory=list)
 
     def add_round(self, server_round: int, rows: list[SiteRoundMetrics]) -> None:

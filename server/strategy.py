@@ -8,6 +8,7 @@ when secure aggregation hands over one already-averaged delta.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from logging import WARNING
@@ -130,9 +131,21 @@ class DeltaMixin:
         for row, (_, res) in zip(rows, results):
             if wire.METRIC_DROPPED_ROWS in res.metrics:
                 self.recorder.dropped_rows[row.site] = int(res.metrics[wire.METRIC_DROPPED_ROWS])
+            if wire.METRIC_CLASS_COUNTS in res.metrics:
+                self.recorder.class_balance[row.site] = parse_class_counts(res.metrics[wire.METRIC_CLASS_COUNTS])
         self.recorder.add_failures(server_round, [failure_reason(f) for f in failures])
         self.recorder.add_round(server_round, rows)
         return super().aggregate_evaluate(server_round, results, failures)  # type: ignore[misc]
+
+
+def parse_class_counts(value: Scalar) -> dict[str, dict[str, int]]:
+    """A site's ``class-counts`` metric (JSON text) as ``{"train": {label: n}, "val": {...}}``; ``{}`` if malformed."""
+    try:
+        parsed = json.loads(str(value))
+        return {part: {str(k): int(v) for k, v in parsed[part].items()} for part in ("train", "val")}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        log(WARNING, "a site's class counts are malformed; left out of the model card")
+        return {}
 
 
 def _with_parameters(res: FitRes, arrays: list[np.ndarray]) -> FitRes:

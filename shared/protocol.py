@@ -71,6 +71,8 @@ METRIC_LIFETIME_EPSILON: Final = "lifetime-epsilon"
 METRIC_NOISE_MULTIPLIER: Final = "noise-multiplier"
 METRIC_DELTA_CLIPPED: Final = "delta-clipped-fraction"
 METRIC_DROPPED_ROWS: Final = "dropped-rows"
+METRIC_CLASS_COUNTS: Final = "class-counts"
+"""JSON text: the site's records per class label, ``{"train": {"0": n, ...}, "val": {...}}`` (counts only)."""
 """Rows of the site's raw data its task's preprocessing left out (heart-disease: a missing value)."""
 
 # ------------------------------------------------------------------ error codes of a site's replies

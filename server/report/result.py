@@ -44,6 +44,8 @@ class FederationResult:
     resumed : dict[str, Any] | None
         How the run was resumed from a checkpoint (:meth:`server.checkpoint.RunCheckpoints.card`);
         ``None`` if it ran in one go.
+    class_balance : dict[str, dict[str, dict[str, int]]]
+        Per site, its records per class label in its training and validation parts.
     dropped_rows : dict[str, int]
         Per site, the rows of its raw data its preprocessing left out, as the site reported.
     """
@@ -58,6 +60,7 @@ class FederationResult:
     backbone_bytes: dict[int, int] = field(default_factory=dict)
     resumed: dict[str, Any] | None = None
     dropped_rows: dict[str, int] = field(default_factory=dict)
+    class_balance: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
     @property
     def sites(self) -> list[str]:
@@ -135,9 +138,20 @@ DROPPED_ROWS_NOTE = (
 )
 
 
+CLASS_BALANCE_NOTE = (
+    "records per class label in each site's own training and validation parts, as the site reported "
+    "them; counts leave a site unprotected by DP, like its record count"
+)
+
+
 def data_card(result: FederationResult) -> dict[str, Any]:
     """What each site's preprocessing left out of its data, for the model card."""
-    return {"dropped_rows_per_site": dict(sorted(result.dropped_rows.items())), "note": DROPPED_ROWS_NOTE}
+    return {
+        "dropped_rows_per_site": dict(sorted(result.dropped_rows.items())),
+        "note": DROPPED_ROWS_NOTE,
+        "class_balance_per_site": dict(sorted(result.class_balance.items())),
+        "class_balance_note": CLASS_BALANCE_NOTE,
+    }
 
 
 def model_payload(result: FederationResult) -> bytes:
