@@ -16,6 +16,8 @@ import csv
 import io
 import json
 import os
+import zipfile
+import zlib
 from collections.abc import Iterator
 from logging import INFO, WARNING
 from pathlib import Path
@@ -101,7 +103,7 @@ def cached_site(site_dir: Path, key: str) -> SiteData | None:
             name=meta["name"], fingerprint=meta["fingerprint"], dropped=int(meta["dropped"]),
             preprocessing=meta["preprocessing"], **arrays,
         )  # fmt: skip
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         log(WARNING, "site data cache %s unreadable (%s): reading the data again", path.name, err)
         return None
 
