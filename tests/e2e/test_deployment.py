@@ -35,10 +35,13 @@ from server.superlink import SuperLinkOptions, SuperLinkTLS
 from shared.errors import EXIT_TERMINATED, DeploymentError
 from shared.executables import executable, flower_env
 from shared.processes import ProcessGroups, free_port, group_alive, tagged_processes
+from shared.tasks import OwnData, heart, load_own
 
 pytestmark = [
     pytest.mark.deployment,
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process tracking is checked on Linux only"),
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="process tracking is checked on Linux only"
+    ),
 ]
 
 
@@ -68,12 +71,18 @@ def _console() -> tuple[Console, io.StringIO]:
 
 
 def _tls_superlink(procs: ProcessGroups, layout: ConsortiumLayout, tmp_path: Path):  # type: ignore[no-untyped-def]
-    options = SuperLinkOptions(tls=SuperLinkTLS.from_consortium(layout), database=tmp_path / "state.db", port=free_port())
-    link = start_superlink(procs, options, home=tmp_path / "link-home", cli_home=tmp_path / "cli-home", announce=print)
+    options = SuperLinkOptions(
+        tls=SuperLinkTLS.from_consortium(layout), database=tmp_path / "state.db", port=free_port()
+    )
+    link = start_superlink(
+        procs, options, home=tmp_path / "link-home", cli_home=tmp_path / "cli-home", announce=print
+    )
     return options, link
 
 
-def _node(layout: ConsortiumLayout, name: str, address: str, tmp_path: Path, *, tls: bool = True) -> NodeOptions:
+def _node(
+    layout: ConsortiumLayout, name: str, address: str, tmp_path: Path, *, tls: bool = True
+) -> NodeOptions:
     return NodeOptions(
         superlink=address,
         site_dir=tmp_path / "sites" / name,
@@ -84,18 +93,49 @@ def _node(layout: ConsortiumLayout, name: str, address: str, tmp_path: Path, *, 
     )
 
 
-def test_secure_federation_survives_a_server_crash(heart_registry: Path, procs: ProcessGroups, tmp_path: Path) -> None:
-    """TLS, node authentication, DP and SecAgg+; the SuperLink is SIGKILLed after round 1's
-    checkpoint, restarts on its state database, and the resumed run finishes round 2.
+def _own_csvs(folder: Path) -> dict[str, str]:
+    """Three hospitals' own heart-disease exports: one outside the UCI four (Pecs: Hungary's rows
+    without the `dataset` column, UCI's `thalach` spelling), and Cleveland's and VA's own files."""
+    folder.mkdir(parents=True)
+    uci = heart.load_frame()
+    pecs = uci[uci["dataset"] == "Hungary"].drop(columns=["dataset"]).rename(columns={"thalch": "thalach"})
+    files = {
+        "Pecs": pecs,
+        "Cleveland": uci[uci["dataset"] == "Cleveland"],
+        "VA Long Beach": uci[uci["dataset"] == "VA Long Beach"],
+    }
+    own = {}
+    for name, rows in files.items():
+        path = folder / f"{name.replace(' ', '-').lower()}.csv"
+        rows.to_csv(path, index=False)
+        own[name] = str(path)
+    return own
+
+
+def test_secure_federation_survives_a_server_crash(
+    heart_registry: Path, procs: ProcessGroups, tmp_path: Path
+) -> None:
+    """TLS, node authentication, DP and SecAgg+, each hospital on its own CSV; the SuperLink is
+    SIGKILLed after round 1's checkpoint, restarts on its state database, and the resumed run
+    finishes round 2.
 
     One test for both "a deployment produces a model" and "a crashed server resumes": SecAgg+
     rounds take over a minute here, and two separate deployments would double the suite's time.
     """
     # Prepare
-    cfg = demo_config("heart-disease", num_rounds=2, local_epochs=1, registry_dir=str(heart_registry), secure_aggregation=True)
+    cfg = demo_config(
+        "heart-disease",
+        num_rounds=2,
+        local_epochs=1,
+        registry_dir=str(heart_registry),
+        secure_aggregation=True,
+    )
     assert cfg.study.dp
+    own = _own_csvs(tmp_path / "hospitals")
     console, shown = _console()
-    deployment = LocalDeployment(DeploymentDemoOptions(cfg, tmp_path / "run", tmp_path / "work"), console, procs)
+    deployment = LocalDeployment(
+        DeploymentDemoOptions(cfg, tmp_path / "run", tmp_path / "work", own_data=own), console, procs
+    )
     first_link = deployment.start_superlink()
     nodes = deployment.start_nodes()
     lines: list[str] = []
@@ -120,7 +160,9 @@ def test_secure_federation_survives_a_server_crash(heart_registry: Path, procs: 
     # Assert: the commands shown are the secured ones
     text = shown.getvalue()
     assert "flower-superlink --ssl-certfile" in text and "--enable-supernode-auth" in text
-    assert text.count("flower-supernode --superlink 127.0.0.1:") == 3 and "--auth-supernode-private-key" in text
+    assert (
+        text.count("flower-supernode --superlink 127.0.0.1:") == 3 and "--auth-supernode-private-key" in text
+    )
     assert "--insecure" not in text
     # SecAgg+ aggregated round 1 before the crash and round 2 after it
     assert sum("Secure aggregation completed" in line for line in lines) == 2
@@ -128,7 +170,7 @@ def test_secure_federation_survives_a_server_crash(heart_registry: Path, procs: 
     # The SuperLink's group died; the hospitals' SuperNodes survived and served the resumed run
     assert killed and not group_alive(killed[0])
     assert all(node.alive() for node in nodes)
-    assert "Node keys: hungary already registered" in text
+    assert "Node keys: pecs already registered" in text
     # A model came out, with its card: DP at every site, both rounds evaluated, the resume stated
     payload = torch.load(out / "model.pt", weights_only=False)
     assert set(payload["state_dict"]) == {"head.weight", "head.bias"}
@@ -137,22 +179,38 @@ def test_secure_federation_survives_a_server_crash(heart_registry: Path, procs: 
     assert torch.equal(payload["state_dict"]["head.bias"], torch.from_numpy(final.arrays[1]))
     card = json.loads((out / "model_card.json").read_text())
     assert card["privacy"]["dp"] is True and card["rounds"] == 2
-    assert sorted(card["privacy"]["per_site"]) == ["Hungary", "Switzerland", "VA Long Beach"]
+    assert sorted(card["privacy"]["per_site"]) == sorted(own)
+    # Each hospital trained on its own data whole, split its own way: the counts it reported are its own
+    balance = card["data"]["class_balance_per_site"]
+    for name, path in own.items():
+        expected, _ = load_own(cfg.study, OwnData(path, name))
+        assert sum(balance[name]["train"].values()) == expected.num_train
+        assert sum(balance[name]["val"].values()) == expected.num_val
     assert card["resumed"]["resumed_after_round"] == 1
     assert [s["first_round"] for s in card["resumed"]["flower_runs"]] == [1, 2]
     across = card["resumed"]["privacy_per_site_all_runs"]
-    assert set(across) == {"Hungary", "Switzerland", "VA Long Beach"}
+    assert set(across) == set(own)
     assert all(across[site]["epsilon"] > card["privacy"]["per_site"][site]["epsilon"] > 0 for site in across)
     assert {row["round"] for row in json.loads((out / "metrics.json").read_text())["rounds"]} == {1, 2}
 
 
-def test_unregistered_node_key_is_refused(consortium: ConsortiumLayout, procs: ProcessGroups, tmp_path: Path) -> None:
+def test_unregistered_node_key_is_refused(
+    consortium: ConsortiumLayout, procs: ProcessGroups, tmp_path: Path
+) -> None:
     # Prepare: only hungary's key is registered
     options, link = _tls_superlink(procs, consortium, tmp_path)
-    assert register_nodes(link, {"hungary": consortium.node_pub("hungary")}, announce=print) == {"hungary": "registered"}
+    assert register_nodes(link, {"hungary": consortium.node_pub("hungary")}, announce=print) == {
+        "hungary": "registered"
+    }
 
     # Execute
-    hungary = start_supernode(procs, _node(consortium, "hungary", options.address, tmp_path), home=tmp_path / "h1", announce=print, name="hungary")
+    hungary = start_supernode(
+        procs,
+        _node(consortium, "hungary", options.address, tmp_path),
+        home=tmp_path / "h1",
+        announce=print,
+        name="hungary",
+    )
     intruder = start_supernode(
         procs, _node(consortium, "intruder", options.address, tmp_path), home=tmp_path / "h2", announce=print, name="intruder", wait=False
     )  # fmt: skip
@@ -167,11 +225,15 @@ def test_unregistered_node_key_is_refused(consortium: ConsortiumLayout, procs: P
     prepare_site_dir(again.site_dir, site="Intruder")
     with pytest.raises(DeploymentError) as refused:
         serve_node(again, _console()[0], connect_timeout=60)
-    assert "exited with status" in str(refused.value) and "is not registered with the SuperLink" in str(refused.value)
+    assert "exited with status" in str(refused.value) and "is not registered with the SuperLink" in str(
+        refused.value
+    )
     assert "flwr supernode register" in str(refused.value)
 
 
-def test_node_without_tls_cannot_connect(consortium: ConsortiumLayout, procs: ProcessGroups, tmp_path: Path) -> None:
+def test_node_without_tls_cannot_connect(
+    consortium: ConsortiumLayout, procs: ProcessGroups, tmp_path: Path
+) -> None:
     # Prepare
     options, link = _tls_superlink(procs, consortium, tmp_path)
     register_nodes(link, {"hungary": consortium.node_pub("hungary")}, announce=print)
@@ -210,16 +272,36 @@ def test_carefl_server_and_node_commands_stop_their_processes(
     refused = procs.start("node-unprepared", [*carefl, "node", "--superlink", f"127.0.0.1:{port}", "--site-dir", str(site),
                                               "--credentials", str(consortium.hospital_dir("hungary"))], env=env)  # fmt: skip
     assert refused.wait(timeout=120) == 2
-    procs.start("budget", [*carefl, "budget", "--site-dir", str(site), "--init", "--site", "Hungary"], env=env).wait(timeout=120)
+    procs.start(
+        "budget", [*carefl, "budget", "--site-dir", str(site), "--init", "--site", "Hungary"], env=env
+    ).wait(timeout=120)
     server = procs.start(
         "carefl-server",
-        [*carefl, "server", "--consortium", str(consortium.root), "--state-dir", str(tmp_path / "state"), "--port", str(port)],
+        [
+            *carefl,
+            "server",
+            "--consortium",
+            str(consortium.root),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--port",
+            str(port),
+        ],
         env=env,
     )
     server.wait_for_output("SuperLink ready on 127.0.0.1", timeout=120)
     second = procs.start(
         "carefl-server-2",
-        [*carefl, "server", "--consortium", str(consortium.root), "--state-dir", str(tmp_path / "state"), "--port", str(free_port())],
+        [
+            *carefl,
+            "server",
+            "--consortium",
+            str(consortium.root),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--port",
+            str(free_port()),
+        ],
         env=env,
     )
     assert second.wait(timeout=120) == 4
@@ -242,8 +324,10 @@ def test_carefl_server_and_node_commands_stop_their_processes(
     assert "flower-supernode --superlink" in node.output()
     # A second server on the same state folder was refused, and left the live one alone
     refusal = [line for line in second.output().splitlines() if line.startswith("error:")]
-    assert len(refusal) == 1 and f"another `carefl server` (pid {server.pid}) runs on the state folder" in refusal[0]
+    assert (
+        len(refusal) == 1
+        and f"another `carefl server` (pid {server.pid}) runs on the state folder" in refusal[0]
+    )
     assert "started superlink" not in second.output() and "interrupted" not in second.output()
     assert server.returncode == EXIT_TERMINATED and node.returncode == EXIT_TERMINATED
     assert inner and not [g for g in inner if group_alive(g)]
-
