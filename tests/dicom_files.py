@@ -10,13 +10,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import io
+
 import numpy as np
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     UID,
     BasicTextSRStorage,
     ComputedRadiographyImageStorage,
     ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
     RLELossless,
     generate_uid,
 )
@@ -101,6 +106,32 @@ def write_dicom(
 def write_rle(path: Path, pixels: np.ndarray, **kwargs: object) -> Path:
     """Write ``pixels`` as an RLE Lossless compressed DICOM image (see :func:`write_dicom`)."""
     return write_dicom(path, pixels, compress=RLELossless, **kwargs)  # type: ignore[arg-type]
+
+
+def write_jpeg(path: Path, pixels: np.ndarray, *, quality: int = 95, **kwargs: object) -> Path:
+    """Write uint8 (H,W) ``pixels`` as a JPEG Baseline DICOM image (the JPEG encoded by PIL).
+
+    Returns the path; the JPEG bytes themselves are what pylibjpeg-libjpeg must decode.
+    """
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="JPEG", quality=quality)
+    write_dicom(path, pixels, **kwargs)  # type: ignore[arg-type]
+    from pydicom import dcmread
+
+    ds = dcmread(path)
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.save_as(path, enforce_file_format=True)
+    return Path(path)
+
+
+def jpeg_decoded_by_pil(pixels: np.ndarray, *, quality: int = 95) -> np.ndarray:
+    """What PIL decodes from the JPEG :func:`write_jpeg` embeds (an independent decoder)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return np.asarray(Image.open(buffer), dtype=np.float32)
 
 
 def write_sr(path: Path, *, identity: Mapping[str, str] | None = None) -> Path:

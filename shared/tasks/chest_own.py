@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -328,7 +328,9 @@ def _patients(found: ImageFiles, read: ReadImages) -> np.ndarray | None:
     if found.patient_column:
         return np.array([str(entry.patient) for entry in read.entries])
     if read.all_dicom_with_patient:
-        return np.array(read.dicom_patients)
+        if len(set(read.dicom_patients)) > 1:
+            return np.array(read.dicom_patients)
+        log(WARNING, "every DICOM image has the same Patient ID (an anonymized export?): the split is by image")
     return None
 
 

@@ -140,7 +140,7 @@ def read_dicom(path: Path) -> DicomImage:
         # pydicom warns about invalid values by quoting them: a name or an id may be one.
         warnings.simplefilter("ignore")
         try:
-            ds = pydicom.dcmread(path, force=_lacks_preamble(path))
+            ds = pydicom.dcmread(path, force=_lacks_preamble(Path(path)))
         except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise Refused(f"not a readable DICOM file ({type(exc).__name__})") from None
         return _decode(ds)
@@ -154,6 +154,8 @@ def _lacks_preamble(path: Path) -> bool:
 def _decode(ds: Dataset) -> DicomImage:
     """Turn a read dataset into a :class:`DicomImage`, or refuse it."""
     syntax = _syntax_name(ds)
+    if len(ds) == 0:
+        raise Refused("not a readable DICOM file (no data elements)")
     if "PixelData" not in ds:
         kind = _sop_class_name(ds)
         raise Refused(
