@@ -7,13 +7,13 @@ them ever reaches a log, a message or a report.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from pathlib import Path
 
-import io
-
 import numpy as np
 from PIL import Image
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -116,8 +116,6 @@ def write_jpeg(path: Path, pixels: np.ndarray, *, quality: int = 95, **kwargs: o
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="JPEG", quality=quality)
     write_dicom(path, pixels, **kwargs)  # type: ignore[arg-type]
-    from pydicom import dcmread
-
     ds = dcmread(path)
     ds.PixelData = encapsulate([buffer.getvalue()])
     ds["PixelData"].VR = "OB"

@@ -160,7 +160,10 @@ def read_image_records(
 def _load(cfg: StudyConfig, source: OwnData, report: DataReport, progress: Progress | None) -> SiteData:
     path = Path(source.path)
     if _is_npz(path):
-        return _load_npz(cfg, source, report)
+        site = _load_npz(cfg, source, report)
+        if progress is not None:
+            progress(report.records, report.records)
+        return site
     found = find_entries(path, labelled=True, report=report)
     read = read_entries(
         found.entries, image_size=cfg.image_size, report=report, source=path, progress=progress
@@ -330,7 +333,10 @@ def _patients(found: ImageFiles, read: ReadImages) -> np.ndarray | None:
     if read.all_dicom_with_patient:
         if len(set(read.dicom_patients)) > 1:
             return np.array(read.dicom_patients)
-        log(WARNING, "every DICOM image has the same Patient ID (an anonymized export?): the split is by image")
+        log(
+            WARNING,
+            "every DICOM image has the same Patient ID (an anonymized export?): the split is by image",
+        )
     return None
 
 

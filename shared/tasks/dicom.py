@@ -219,7 +219,7 @@ def _grayscale(stored: np.ndarray, ds: Dataset, *, bits_stored: int, signed: boo
         raise Refused(f"DICOM modality or VOI LUT cannot be applied ({type(exc).__name__})") from None
     if high == low:
         raise Refused("DICOM modality LUT maps every stored value to one value")
-    return (np.asarray(values, dtype=np.float64) - low) * (255.0 / (high - low))
+    return (np.asarray(values, dtype=np.float32) - np.float32(low)) * np.float32(255.0 / (high - low))
 
 
 def _modality_range(ds: Dataset, *, bits_stored: int, signed: bool) -> tuple[float, float]:

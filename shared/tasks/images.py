@@ -230,7 +230,7 @@ def _grayscale(image: Image.Image, kind: str) -> tuple[np.ndarray, int]:
     mode = image.mode
     if mode.startswith("I;16") or mode == "I":
         depth = _stored_depth(image, kind, default=16 if mode.startswith("I;16") or kind == "PNG" else 32)
-        values = np.asarray(image).astype(np.float64)
+        values = np.asarray(image).astype(np.float32)
         return np.clip(values * (255.0 / (2.0**depth - 1.0)), 0.0, 255.0).astype(np.float32), depth
     if mode == "F":
         raise Refused(f"floating-point {kind} pixels: no stored range to scale them by")

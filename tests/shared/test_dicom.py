@@ -66,7 +66,9 @@ def test_16bit_with_rescale_scales_by_bits_stored_after_the_modality_lut(
     stored = image.astype(np.uint16) * 16 + 7
     if photometric == "MONOCHROME1":
         stored = 4095 - stored
-    path = write_dicom(tmp_path / "a.dcm", stored, photometric=photometric, bits_stored=12, rescale=(2.0, -1024.0))
+    path = write_dicom(
+        tmp_path / "a.dcm", stored, photometric=photometric, bits_stored=12, rescale=(2.0, -1024.0)
+    )
     decoded = read_dicom(path)
     values = stored.astype(np.float64) * 2.0 - 1024.0
     expected = (values + 1024.0) / (4095 * 2.0) * 255.0
@@ -118,7 +120,10 @@ def test_rgb_becomes_luma(tmp_path: Path, source: tuple) -> None:
     [
         (lambda p, im: write_dicom(p, np.stack([im, im, im])), "multi-frame DICOM (3 frames)"),
         (lambda p, im: write_sr(p), "without pixel data (Basic Text SR Storage)"),
-        (lambda p, im: write_dicom(p, im, photometric="PALETTE COLOR"), "photometric interpretation PALETTE COLOR"),
+        (
+            lambda p, im: write_dicom(p, im, photometric="PALETTE COLOR"),
+            "photometric interpretation PALETTE COLOR",
+        ),
         (lambda p, im: truncate(write_dicom(p, im), 0.6), "pixel data cannot be decoded"),
         (lambda p, im: p.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10"), "not a readable DICOM file"),
     ],
@@ -136,7 +141,9 @@ def test_refusals_name_the_reason(tmp_path: Path, source: tuple, writer, reason:
 # ---------------------------------------------------------------------------------------------
 
 
-def _dicom_site(root: Path, images: np.ndarray, labels: np.ndarray, *, per_patient: int = 2) -> dict[str, str]:
+def _dicom_site(
+    root: Path, images: np.ndarray, labels: np.ndarray, *, per_patient: int = 2
+) -> dict[str, str]:
     """Class folders of DICOM files in patient folders, ``per_patient`` images each; returns id -> patient."""
     patients = {}
     for i, (image, label) in enumerate(zip(images, labels)):
@@ -153,7 +160,9 @@ def _dicom_site(root: Path, images: np.ndarray, labels: np.ndarray, *, per_patie
         elif kind == 2:
             write_rle(path, image, identity=identity)
         else:
-            write_dicom(path, image.astype(np.uint16) * 256, rescale=(0.5, 0.0), identity=identity, modality="DX")
+            write_dicom(
+                path, image.astype(np.uint16) * 256, rescale=(0.5, 0.0), identity=identity, modality="DX"
+            )
         patients[path.relative_to(root).as_posix()] = patient
     return patients
 
@@ -169,7 +178,10 @@ def test_all_dicom_site_is_split_by_patient_id(tmp_path: Path, source: tuple) ->
     assert report.split["by_patient"] and report.patients == len(set(patients.values())) > 2
     assert report.records == 40 and report.formats == {"DICOM": 40}
     assert report.dicom["photometric"] == {"MONOCHROME1": 10, "MONOCHROME2": 30}
-    assert report.dicom["transfer_syntax"]["RLE Lossless"] == 10 and report.dicom["modality"] == {"CR": 30, "DX": 10}
+    assert report.dicom["transfer_syntax"]["RLE Lossless"] == 10 and report.dicom["modality"] == {
+        "CR": 30,
+        "DX": 10,
+    }
     assert report.bit_depths == {"8": 30, "16": 10}
     # Decoded as the source images (the 16-bit ones at 256/257 of their level).
     index = {i: records.ids.index(rel) for rel, i in ((r, int(r.split("/")[-1][:3])) for r in records.ids)}
@@ -215,12 +227,16 @@ def test_no_identifying_value_reaches_a_log_a_message_or_the_report(
         with caplog.at_level(logging.DEBUG):
             data, report = ChestXray().load_own(_cfg(), OwnData(path=str(site), name="h"))
             texts += [json.dumps(report.to_json()), repr(data.preprocessing), data.name]
-            texts.append(json.dumps(check_own_images(_cfg(), OwnData(path=str(refused_only), name="h")).to_json()))
+            texts.append(
+                json.dumps(check_own_images(_cfg(), OwnData(path=str(refused_only), name="h")).to_json())
+            )
             with pytest.raises(InputError) as caught:
                 ChestXray().load_own(_cfg(), OwnData(path=str(refused_only), name="h"))
             texts.append(str(caught.value))
             with pytest.raises(InputError) as caught:
-                ChestXray().read_records(_cfg(), str(site / "normal" / "cut.dcm"), preprocessing={}, labelled=False)
+                ChestXray().read_records(
+                    _cfg(), str(site / "normal" / "cut.dcm"), preprocessing={}, labelled=False
+                )
             truncated_error = str(caught.value)
             texts.append(truncated_error)
             texts.append(repr(read_dicom(site / "normal" / "0.dcm")))
