@@ -140,7 +140,9 @@ def test_stored_model_is_the_bytes_sent_with_the_sites_operating_point(
     facts = stored.site
     assert facts["site"] == "Hungary" and facts["model_sha256"] == sha
     assert facts["backbone_sha256"] == result.manifest.sha256  # type: ignore[union-attr]
-    assert stored.study == cfg.study.model_copy(update={"backbone_sha256": result.manifest.sha256})  # type: ignore[union-attr]
+    pinned = cfg.study.model_copy(update={"backbone_sha256": result.manifest.sha256})  # type: ignore[union-attr]
+    assert stored.study == pinned
+    assert stored.payload["config"] == pinned.to_run_config()  # the study only: no server path travels
     # ... and the operating point, recomputed independently: the full model on the site's validation rows
     site = load_site(cfg.study, 0)
     model = build_model(stored.study, BackboneStore(env.site_dir).get(facts["backbone_sha256"]))
