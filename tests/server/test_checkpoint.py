@@ -17,6 +17,7 @@ from flwr.server.compat import LegacyContext
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
+from client.models import list_site_models
 from client.policy import SitePolicy
 from server.checkpoint import (
     CHECKPOINT_FILE,
@@ -247,6 +248,11 @@ def test_resumed_run_ends_with_the_uninterrupted_model(heart_registry: Path, tmp
         assert a_row.accuracy == pytest.approx(b_row.accuracy) and a_row.loss == pytest.approx(b_row.loss, rel=1e-4)
     assert full.resumed is None
     assert resumed.resumed is not None and resumed.resumed["resumed_after_round"] == 2
+    # Each run, the resumed one too, sent its final model home to every site
+    assert resumed.card is not None and resumed.card["delivered_to"] == ["Hungary", "Switzerland", "VA Long Beach"]
+    for site_dir in sorted((tmp_path / "sites").iterdir()):
+        held = {(folder / "model.pt").read_bytes() for folder in list_site_models(site_dir)}
+        assert held == {full.model_bytes(), resumed.model_bytes()}
 
 
 def test_a_checkpoint_from_before_the_clinical_metrics_still_loads() -> None:
