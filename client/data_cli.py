@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress
 from rich.table import Table
 
 from shared.errors import InputError
@@ -40,27 +41,27 @@ def check(
     Exit 0 when the data are usable; otherwise one line saying why, and a non-zero exit.
     """
     from shared.config import StudyConfig
-    from shared.tasks import OwnData, load_own
+    from shared.tasks import OwnData, get_task
 
     cfg = StudyConfig.from_run_config({"task": task, "image-size": image_size, "missing": missing})
-    console = Console(stderr=as_json)
     if not data.exists():
         raise InputError(f"{data} does not exist.")
-    with console.status(f"reading {data} ..."):
-        site, report = load_own(
-            cfg, OwnData(path=str(data), name=data.name, val_fraction=val_fraction, seed=split_seed)
+    source = OwnData(path=str(data), name=data.name, val_fraction=val_fraction, seed=split_seed)
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=Console(stderr=True), transient=True) as bar:
+        reading = bar.add_task(f"reading {data}", total=None)
+        report = get_task(cfg.task).check_data(
+            cfg, source, progress=lambda done, total: bar.update(reading, completed=done, total=total)
         )
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2, sort_keys=True, default=str))
     else:
         render(report, Console())
     if not report.usable:
-        raise InputError(f"{data}: {report.problem}")
+        raise InputError(report.problem if str(data) in report.problem else f"{data}: {report.problem}")
     if not as_json:
-        Console().print(
-            f"[green]usable[/]: {site.num_train} training and {site.num_val} validation records.",
-            highlight=False,
-        )
+        train = sum(report.split.get("train", {}).values())
+        val = sum(report.split.get("val", {}).values())
+        Console().print(f"[green]usable[/]: {train} training and {val} validation records.", highlight=False)
 
 
 def render(report: DataReport, console: Console) -> None:
@@ -78,12 +79,15 @@ def render(report: DataReport, console: Console) -> None:
     overview.add_row("refused", str(len(report.refused)))
     console.print(overview)
     _classes(report, console)
+    files = Table(title="what the usable files are", show_header=False)
     for title, counts in (
         ("formats", report.formats), ("image sizes (original)", report.image_sizes), ("bit depths", report.bit_depths),
-        *((f"DICOM {key}", value) for key, value in report.dicom.items()),
+        *((f"DICOM {key.replace('_', ' ')}", value) for key, value in report.dicom.items()),
     ):  # fmt: skip
         if counts:
-            _counts(title, counts, console)
+            files.add_row(title, _counts(counts))
+    if files.row_count:
+        console.print(files)
     if report.missing:
         table = Table(title="missing values per column")
         table.add_column("column")
@@ -119,10 +123,8 @@ def _classes(report: DataReport, console: Console) -> None:
     console.print(table)
 
 
-def _counts(title: str, counts: dict[str, int], console: Console) -> None:
-    table = Table(title=title)
-    table.add_column("value")
-    table.add_column("records", justify="right")
-    for value, count in sorted(counts.items(), key=lambda item: -item[1])[:MAX_LISTED_REFUSALS]:
-        table.add_row(str(value), str(count))
-    console.print(table)
+def _counts(counts: dict[str, int]) -> str:
+    """``"value n, value n, ..."``, most frequent first (the first :data:`MAX_LISTED_REFUSALS`)."""
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    shown = ", ".join(f"{value} {count}" for value, count in ranked[:MAX_LISTED_REFUSALS])
+    return shown + (f", ... ({len(ranked) - MAX_LISTED_REFUSALS} more)" if len(ranked) > MAX_LISTED_REFUSALS else "")

@@ -114,9 +114,9 @@ def receive_model(
         If the site's policy refuses the study.
     """
     from client.numpy_client import SiteClient, clinical_metrics  # torch: only when a model arrives
+    from client.site import site_data
     from shared.config import StudyConfig
     from shared.params import set_arrays
-    from client.site import site_data
     from shared.tasks import input_spec
     from shared.training import predict_proba
 

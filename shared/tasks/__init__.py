@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import ConfigError
-from shared.tasks.base import OwnData, Records, SiteData, Task, TaskInfo, check_sites
+from shared.tasks.base import OwnData, Progress, Records, SiteData, Task, TaskInfo, check_sites
 from shared.tasks.chest_xray import CHEST
 from shared.tasks.heart_disease import HEART
 from shared.tasks.registry import TASKS, get_task
@@ -62,7 +62,7 @@ def load_sites(cfg: StudyConfig, data_path: str = "", *, only: int | None = None
     return sites
 
 
-def load_own(cfg: StudyConfig, source: OwnData) -> tuple[SiteData, DataReport]:
+def load_own(cfg: StudyConfig, source: OwnData, *, progress: Progress | None = None) -> tuple[SiteData, DataReport]:
     """Read a hospital's own data whole, split its way, and check the labels fit the task.
 
     Raises
@@ -71,7 +71,7 @@ def load_own(cfg: StudyConfig, source: OwnData) -> tuple[SiteData, DataReport]:
         If the data are unusable (the report's ``problem`` says why) or their labels do not fit.
     """
     task = get_task(cfg.task)
-    site, report = task.load_own(cfg, source)
+    site, report = task.load_own(cfg, source, progress=progress)
     check_sites([site], task.info)
     return site, report
 

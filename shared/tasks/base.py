@@ -7,7 +7,7 @@ task means one module with its :class:`Task` subclass and one line in the regist
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import WARNING
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,10 @@ from shared.log import log
 if TYPE_CHECKING:
     from shared.config import StudyConfig
     from shared.tasks.report import DataReport
+
+
+Progress = Callable[[int, int], None]
+"""Called with (records done, records in all) as data are read."""
 
 
 @dataclass(frozen=True)
@@ -163,10 +167,11 @@ class Task(ABC):
         """How many sites a shared data set is partitioned into for the study ``cfg``."""
         return cfg.num_sites
 
-    def load_own(self, cfg: StudyConfig, source: OwnData) -> tuple[SiteData, DataReport]:
+    def load_own(self, cfg: StudyConfig, source: OwnData, *, progress: Progress | None = None) -> tuple[SiteData, DataReport]:
         """Read a hospital's own data whole and split them the site's way.
 
-        Returns the site's data and the report of what was read (:mod:`shared.tasks.report`).
+        Returns the site's data and the report of what was read (:mod:`shared.tasks.report`);
+        ``progress(done, total)``, if given, is called as records are read.
 
         Raises
         ------
@@ -175,8 +180,23 @@ class Task(ABC):
         """
         raise ConfigError(f"the {self.info.name} task cannot read a site's own data.")
 
+    def check_data(self, cfg: StudyConfig, source: OwnData, *, progress: Progress | None = None) -> DataReport:
+        """The data report of :meth:`load_own`, with ``problem`` set instead of raising (``carefl data check``)."""
+        from shared.tasks.report import DataReport
+
+        try:
+            return self.load_own(cfg, source, progress=progress)[1]
+        except InputError as err:
+            return DataReport(task=self.info.name, path=source.path, problem=str(err))
+
     def read_records(
-        self, cfg: StudyConfig, path: str, *, preprocessing: Mapping[str, Any], labelled: bool
+        self,
+        cfg: StudyConfig,
+        path: str,
+        *,
+        preprocessing: Mapping[str, Any],
+        labelled: bool,
+        progress: Progress | None = None,
     ) -> Records:
         """Read records at ``path`` for a trained model, preprocessed with ``preprocessing``.
 

@@ -6,10 +6,10 @@ first use).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from shared.tasks.base import OwnData, Records, SiteData, Task, TaskInfo
+from shared.tasks.base import OwnData, Progress, Records, SiteData, Task, TaskInfo
 
 if TYPE_CHECKING:
     from shared.config import StudyConfig
@@ -49,7 +49,7 @@ class ChestXray(Task):
         return chest.load_sites(dataset, num_sites=cfg.num_sites, alpha=cfg.dirichlet_alpha, seed=cfg.seed, only=only)
 
     def load_own(
-        self, cfg: StudyConfig, source: OwnData, *, progress: Callable[[int, int], None] | None = None
+        self, cfg: StudyConfig, source: OwnData, *, progress: Progress | None = None
     ) -> tuple[SiteData, DataReport]:
         """Read a hospital's chest X-rays whole (:func:`shared.tasks.chest_own.load_own_images`).
 
@@ -59,6 +59,12 @@ class ChestXray(Task):
 
         return load_own_images(cfg, source, progress=progress)
 
+    def check_data(self, cfg: StudyConfig, source: OwnData, *, progress: Progress | None = None) -> DataReport:
+        """The data report, with what was read and refused even when the data cannot be used."""
+        from shared.tasks.chest_own import check_own_images
+
+        return check_own_images(cfg, source, progress=progress)
+
     def read_records(
         self,
         cfg: StudyConfig,
@@ -66,7 +72,7 @@ class ChestXray(Task):
         *,
         preprocessing: Mapping[str, Any],
         labelled: bool,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Progress | None = None,
     ) -> Records:
         """Read X-rays for a trained model (:func:`shared.tasks.chest_own.read_image_records`)."""
         from shared.tasks.chest_own import read_image_records

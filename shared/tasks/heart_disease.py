@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import ConfigError
-from shared.tasks.base import OwnData, Records, SiteData, Task, TaskInfo, check_sites
+from shared.tasks.base import OwnData, Progress, Records, SiteData, Task, TaskInfo, check_sites
 
 if TYPE_CHECKING:
     from shared.config import StudyConfig
@@ -66,7 +66,7 @@ class HeartDisease(Task):
             raise ConfigError(f"site index {only} out of range: the federation has {len(names)} sites.")
         return heart.load_federation(names, Path(data_path) if data_path else None, only=only)
 
-    def load_own(self, cfg: StudyConfig, source: OwnData) -> tuple[SiteData, DataReport]:
+    def load_own(self, cfg: StudyConfig, source: OwnData, *, progress: Progress | None = None) -> tuple[SiteData, DataReport]:
         """Read a hospital's own heart-disease CSV whole (:func:`shared.tasks.heart_own.load_own`).
 
         Records missing a value are dropped or imputed as ``cfg.missing`` says; the split is the
@@ -84,7 +84,13 @@ class HeartDisease(Task):
         return site, report
 
     def read_records(
-        self, cfg: StudyConfig, path: str, *, preprocessing: Mapping[str, Any], labelled: bool
+        self,
+        cfg: StudyConfig,
+        path: str,
+        *,
+        preprocessing: Mapping[str, Any],
+        labelled: bool,
+        progress: Progress | None = None,
     ) -> Records:
         """Read new patients' rows for a trained model (:func:`shared.tasks.heart_own.read_records`).
 

@@ -29,6 +29,7 @@ from shared.errors import ConfigError
 from shared.params import exchanged_names, get_arrays
 from shared.pipeline import build_model
 from shared.tasks import OwnData, heart, load_own
+from tests.site_files import dicom_site
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +185,26 @@ def test_data_check_refuses_unusable_data_in_one_line(
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and str(bad) in errors[0]
     assert "Traceback" not in err
+
+
+def test_data_check_of_a_dicom_folder_lists_what_it_refused_and_no_identifying_tag(
+    tmp_path: Path, pneumonia_npz: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: 40 DICOM images in four encodings, a multi-frame file and an SR, unique identifying tags
+    folder = dicom_site(tmp_path / "pacs", pneumonia_npz, count=40, tag="ZQXUNIQUE")
+
+    # Execute
+    code = main(["data", "check", "--task", "chest-xray", "--data", str(folder), "--json"])
+    printed = capsys.readouterr()
+    shown = main(["data", "check", "--task", "chest-xray", "--data", str(folder)])
+    tables = capsys.readouterr()
+
+    # Assert: usable, split by patient (from PatientID, kept in memory only), the two objects refused
+    report = json.loads(printed.out)
+    assert code == shown == 0 and report["usable"] and report["records"] == 40
+    assert report["formats"] == {"DICOM": 40} and report["split"]["by_patient"] and report["patients"] == 20
+    assert sorted(r["where"] for r in report["refused"]) == ["normal/cine.dcm", "pneumonia/report.dcm"]
+    assert set(report["dicom"]["photometric"]) == {"MONOCHROME1", "MONOCHROME2"}
+    everything = printed.out + printed.err + tables.out + tables.err + caplog.text
+    assert "ZQXUNIQUE" not in everything and "Doe^Jane" not in everything and "PID-0001" not in everything
+    assert "refused" in tables.out and "usable" in tables.out
