@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from shared.errors import ConfigError
 from shared.privacy import Charge
-from shared.training import TrainSettings, run_epochs
+from shared.training import TrainSettings, class_weights, run_epochs
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,11 @@ def train_dp(
     x, y : np.ndarray
         The site's training inputs and labels.
     settings : TrainSettings
-        Epochs, expected batch size, learning rate, seed (``proximal_mu`` must be 0).
+        Epochs, expected batch size, learning rate, seed (``proximal_mu`` must be 0), class
+        weighting. With ``balanced`` each record's loss is multiplied by its class weight (from
+        this ``y``) *before* Opacus computes and clips its gradient, and the batch loss stays a
+        mean over the batch: every record still contributes at most ``max_grad_norm``, and the
+        Poisson sampling, the noise and so the accountant's epsilon are unchanged.
     noise_multiplier : float
         Noise standard deviation divided by ``max_grad_norm``.
     max_grad_norm : float
@@ -98,6 +102,7 @@ def train_dp(
 
     if settings.proximal_mu > 0:
         raise ConfigError("FedProx's proximal term is not supported with DP-SGD; use fedavg, fedadam or fedyogi.")
+    weight = class_weights(y, settings.class_weighting)
     module.train()
     check_dp_compatible(module)
     generator = fresh_generator()  # Poisson sampling: never the run's (server-known) seed
@@ -119,12 +124,15 @@ def train_dp(
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         noise_generator=fresh_generator(),
+        loss_reduction="mean",  # what run_epochs' loss is: a mean of per-record terms over the batch
     )
     private_module.train()
     with warnings.catch_warnings():
         # A head trained on cached features has inputs without gradients: harmless here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        last = run_epochs(private_module, private_optimizer, lambda: private_loader, settings.epochs)
+        last = run_epochs(
+            private_module, private_optimizer, lambda: private_loader, settings.epochs, class_weight=weight
+        )
     charges = tuple(Charge(float(s), float(q), int(n)) for s, q, n in engine.accountant.history)
     _detach(private_module)
     return DPTrainResult(loss=last, charges=charges)

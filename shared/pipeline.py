@@ -165,13 +165,14 @@ def local_problem(
 
 
 def train_settings(cfg: StudyConfig, *, server_round: int, proximal_mu: float = 0.0) -> TrainSettings:
-    """Return the local schedule of ``cfg`` for one round (seeded by round)."""
+    """Return the local schedule of ``cfg`` for one round (seeded by round, with its class weighting)."""
     return TrainSettings(
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
         seed=cfg.seed * 1000 + server_round,
         proximal_mu=proximal_mu,
+        class_weighting=cfg.class_weighting,
     )
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from shared.config import ClassWeighting
+from shared.errors import ConfigError
 from shared.scores import classification_metrics
 
 
@@ -31,6 +33,10 @@ class TrainSettings:
         Weight of FedProx's proximal term ``mu/2 * ||w - w_global||^2`` (0: plain SGD).
     momentum : float
         SGD momentum.
+    class_weighting : str
+        ``none`` (every record's loss counts once) or ``balanced`` (a record of class ``c``
+        counts ``n / (k * n_c)`` times, from the training labels given to :func:`train` or
+        :func:`shared.dp.train_dp`; see :func:`class_weights`).
     """
 
     epochs: int
@@ -39,6 +45,73 @@ class TrainSettings:
     seed: int
     proximal_mu: float = 0.0
     momentum: float = 0.9
+    class_weighting: ClassWeighting = "none"
+
+
+def class_weights(y: np.ndarray, weighting: str) -> torch.Tensor | None:
+    """Return the loss weight of each class from the site's own training labels ``y``.
+
+    ``balanced`` is scikit-learn's ``compute_class_weight("balanced")``: class ``c`` weighs
+    ``n / (k * n_c)`` for the ``k`` classes present in ``y`` (``n`` records, ``n_c`` of class
+    ``c``), so every present class carries the same total weight ``n / k``. A class absent from
+    ``y`` has no record to weigh; its entry is 0.
+
+    Parameters
+    ----------
+    y : np.ndarray
+        Integer labels of the training records.
+    weighting : str
+        ``none`` or ``balanced``.
+
+    Returns
+    -------
+    torch.Tensor or None
+        ``None`` for ``none`` (unweighted loss); otherwise float32 weights indexed by label,
+        of length ``max(y) + 1``.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown ``weighting``.
+    """
+    if weighting == "none":
+        return None
+    if weighting != "balanced":
+        raise ConfigError(f"class-weighting must be none or balanced, not {weighting!r}.")
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.asarray(y, dtype=np.int64)
+    weights = np.zeros(int(labels.max()) + 1 if len(labels) else 0, dtype=np.float32)
+    if len(labels):
+        present = np.unique(labels)
+        weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return torch.from_numpy(weights)
+
+
+def per_sample_loss(
+    class_weight: torch.Tensor | None,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Return the batch loss: the mean over the batch of each record's (weighted) cross-entropy.
+
+    With weights the loss is ``sum_i w[y_i] * ce_i / B``, *not* PyTorch's weighted mean
+    ``sum_i w[y_i] * ce_i / sum_i w[y_i]``: that one would make each record's gradient depend on
+    the other records drawn with it, whereas DP-SGD needs a sum of per-record terms (Opacus'
+    ``loss_reduction="mean"`` multiplies by ``B`` to recover ``w[y_i] * grad ce_i`` and clips
+    that). Without weights it is plain :class:`torch.nn.CrossEntropyLoss`.
+
+    Parameters
+    ----------
+    class_weight : torch.Tensor, optional
+        Weight per class label (see :func:`class_weights`).
+    """
+    if class_weight is None:
+        return nn.CrossEntropyLoss()
+    unreduced = nn.CrossEntropyLoss(reduction="none")
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return (class_weight[labels] * unreduced(logits, labels)).mean()
+
+    return loss
 
 
 def train(
@@ -49,7 +122,7 @@ def train(
     *,
     reference: Sequence[torch.Tensor] | None = None,
 ) -> float:
-    """Train ``module`` with cross-entropy and SGD; returns the mean loss of the last epoch.
+    """Train ``module`` with cross-entropy and SGD; returns the mean (weighted) loss of the last epoch.
 
     Parameters
     ----------
@@ -62,6 +135,11 @@ def train(
     reference : Sequence[torch.Tensor], optional
         The global parameters for the FedProx term, in ``module.parameters()`` order of the
         trainable parameters.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown ``settings.class_weighting``.
     """
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.momentum)
@@ -81,8 +159,9 @@ def train(
             prox = sum(((p - r) ** 2).sum() for p, r in zip(params, reference, strict=True))
             return 0.5 * settings.proximal_mu * prox  # type: ignore[return-value]
 
+    weight = class_weights(y, settings.class_weighting)
     module.train()
-    return run_epochs(module, optimizer, batches, settings.epochs, penalty=penalty)
+    return run_epochs(module, optimizer, batches, settings.epochs, penalty=penalty, class_weight=weight)
 
 
 def run_epochs(
@@ -92,6 +171,7 @@ def run_epochs(
     epochs: int,
     *,
     penalty: Callable[[], torch.Tensor] | None = None,
+    class_weight: torch.Tensor | None = None,
 ) -> float:
     """Run ``epochs`` passes of cross-entropy SGD; returns the mean loss of the last one.
 
@@ -108,8 +188,11 @@ def run_epochs(
         Number of passes.
     penalty : Callable[[], torch.Tensor], optional
         Extra loss term added at every step (FedProx's proximal term).
+    class_weight : torch.Tensor, optional
+        Loss weight per class label; the batch loss stays a mean over the batch of per-record
+        terms (see :func:`per_sample_loss`).
     """
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = per_sample_loss(class_weight)
     last = float("nan")
     for _ in range(epochs):
         total, seen = 0.0, 0
