@@ -96,7 +96,9 @@ class StudyConfig(KebabDocument):
         ``none``, or ``balanced``: each training record's loss is weighted by
         ``n / (k * n_c)`` from the site's own training counts (``n`` records, ``k`` classes,
         ``n_c`` of the record's class), so a rare class counts as much as a common one. Still a
-        per-sample loss: DP-SGD clips each record's gradient as before.
+        per-sample loss: DP-SGD clips each record's weighted gradient as before and the
+        accountant's epsilon is unchanged. The weights come from the site's class counts, which
+        are treated as released (like its record count, they are reported unprotected).
     missing : str
         What a site does with a tabular record missing a value: ``drop`` it (FLamby's rule) or
         ``impute`` it (median of a numeric column, mode of a categorical one, learned from the
