@@ -24,7 +24,7 @@ from client.models import list_site_models, load_site_model, store_site_model
 from client.policy import SitePolicy
 from client.refusal_mod import refusal_mod
 from client.setup import prepare_site_dir
-from client.site import POLICY_FILE, SiteEnvironment
+from client.site import POLICY_FILE, Partition, SiteEnvironment
 from client.store import BackboneStore
 from server.report.result import FederationResult, federation_card
 from shared import protocol as wire
@@ -76,7 +76,7 @@ def _site(
     if backbone:
         resolved = BackboneRegistry(heart_registry).resolve("heart-mlp-cleveland")
         BackboneStore(site_dir).put(resolved.manifest.to_json(), resolved.read_bytes())
-    return SiteEnvironment(index=0, data_path="", site_dir=site_dir, policy_path=site_dir / POLICY_FILE)
+    return SiteEnvironment(data_path="", site_dir=site_dir, policy_path=site_dir / POLICY_FILE, partition=Partition(0, 3))
 
 
 def _message(payload: bytes, card: dict, sha256: str | None = None) -> Message:
