@@ -6,12 +6,14 @@ first use).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from shared.tasks.base import SiteData, Task, TaskInfo
+from shared.tasks.base import OwnData, Records, SiteData, Task, TaskInfo
 
 if TYPE_CHECKING:
     from shared.config import StudyConfig
+    from shared.tasks.report import DataReport
 
 CHEST = TaskInfo(
     name="chest-xray",
@@ -27,7 +29,11 @@ CHEST = TaskInfo(
 
 
 class ChestXray(Task):
-    """A MedMNIST ``.npz`` or an image folder, split into ``num-sites`` hospitals (Dirichlet skew)."""
+    """A MedMNIST ``.npz`` or an image folder, split into ``num-sites`` hospitals (Dirichlet skew).
+
+    A hospital's own data (class folders, a CSV manifest, DICOM, a MedMNIST ``.npz``) are read
+    whole by :meth:`load_own` (:mod:`shared.tasks.chest_own`).
+    """
 
     info = CHEST
 
@@ -41,3 +47,30 @@ class ChestXray(Task):
 
         dataset = chest.load_dataset(data_path, val_fraction=cfg.val_fraction, seed=cfg.seed)
         return chest.load_sites(dataset, num_sites=cfg.num_sites, alpha=cfg.dirichlet_alpha, seed=cfg.seed, only=only)
+
+    def load_own(
+        self, cfg: StudyConfig, source: OwnData, *, progress: Callable[[int, int], None] | None = None
+    ) -> tuple[SiteData, DataReport]:
+        """Read a hospital's chest X-rays whole (:func:`shared.tasks.chest_own.load_own_images`).
+
+        ``progress(done, total)``, if given, is called after each file read.
+        """
+        from shared.tasks.chest_own import load_own_images
+
+        return load_own_images(cfg, source, progress=progress)
+
+    def read_records(
+        self,
+        cfg: StudyConfig,
+        path: str,
+        *,
+        preprocessing: Mapping[str, Any],
+        labelled: bool,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Records:
+        """Read X-rays for a trained model (:func:`shared.tasks.chest_own.read_image_records`)."""
+        from shared.tasks.chest_own import read_image_records
+
+        return read_image_records(
+            cfg, path, preprocessing=preprocessing, labelled=labelled, progress=progress
+        )
