@@ -19,6 +19,7 @@ from flwr.clientapp.typing import Mod
 from client.audit_mod import make_audit_mod
 from client.backbone_mod import make_backbone_mod
 from client.ledger import KEY_FILE, LEDGER_FILE
+from client.model_mod import make_model_mod
 from client.refusal_mod import refusal_mod
 from client.secagg import secure_aggregation_mod
 from client.setup import prepare_site_dir
@@ -60,7 +61,7 @@ def create_client_app(defaults: Mapping[str, str] | None = None, outer_mods: Seq
 
     # The audit mod is outermost: it records exactly what leaves the site, refusals included.
     backbone_mod = make_backbone_mod(site_dir_of, policy_of)
-    mods = [make_audit_mod(site_dir_of), refusal_mod, backbone_mod, secure_aggregation_mod]
+    mods = [make_audit_mod(site_dir_of), refusal_mod, backbone_mod, make_model_mod(environment), secure_aggregation_mod]
     return ClientApp(client_fn=client_fn, mods=[*outer_mods, *mods])
 
 

@@ -6,7 +6,9 @@ The log lives in the site directory as two files:
     One JSON object per line (canonical JSON: sorted keys, no spaces), in the order the
     replies left: ``seq`` (from 0), ``prev_hash``, ``time_utc``, ``run_id``, ``round``,
     ``stage``, ``message_type``, ``secagg_stage``, ``reply_to``, ``payload_sha256``,
-    ``payload_bytes``, ``epsilon``, ``decision`` and ``entry_hash``.
+    ``payload_bytes``, ``epsilon``, ``decision`` and ``entry_hash``. The reply to the server's
+    final model (message type ``query.carefl_model``, a *model receipt*) has ``model_sha256``
+    too: the SHA-256 of the model the site stored; no other entry has that key.
 ``audit.head``
     ``{"count": n, "entry_hash": ..., "mac": ...}`` of the last entry, replaced atomically after
     each append, so removing entries from the end is detected. ``mac`` seals the head with the
@@ -106,6 +108,7 @@ class _Entry(Document):
     epsilon: float | None  # an integer too
     decision: str
     entry_hash: str
+    model_sha256: str | None = None  # model receipts only
 
 
 class _Head(Document):
@@ -153,6 +156,8 @@ class AuditRecord:
         Privacy the reply reports as spent in the run, when it reports it.
     decision : str
         ``accepted``, or ``refused: <reason>``.
+    model_sha256 : str | None
+        A model receipt: SHA-256 of the final model the site stored (None otherwise).
     """
 
     run_id: str
@@ -164,6 +169,7 @@ class AuditRecord:
     payload_bytes: int
     epsilon: float | None
     decision: str
+    model_sha256: str | None = None
 
     @property
     def stage(self) -> str:
@@ -280,6 +286,8 @@ class AuditLog:
                 "epsilon": _finite_or_none(record.epsilon),
                 "decision": record.decision,
             }
+            if record.model_sha256 is not None:  # a model receipt; other entries keep their format
+                entry["model_sha256"] = record.model_sha256
             entry["entry_hash"] = entry_hash(entry)
             created = not self.path.exists()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

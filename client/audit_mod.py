@@ -3,8 +3,9 @@
 Installed as the *outermost* mod, it sees exactly what Flower sends: the reply after SecAgg+
 masking, after a refusal became an error reply. For each reply it records the run, the round
 (from the message's config), the message type and SecAgg+ stage, the SHA-256 and size of the
-serialized reply, the epsilon the reply reports and whether the site accepted or refused; see
-:mod:`client.audit`. The entry is on disk before the reply is returned to Flower. If it cannot
+serialized reply, the epsilon the reply reports and whether the site accepted or refused, and,
+for the reply to the server's final model (a model receipt), the SHA-256 of the model stored;
+see :mod:`client.audit`. The entry is on disk before the reply is returned to Flower. If it cannot
 be written, the reply does not leave: the mod raises, and Flower answers with an error instead.
 """
 
@@ -21,7 +22,15 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.audit import ACCEPTED, AuditLog, AuditRecord
 from client.records import canonical
-from shared.protocol import METRIC_EPSILON, ROUND_KEYS
+from shared.protocol import (
+    METRIC_EPSILON,
+    MODEL_MESSAGE_TYPE,
+    MODEL_RECORD,
+    MODEL_SHA256,
+    MODEL_STATUS,
+    ROUND_KEYS,
+    STATUS_STORED,
+)
 
 __all__ = ["make_audit_mod", "payload_digest"]
 
@@ -63,8 +72,9 @@ def make_audit_mod(site_dir_of: Callable[[Context], Path]) -> Mod:
             decision, epsilon = ACCEPTED, _epsilon_of(reply.content)
         audit.append(
             AuditRecord(
-                **facts, payload_sha256=sha256, payload_bytes=size, epsilon=epsilon, decision=decision
-            )
+                **facts, payload_sha256=sha256, payload_bytes=size, epsilon=epsilon, decision=decision,
+                model_sha256=_model_stored(reply),
+            )  # fmt: skip
         )
         return reply
 
@@ -101,6 +111,15 @@ def _secagg_stage(content: RecordDict) -> str | None:
     record = content.config_records.get(RECORD_KEY_CONFIGS)
     value = record.get(Key.STAGE) if record is not None else None
     return value if isinstance(value, str) else None
+
+
+def _model_stored(reply: Message) -> str | None:
+    """The SHA-256 of the final model a reply says the site stored, else None."""
+    if reply.has_error() or reply.metadata.message_type != MODEL_MESSAGE_TYPE:
+        return None
+    record = reply.content.config_records.get(MODEL_RECORD)
+    value = record.get(MODEL_SHA256) if record is not None else None
+    return value if isinstance(value, str) and record.get(MODEL_STATUS) == STATUS_STORED else None  # type: ignore[union-attr]
 
 
 def _epsilon_of(content: RecordDict) -> float | None:

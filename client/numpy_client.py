@@ -27,7 +27,7 @@ from shared.log import log
 from shared.params import get_arrays, set_arrays, subtract
 from shared.pipeline import LocalProblem, build_model, local_problem, train_settings
 from shared.scores import binary_metrics, choose_threshold, classification_metrics
-from shared.tasks import load_site, site_name
+from shared.tasks import SiteData, load_site, site_name
 from shared.training import TrainSettings, predict_proba, train
 
 
@@ -111,14 +111,16 @@ class SiteClient(NumPyClient):
         check_study(policy, task=cfg.task, backbone_sha256=cfg.backbone_sha256, dp=cfg.dp, rounds=cfg.num_rounds)
         return policy
 
-    def _problem(self, cfg: StudyConfig) -> LocalProblem:
+    def _problem(self, cfg: StudyConfig, site: SiteData | None = None) -> LocalProblem:
+        """The site's local problem for ``cfg`` (its data: ``site``, loaded here if not given)."""
         pretrained = None
         sha = ""
         if cfg.setup == "transfer":
             pretrained = BackboneStore(self.env.site_dir).get(cfg.backbone_sha256)
             sha = pretrained.manifest.sha256
         model = build_model(cfg, pretrained)
-        site = load_site(cfg, self.env.index, self.env.data_path)
+        if site is None:
+            site = load_site(cfg, self.env.index, self.env.data_path)
         return local_problem(cfg, model, site, backbone_sha256=sha, cache_dir=self.env.site_dir)
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:

@@ -2,7 +2,8 @@
 
 It resolves and verifies the backbone, builds the initial exchanged tensors, distributes the
 backbone once, then runs Flower's legacy ``DefaultWorkflow`` (the path secure aggregation
-needs) with a delta-aware strategy. ``app`` is what ``flwr run`` loads;
+needs) with a delta-aware strategy, and at the end sends the final model to the sites still
+connected (:mod:`server.model_delivery`). ``app`` is what ``flwr run`` loads;
 :func:`create_server_app` lets a local simulation pass its typed config and a recorder.
 """
 
@@ -22,9 +23,10 @@ from flwr.server.workflow.default_workflows import default_fit_workflow
 
 from server.checkpoint import RunCheckpoints
 from server.distribution import BackboneDistribution, Workflow
+from server.model_delivery import deliver_model
 from server.progress import RoundLog, stop_line
 from server.recorder import FederationRecorder
-from server.report.result import FederationResult, write_run_folder
+from server.report.result import FederationResult, federation_card, write_run_folder
 from server.secure import SecureFitWorkflow
 from server.stoppable import SitesPresent, StoppableGrid
 from server.strategy import make_strategy
@@ -84,7 +86,7 @@ def fit_workflow(cfg: RunConfig, recorder: FederationRecorder) -> Workflow:
 def run_federation(
     grid: Grid, context: Context, cfg: RunConfig, recorder: FederationRecorder, stop: threading.Event | None = None
 ) -> FederationResult:
-    """Run the federation described by ``cfg`` on ``grid``; returns its result.
+    """Run the federation described by ``cfg`` on ``grid``, then send the sites the final model; returns the result.
 
     Parameters
     ----------
@@ -134,7 +136,7 @@ def run_federation(
     if recorder.dropped_rows:
         dropped = ", ".join(f"{site} {n}" for site, n in sorted(recorder.dropped_rows.items()))
         log(INFO, "rows the sites' preprocessing dropped (a missing value): %s", dropped)
-    return FederationResult(
+    result = FederationResult(
         config=cfg,
         manifest=backbone.manifest if backbone else None,
         names=names,
@@ -146,6 +148,11 @@ def run_federation(
         resumed=checkpoints.card(recorder.rows),
         dropped_rows=dict(recorder.dropped_rows),
     )
+    # The card is built once: the sites receive it with the model, the run folder adds who stored it.
+    card = federation_card(result)
+    delivery = deliver_model(grid, result.model_bytes(), card, timeout=cfg.server.stage_timeout)
+    result.card = {**card, **delivery.card()}
+    return result
 
 
 def create_server_app(

@@ -30,6 +30,22 @@ STATUS_HAVE: Final = "have"
 STATUS_NEED: Final = "need"
 STATUS_STORED: Final = "stored"
 
+# ------------------------------------------------------------------ final model delivery
+MODEL_MESSAGE_TYPE: Final = "query.carefl_model"
+"""Message type of the server's delivery of the final global model, after the last round."""
+MODEL_RECORD: Final = "model"
+"""Config record of a model delivery or reply."""
+MODEL_PAYLOAD: Final = "payload"
+"""Field, delivery: the ``carefl-model/1`` payload's bytes (the server's ``model.pt``)."""
+MODEL_SHA256: Final = "sha256"
+"""Field of a delivery and its reply: the payload's SHA-256 (hex)."""
+MODEL_CARD: Final = "card"
+"""Field, delivery: the model card (JSON text); its ``model_sha256`` is the payload's SHA-256."""
+MODEL_STATUS: Final = "status"
+"""Field of the site's reply: :data:`STATUS_STORED` (a refusal is an error reply)."""
+MODEL_SITE: Final = "site"
+"""Field of the site's reply: the site's name."""
+
 # ------------------------------------------------------------------ keys the server adds to a round's config
 ROUND_KEY: Final = "server-round"
 """The server round (1-based) a fit or evaluate message belongs to."""
@@ -76,5 +92,7 @@ METRIC_DROPPED_ROWS: Final = "dropped-rows"
 # ------------------------------------------------------------------ error codes of a site's replies
 BACKBONE_REFUSED: Final = 4001
 """The site refused a backbone delivery (its weights did not match their SHA-256)."""
+MODEL_REFUSED: Final = 4004
+"""The site refused the final model (its payload, SHA-256 or backbone did not match); nothing stored."""
 SITE_REFUSED: Final = 4003
 """The site declined the request (policy, privacy budget, ledger, data); the reason says why."""

@@ -17,6 +17,7 @@ from server.report.plot import plot_site_metrics
 from server.report.runfolder import RunFolder, model_card, write_metrics
 from shared.backbones.manifest import BackboneManifest
 from shared.config import RunConfig
+from shared.hashing import sha256_bytes
 
 
 @dataclass
@@ -46,6 +47,11 @@ class FederationResult:
         ``None`` if it ran in one go.
     dropped_rows : dict[str, int]
         Per site, the rows of its raw data its preprocessing left out, as the site reported.
+    payload : bytes | None
+        ``model.pt``'s bytes (:func:`model_payload`), once computed (:meth:`model_bytes`).
+    card : dict[str, Any] | None
+        The model card, once built at the end of the run (:func:`federation_card`, with the
+        delivery's outcome); the run folder writes it, :func:`federation_card` builds one if ``None``.
     """
 
     config: RunConfig
@@ -58,6 +64,14 @@ class FederationResult:
     backbone_bytes: dict[int, int] = field(default_factory=dict)
     resumed: dict[str, Any] | None = None
     dropped_rows: dict[str, int] = field(default_factory=dict)
+    payload: bytes | None = None
+    card: dict[str, Any] | None = None
+
+    def model_bytes(self) -> bytes:
+        """``model.pt``'s bytes, serialized once: what the run folder holds and the sites receive."""
+        if self.payload is None:
+            self.payload = model_payload(self)
+        return self.payload
 
     @property
     def sites(self) -> list[str]:
@@ -141,13 +155,18 @@ def data_card(result: FederationResult) -> dict[str, Any]:
 
 
 def model_payload(result: FederationResult) -> bytes:
-    """Serialize the final model: exchanged tensors + what identifies the backbone."""
+    """Serialize the final model: exchanged tensors + what identifies the backbone.
+
+    ``config`` is the study the sites trained in, its backbone pinned (the server's and the
+    simulation's settings stay on the server: the sites receive these bytes).
+    """
     state = {n: torch.from_numpy(np.asarray(a)) for n, a in zip(result.names, result.parameters, strict=True)}
+    pinned = result.manifest.sha256 if result.manifest else ""
     payload = {
         "format": "carefl-model/1",
         "task": result.config.study.task,
         "setup": result.config.study.setup,
-        "config": result.config.to_run_config(),
+        "config": result.config.study.model_copy(update={"backbone_sha256": pinned}).to_run_config(),
         "backbone_name": result.manifest.name if result.manifest else None,
         "backbone_sha256": result.manifest.sha256 if result.manifest else None,
         "state_dict": state,
@@ -155,6 +174,41 @@ def model_payload(result: FederationResult) -> bytes:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     return buffer.getvalue()
+
+
+def federation_card(result: FederationResult) -> dict[str, Any]:
+    """The model card of ``result``: built once at the end of the run, sent to the sites, written to the run folder.
+
+    ``model_sha256`` is the SHA-256 of :meth:`FederationResult.model_bytes`.
+    """
+    backbone: dict[str, Any] = {"name": None, "sha256": None, "trained": "from scratch"}
+    if result.manifest is not None:
+        backbone = {
+            "name": result.manifest.name,
+            "sha256": result.manifest.sha256,
+            "architecture": result.manifest.architecture,
+            "source": result.manifest.source,
+            "trained": result.config.study.trainable,
+        }
+    return model_card(
+        task=result.config.study.task,
+        sites=result.sites,
+        rounds=result.config.study.num_rounds,
+        backbone=backbone,
+        metrics={"final_weighted_mean": result.final_summary(), "final_per_site": {r.site: r.as_row() for r in result.final_rows()}},
+        extra={
+            "model_sha256": sha256_bytes(result.model_bytes()),
+            "privacy": privacy_card(result),
+            "clinical": clinical_card(result),
+            "data": data_card(result),
+            "setup": result.config.study.setup,
+            "strategy": result.config.study.strategy,
+            "exchanged_tensors": result.names,
+            "bytes_uploaded_per_client_per_round": result.mean_upload_bytes(),
+            "full_model_bytes": result.full_model_bytes,
+            **({"resumed": result.resumed} if result.resumed else {}),
+        },
+    )
 
 
 def write_run_folder(
@@ -167,6 +221,9 @@ def write_run_folder(
     title: str = "",
 ) -> Path:
     """Write metrics, model, model card and plot to ``path`` (all or nothing).
+
+    The card is ``result.card`` (built at the end of the run, with the delivery's outcome), or
+    :func:`federation_card` of ``result``; ``baselines`` and ``extra`` are added to it.
 
     Parameters
     ----------
@@ -183,41 +240,17 @@ def write_run_folder(
     title : str
         Plot title.
     """
+    more: dict[str, Any] = {**({"baselines": baselines} if baselines else {}), **(dict(extra) if extra else {})}
+    card = result.card if result.card is not None else federation_card(result)
+    clashes = sorted(set(card) & set(more))
+    if clashes:
+        raise ValueError(f"`baselines` and `extra` may not override the model card's keys {clashes}")
     with RunFolder(path) as folder:
         write_metrics(folder, result.rows)
         for stem, rows in (extra_metrics or {}).items():
             write_metrics(folder, rows, stem=stem)
-        folder.write_bytes("model.pt", model_payload(result))
-        backbone: dict[str, Any] = {"name": None, "sha256": None, "trained": "from scratch"}
-        if result.manifest is not None:
-            backbone = {
-                "name": result.manifest.name,
-                "sha256": result.manifest.sha256,
-                "architecture": result.manifest.architecture,
-                "source": result.manifest.source,
-                "trained": result.config.study.trainable,
-            }
-        card = model_card(
-            task=result.config.study.task,
-            sites=result.sites,
-            rounds=result.config.study.num_rounds,
-            backbone=backbone,
-            metrics={"final_weighted_mean": result.final_summary(), "final_per_site": {r.site: r.as_row() for r in result.final_rows()}},
-            extra={
-                "privacy": privacy_card(result),
-                "clinical": clinical_card(result),
-                "data": data_card(result),
-                "setup": result.config.study.setup,
-                "strategy": result.config.study.strategy,
-                "exchanged_tensors": result.names,
-                "bytes_uploaded_per_client_per_round": result.mean_upload_bytes(),
-                "full_model_bytes": result.full_model_bytes,
-                **({"baselines": baselines} if baselines else {}),
-                **({"resumed": result.resumed} if result.resumed else {}),
-                **(dict(extra) if extra else {}),
-            },
-        )
-        folder.write_json("model_card.json", card)
+        folder.write_bytes("model.pt", result.model_bytes())
+        folder.write_json("model_card.json", {**card, **more})
         plot_site_metrics(
             result.rows,
             folder.path("metrics.png"),
