@@ -21,6 +21,7 @@ from shared.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from client.evaluation import Evaluation
+    from shared.tasks.base import Records
 
 DEFAULT_REGISTRY = Path(".carefl") / "registry"
 PROGRESS_MIN = 200
@@ -64,10 +65,12 @@ def evaluate(
     trained = load_trained_model(model, registry_dir=registry)
     if store_threshold and trained.site is None:
         raise InputError(f"{model} is a server run folder (no site.json): --store-threshold needs a site's copy.")
-    records = read_records(trained, data, labelled=True)
+    console = Console(stderr=True)
+    with _reading(console) as progress:
+        records = read_records(trained, data, labelled=True, progress=progress)
+    _warn_refused(console, records)
     if records.y is None:
         raise InputError(f"{data}: the records carry no labels; `carefl evaluate` needs labelled data (see `carefl predict`).")
-    console = Console(stderr=True)
     with _progress(console, len(records.ids), "scoring") as advance:
         probs = trained.probabilities(records.x, advance=advance)
     context = {
@@ -107,8 +110,10 @@ def predict(
     if explain is not None:
         refuse_occupied(explain, flag="--explain")
     trained = load_trained_model(model, registry_dir=registry)
-    records = read_records(trained, data, labelled=False)
     console = Console(stderr=True)
+    with _reading(console) as progress:
+        records = read_records(trained, data, labelled=False, progress=progress)
+    _warn_refused(console, records)
     with _progress(console, len(records.ids), "predicting") as advance:
         probs = trained.probabilities(records.x, advance=advance)
     if explain is not None:
@@ -190,6 +195,31 @@ def _progress(console: Console, total: int, what: str, *, always: bool = False) 
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(what, total=total)
         yield lambda done: progress.advance(task, done)
+
+
+@contextmanager
+def _reading(console: Console) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar for a reader calling ``progress(done, total)`` (large image folders)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("reading"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("reading", total=None, visible=False)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total, visible=total >= PROGRESS_MIN)
+
+        yield update
+
+
+def _warn_refused(console: Console, records: Records) -> None:
+    """Name the records the reader left out (they get no row): the first few, then a count."""
+    refused = records.report.refused
+    if not refused:
+        return
+    shown = "; ".join(f"{r.where} ({r.reason})" for r in refused[:3])
+    more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
+    console.print(f"warning: {len(refused)} record(s) left out, no row: {shown}{more}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

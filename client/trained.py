@@ -161,8 +161,12 @@ def load_trained_model(model_dir: Path, *, registry_dir: Path | None = None) -> 
     return trained
 
 
-def read_records(model: TrainedModel, data: Path, *, labelled: bool) -> Records:
+def read_records(
+    model: TrainedModel, data: Path, *, labelled: bool, progress: Callable[[int, int], None] | None = None
+) -> Records:
     """Read the records at ``data`` as the model's task reads them, with the site's preprocessing.
+
+    ``progress(done, total)`` is passed on to a task whose reader reports progress (image folders).
 
     Raises
     ------
@@ -176,9 +180,11 @@ def read_records(model: TrainedModel, data: Path, *, labelled: bool) -> Records:
     preprocessing = dict(model.preprocessing)
     if model.is_image:
         preprocessing.setdefault("image_size", model.study.image_size)
-    records = get_task(model.study.task).read_records(
-        model.study, str(data), preprocessing=preprocessing, labelled=labelled
-    )
+    import inspect
+
+    reader = get_task(model.study.task).read_records
+    extra = {"progress": progress} if progress is not None and "progress" in inspect.signature(reader).parameters else {}
+    records = reader(model.study, str(data), preprocessing=preprocessing, labelled=labelled, **extra)
     if len(records.ids) == 0:
         raise InputError(f"{data}: no usable record ({records.report.problem or 'nothing readable there'}).")
     return records
@@ -225,12 +231,14 @@ def _server_folder(model_dir: Path, model_file: str, card_file: str) -> tuple[di
 
 def _payload_study(payload: Mapping[str, Any], origin: Path) -> StudyConfig:
     """The study of a payload's flat run config."""
-    from shared.config import RunConfig
+    from shared.config import RunConfig, StudyConfig, keys_of
 
     config = payload.get("config")
     if not isinstance(config, Mapping):
         raise InputError(f"{origin} holds no run config: not a CareFL model.")
-    return RunConfig.from_run_config(dict(config)).study
+    if set(config) <= set(keys_of(StudyConfig)):  # the study (what sites receive)
+        return StudyConfig.from_run_config(dict(config))
+    return RunConfig.from_run_config(dict(config)).study  # a whole run config (older run folders)
 
 
 def _check_agreement(
@@ -246,7 +254,7 @@ def _check_agreement(
     card_backbone = card.get("backbone")
     if isinstance(card_backbone, Mapping) and "sha256" in card_backbone:
         claims["model_card.json"] = card_backbone.get("sha256")
-    if site is not None and "backbone_sha256" in site:
+    if site is not None and "backbone_sha256" in site and study.setup == "transfer":
         claims["site.json"] = site.get("backbone_sha256")
     if study.backbone_sha256:
         claims["the study's backbone-sha256 pin"] = study.backbone_sha256
