@@ -9,7 +9,13 @@ import pytest
 from scipy.stats import binomtest, bootstrap
 from sklearn.metrics import roc_auc_score
 
-from shared.scores import INTERVAL_METRICS, binary_metrics, bootstrap_interval, bootstrap_intervals, wilson_interval
+from shared.scores import (
+    INTERVAL_METRICS,
+    binary_metrics,
+    bootstrap_interval,
+    bootstrap_intervals,
+    wilson_interval,
+)
 
 
 def _scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
