@@ -55,7 +55,7 @@ def test_heatmaps_change_when_the_head_is_randomized(chest_built: Built, images:
     # Prepare: Adebayo et al. (2018) model-parameter randomization of the last layer
     randomized = copy.deepcopy(chest_built.model)
     torch.manual_seed(123)
-    torch.nn.init.normal_(randomized.head.weight, std=float(chest_built.model.head.weight.std()))
+    torch.nn.init.normal_(randomized.head.weight, std=float(chest_built.model.head.weight.detach().std()))
     torch.nn.init.zeros_(randomized.head.bias)
 
     # Execute
