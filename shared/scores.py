@@ -179,13 +179,9 @@ def bootstrap_interval(
     *,
     confidence: float = 0.95,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``metric`` over the records.
+    """Stratified percentile bootstrap interval of ``metric`` over the records.
 
-    Resamples the records (label and probability together) ``n`` times with a seeded numpy
-    generator and takes the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles of the
-    metric. A plain numpy resample rather than ``scipy.stats.bootstrap``: a resample can hold
-    one class only, where AUC or sensitivity is NaN, and such resamples are dropped here
-    explicitly instead of making SciPy's interval NaN.
+    One metric of :func:`bootstrap_statistics`; see there for the resampling.
 
     Parameters
     ----------
@@ -205,21 +201,145 @@ def bootstrap_interval(
     tuple[float, float]
         Lower and upper bound; NaNs when no resample gives a finite value.
     """
+    score = _metric_function(metric)
+    low, high = bootstrap_statistics(
+        labels, probs, lambda y, p: np.array([score(y, p)]), n=n, seed=seed, confidence=confidence
+    )
+    return float(low[0]), float(high[0])
+
+
+INTERVAL_METRICS: tuple[str, ...] = (
+    "auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "balanced_accuracy", "brier", "ece",
+)  # fmt: skip
+"""The fields of :class:`BinaryMetrics` that :func:`bootstrap_intervals` gives an interval for."""
+
+
+def bootstrap_intervals(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    n: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Bootstrap intervals of every score of :data:`INTERVAL_METRICS` at ``threshold``, in one pass.
+
+    The same resamples serve every metric (:func:`bootstrap_statistics`), so the intervals of
+    one report come from one bootstrap distribution.
+
+    Parameters
+    ----------
+    labels, probs : np.ndarray
+        0/1 labels and positive-class probabilities.
+    threshold : float
+        Decision threshold of the thresholded scores (fixed: not re-chosen per resample).
+    n, seed, confidence
+        As for :func:`bootstrap_interval`.
+
+    Returns
+    -------
+    dict[str, tuple[float, float]]
+        Metric name -> (low, high); NaNs where undefined.
+    """
+
+    def scores(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+        values = binary_metrics(y, p, threshold=threshold)
+        return np.array([getattr(values, name) for name in INTERVAL_METRICS], dtype=np.float64)
+
+    low, high = bootstrap_statistics(labels, probs, scores, n=n, seed=seed, confidence=confidence)
+    return {name: (float(lo), float(hi)) for name, lo, hi in zip(INTERVAL_METRICS, low, high, strict=True)}
+
+
+def bootstrap_statistics(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    statistic: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    *,
+    n: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified percentile bootstrap of a vector ``statistic`` of (labels, probs).
+
+    ``scipy.stats.bootstrap`` resamples the positive and the negative records independently,
+    each with replacement and at its own size (a stratified bootstrap, as pROC's for AUC), so
+    every resample holds both classes in the data's proportions and AUC, sensitivity and
+    specificity are defined in each. A class with a single record is the same in every
+    resample (SciPy needs two records to resample a sample) and is held fixed. Resamples where
+    a value is still undefined (PPV with no positive prediction) are left out of that value's
+    percentiles; with every value finite, the bounds are SciPy's ``method="percentile"``
+    interval.
+
+    Parameters
+    ----------
+    labels, probs : np.ndarray
+        0/1 labels and positive-class probabilities, shape ``(n_records,)``.
+    statistic : Callable[[np.ndarray, np.ndarray], np.ndarray]
+        Function of (labels, probs) returning a 1-d array of values.
+    n : int
+        Number of bootstrap resamples.
+    seed : int
+        Seed of the resampling.
+    confidence : float
+        Coverage of the interval.
+
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray]
+        Lower and upper bounds, one per value; NaN where no resample gives a finite value (and
+        everywhere when there are no records).
+    """
+    from scipy.stats import bootstrap
+
     if n < 1:
         raise ValueError(f"`n` must be at least 1, got {n}")
     if not 0 < confidence < 1:
         raise ValueError(f"`confidence` must be in (0, 1), got {confidence}")
     y, p = _binary_inputs(labels, probs)
-    score = _metric_function(metric)
     if len(y) == 0:
+        width = len(np.atleast_1d(statistic(y, p)))
+        return np.full(width, math.nan), np.full(width, math.nan)
+    strata = [p[y == 0], p[y == 1]]
+    varying = [c for c, part in enumerate(strata) if len(part) >= 2]
+
+    def resampled(*samples: np.ndarray) -> np.ndarray:
+        parts = list(strata)
+        for c, sample in zip(varying, samples, strict=True):
+            parts[c] = sample
+        resampled_labels = np.concatenate([np.full(len(part), c, dtype=np.int64) for c, part in enumerate(parts)])
+        return np.atleast_1d(np.asarray(statistic(resampled_labels, np.concatenate(parts)), dtype=np.float64))
+
+    if not varying:  # one record per class: every resample is the data itself
+        values = resampled()
+        return values.copy(), values.copy()
+    result = bootstrap(
+        [strata[c] for c in varying], resampled, n_resamples=n, vectorized=False, paired=False,
+        confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
+    )  # fmt: skip
+    distribution = np.atleast_2d(result.bootstrap_distribution)
+    low, high = np.full(len(distribution), math.nan), np.full(len(distribution), math.nan)
+    for i, values in enumerate(distribution):
+        finite = values[np.isfinite(values)]
+        if len(finite):
+            low[i], high[i] = np.percentile(finite, [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2])
+    return low, high
+
+
+def wilson_interval(successes: int, trials: int, *, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``successes / trials`` (SciPy's ``binomtest``).
+
+    Returns
+    -------
+    tuple[float, float]
+        Lower and upper bound; NaNs when ``trials`` is 0.
+    """
+    from scipy.stats import binomtest
+
+    if trials <= 0:
         return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    values = np.array([score(y[idx], p[idx]) for idx in rng.integers(0, len(y), size=(n, len(y)))])
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return math.nan, math.nan
-    low, high = np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return float(low), float(high)
+    interval = binomtest(int(successes), int(trials)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def _metric_function(metric: str | Metric) -> Metric:

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from client import cli as hospital
+from client import model_cli
 from server import cli as consortium
 from server.cli import DEFAULT_STATE
 from shared.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, CareFLError, ConfigError, Terminated
@@ -163,6 +164,7 @@ def build_app() -> typer.Typer:
     app.command()(demo)
     consortium.register(app)
     hospital.register(app)
+    model_cli.register(app)
     return app
 
 

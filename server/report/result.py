@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from server.metrics import SiteRoundMetrics, weighted_mean
+from server.report.card import CARD_KEY, SUMMARY_FILE, model_card_sections, write_card_summary
 from server.report.plot import plot_site_metrics
 from server.report.runfolder import RunFolder, model_card, write_metrics
 from shared.backbones.manifest import BackboneManifest
@@ -212,6 +213,7 @@ def federation_card(result: FederationResult) -> dict[str, Any]:
         metrics={"final_weighted_mean": result.final_summary(), "final_per_site": {r.site: r.as_row() for r in result.final_rows()}},
         extra={
             "model_sha256": sha256_bytes(result.model_bytes()),
+            CARD_KEY: model_card_sections(result),
             "privacy": privacy_card(result),
             "clinical": clinical_card(result),
             "data": data_card(result),
@@ -271,4 +273,5 @@ def write_run_folder(
             title=title or f"CareFL {result.config.study.task} ({result.config.study.setup})",
             baselines=baselines,
         )
+        write_card_summary(result, folder.path(SUMMARY_FILE))
     return path
