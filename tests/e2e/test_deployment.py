@@ -192,6 +192,10 @@ def test_secure_federation_survives_a_server_crash(
     assert set(across) == set(own)
     assert all(across[site]["epsilon"] > card["privacy"]["per_site"][site]["epsilon"] > 0 for site in across)
     assert {row["round"] for row in json.loads((out / "metrics.json").read_text())["rounds"]} == {1, 2}
+    # The resumed run delivered the final model to every hospital, bit for bit
+    for hospital in deployment.hospitals:
+        (copy,) = (deployment.paths.site_dir(hospital) / "models").glob("*/model.pt")
+        assert copy.read_bytes() == (out / "model.pt").read_bytes(), hospital
 
 
 def test_unregistered_node_key_is_refused(
