@@ -48,6 +48,8 @@ def demo(
     deployment: Annotated[bool, typer.Option(help="Run as real Flower processes on 127.0.0.1: a TLS SuperLink, one SuperNode per hospital, `flwr run` (no baselines).")] = False,
     secure_aggregation: Annotated[bool, typer.Option(help="Aggregate with SecAgg+ (masked uploads).")] = True,
     resume: Annotated[bool, typer.Option(help="With --deployment and the same --out: continue an interrupted run from its last checkpoint.")] = False,
+    operating_point: Annotated[str | None, typer.Option(help="How each site picks its threshold on its validation data: youden (default), sensitivity:S or a fixed value such as 0.5.")] = None,
+    class_weighting: Annotated[str | None, typer.Option(help="none (default) or balanced: weight each record's loss by its class's rarity at its site.")] = None,
     site: Annotated[list[str] | None, typer.Option(help="With --deployment: a hospital with its own data, NAME=PATH (repeat per hospital); each node uses its data whole.")] = None,
 ) -> None:
     """Run a local federation of hospitals on real data, offline, and compare with baselines."""
@@ -77,6 +79,8 @@ def demo(
         trainable=trainable,
         registry_dir=str(state_dir / "registry"),
         secure_aggregation=secure_aggregation,
+        operating_point=operating_point,
+        class_weighting=class_weighting,
     )
     own_data = own_sites(site or [], deployment=deployment, data=data)
     if own_data:
