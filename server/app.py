@@ -152,7 +152,14 @@ def run_federation(
     # The card is built once: the sites receive it with the model, the run folder adds who stored it.
     card = federation_card(result)
     delivery = deliver_model(grid, result.model_bytes(), card, timeout=cfg.server.stage_timeout)
-    result.card = {**card, **delivery.card()}
+    delivered = delivery.card()
+    left = sorted(set(result.sites) - set(delivered["delivered_to"]))
+    delivered["not_reached"] = {
+        "sites": left,
+        "note": "sites that took part but were not connected at the end received nothing, and cannot fetch "
+        "the model later: CareFL sends a model only to the nodes present when the run ends",
+    }
+    result.card = {**card, **delivered}
     return result
 
 

@@ -80,8 +80,13 @@ class RoundLog:
         log(INFO, "%s", round_line(server_round, self.total_rounds, rows))
 
 
+def _cell(row: SiteRoundMetrics) -> str:
+    """A site's cell of the live table: accuracy / AUC, then sensitivity / specificity at 0.5."""
+    return f"{_fmt(row.accuracy)} / {_fmt(row.auc)}\n{_fmt(row.sensitivity)} / {_fmt(row.specificity)}"
+
+
 class RoundTable:
-    """Rich live table: one row per round, accuracy and AUC per site plus the weighted mean.
+    """Rich live table: one row per round, accuracy, AUC, sensitivity and specificity per site plus the weighted mean.
 
     On a console that is not a terminal (a log file, CI) each round is printed as one line
     instead, and the whole table once at the end.
@@ -134,15 +139,15 @@ class RoundTable:
         table = Table(title=self.title, caption=f"round {done} of {self.total_rounds}")
         table.add_column("round", justify="right")
         for site in self._sites():
-            table.add_column(f"{site}\nacc / AUC", justify="right")
-        table.add_column("weighted mean\nacc / AUC", justify="right", style="bold")
+            table.add_column(f"{site}\nacc / AUC\nsens / spec", justify="right")
+        table.add_column("weighted mean\nacc / AUC\nsens / spec", justify="right", style="bold")
         table.add_column("max epsilon\nspent", justify="right")
         for server_round, rows in self._rounds:
             by_site = {r.site: r for r in rows}
-            cells = [
-                f"{_fmt(by_site[s].accuracy)} / {_fmt(by_site[s].auc)}" if s in by_site else "-"
-                for s in self._sites()
-            ]
-            mean = f"{_fmt(weighted_mean(rows, 'accuracy'))} / {_fmt(weighted_mean(rows, 'auc'))}"
+            cells = [_cell(by_site[s]) if s in by_site else "-" for s in self._sites()]
+            mean = (
+                f"{_fmt(weighted_mean(rows, 'accuracy'))} / {_fmt(weighted_mean(rows, 'auc'))}\n"
+                f"{_fmt(weighted_mean(rows, 'sensitivity'))} / {_fmt(weighted_mean(rows, 'specificity'))}"
+            )
             table.add_row(str(server_round), *cells, mean, _fmt(_max_epsilon(rows)))
         return table

@@ -2,10 +2,10 @@
 
 Each site starts from the same model as the federation and runs as many local epochs as it
 would over the whole federated run (rounds x local epochs), then is evaluated on its own
-held-out part, exactly like the federated model. With DP, it trains with the noise
-multiplier calibrated for the same target epsilon and number of steps, so both methods give
-each site's data the same guarantee. This is a researcher's counterfactual: it is not
-charged to any hospital's ledger.
+held-out part exactly like the federated model: the same clinical scores, and its operating
+point by the study's rule. With DP, it trains with the noise multiplier calibrated for the
+same target epsilon and number of steps, so both methods give each site's data the same
+guarantee. This is a researcher's counterfactual: it is not charged to any hospital's ledger.
 """
 
 from __future__ import annotations
@@ -15,14 +15,17 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from client.numpy_client import clinical_metrics
 from client.privacy import cfg_run_noise
-from server.metrics import SiteRoundMetrics
+from server.metrics import CLINICAL_NAMES, SiteRoundMetrics
+from shared import protocol as wire
 from shared.config import RunConfig
 from shared.dp import train_dp
 from shared.pipeline import Pretrained, build_model, local_problem, train_settings
 from shared.privacy import epsilon
+from shared.scores import classification_metrics
 from shared.tasks.base import SiteData
-from shared.training import evaluate, train
+from shared.training import predict_proba, train
 
 
 def site_alone(
@@ -64,6 +67,11 @@ def site_alone(
             eps = epsilon(result.charges, delta=delta, accountant=cfg.study.accountant)
         else:
             train(problem.module, problem.x_train, problem.y_train, settings)
-        loss, accuracy, auc = evaluate(problem.module, problem.x_val, problem.y_val)
-        rows.append(SiteRoundMetrics(cfg.study.num_rounds, site.name, site.num_val, loss, accuracy, auc, eps, delta))
+        probs = predict_proba(problem.module, problem.x_val)
+        loss, accuracy, auc = classification_metrics(problem.y_val, probs)
+        scores = clinical_metrics(problem.y_val, probs, cfg.study.operating_point)
+        clinical = {name: float(scores[key]) for name, key in zip(CLINICAL_NAMES, wire.CLINICAL_METRICS, strict=True)}
+        rows.append(
+            SiteRoundMetrics(cfg.study.num_rounds, site.name, site.num_val, loss, accuracy, auc, eps, delta, **clinical)
+        )
     return rows

@@ -135,15 +135,19 @@ def _federate(cfg: RunConfig, title: str, num_sites: int, sites_root: Path, cons
 
 
 def summarize(rows: list[SiteRoundMetrics]) -> dict[str, Any]:
-    """Per-site and weighted-mean accuracy/AUC, and each site's (epsilon, delta)."""
+    """Per-site and weighted-mean accuracy, AUC, sensitivity and specificity, and each site's (epsilon, delta)."""
     return {
-        "weighted_mean": {m: weighted_mean(rows, m) for m in ("accuracy", "auc")},
+        "weighted_mean": {m: weighted_mean(rows, m) for m in COMPARED},
         "per_site": {
-            r.site: {"accuracy": r.accuracy, "auc": r.auc, "num_examples": r.num_examples,
-                     "epsilon": r.epsilon, "delta": r.delta}
+            r.site: {"accuracy": r.accuracy, "auc": r.auc, "sensitivity": r.sensitivity, "specificity": r.specificity,
+                     "num_examples": r.num_examples, "epsilon": r.epsilon, "delta": r.delta}
             for r in rows
         },  # fmt: skip
     }
+
+
+COMPARED = ("accuracy", "auc", "sensitivity", "specificity")
+"""The figures the comparison shows per site (sensitivity and specificity at 0.5)."""
 
 
 def privacy_line(cfg: RunConfig, rows: list[SiteRoundMetrics]) -> str:
@@ -157,14 +161,15 @@ def privacy_line(cfg: RunConfig, rows: list[SiteRoundMetrics]) -> str:
 def comparison_table(comparison: dict[str, dict[str, Any]]) -> Table:
     """Render the methods side by side."""
     sites = sorted({s for c in comparison.values() for s in c["per_site"]})
-    table = Table(title="Comparison on each site's held-out data (accuracy / AUC)")
+    table = Table(title="Comparison on each site's held-out data (accuracy / AUC, then sensitivity / specificity at 0.5)")
     table.add_column("method")
     for site in sites:
         table.add_column(site, justify="right")
     table.add_column("weighted mean", justify="right", style="bold")
 
     def cell(values: dict[str, float]) -> str:
-        return " / ".join("-" if not math.isfinite(values[m]) else f"{values[m]:.3f}" for m in ("accuracy", "auc"))
+        shown = ["-" if not math.isfinite(values.get(m, math.nan)) else f"{values[m]:.3f}" for m in COMPARED]
+        return f"{shown[0]} / {shown[1]}\n{shown[2]} / {shown[3]}"
 
     for method, summary in comparison.items():
         per_site = [cell(summary["per_site"][s]) if s in summary["per_site"] else "-" for s in sites]

@@ -36,14 +36,14 @@ def test_every_site_stores_the_servers_model_and_its_operating_point(
     # Assert: the card says who stored the model, and which one
     server_model = (run / "model.pt").read_bytes()
     card = json.loads((run / "model_card.json").read_text())
-    assert card["delivered_to"] == list(SITES) and card["not_delivered"] == []
+    assert card["delivered_to"] == list(SITES) and card["not_delivered"] == [] and card["not_reached"]["sites"] == []
     for index in range(3):
         site_dir = sites / f"site-{index}"
         [folder] = list_site_models(site_dir)
         stored = load_site_model(folder)
         # ... bit for bit the server's model, with the card the server built (less who stored it)
         assert (folder / "model.pt").read_bytes() == server_model
-        assert stored.card == {k: v for k, v in card.items() if k not in ("delivered_to", "not_delivered")}
+        assert stored.card == {k: v for k, v in card.items() if k not in ("delivered_to", "not_delivered", "not_reached")}
         assert stored.site["site"] == SITES[index]
         # ... and an operating point that meets the rule on the site's validation data, recomputed here
         data = load_site(cfg.study, index)
