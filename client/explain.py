@@ -238,7 +238,8 @@ def feature_names(preprocessing: dict, width: int) -> list[str]:
 
 def heatmap_file(record_id: str, taken: set[str]) -> str:
     """A PNG name for a record id: path separators as ``__``, other odd characters as ``_``, unique."""
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", record_id.replace("/", "__").replace("\\", "__")).strip(".") or "record"
+    plain = re.sub(r"\.(png|jpe?g|tiff?|bmp|dcm|dicom)$", "", record_id, flags=re.IGNORECASE)
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", plain.replace("/", "__").replace("\\", "__")).strip(".") or "record"
     name, index = f"{stem}.png", 1
     while name in taken:
         index += 1
