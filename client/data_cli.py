@@ -47,7 +47,9 @@ def check(
     if not data.exists():
         raise InputError(f"{data} does not exist.")
     source = OwnData(path=str(data), name=data.name, val_fraction=val_fraction, seed=split_seed)
-    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=Console(stderr=True), transient=True) as bar:
+    with Progress(
+        *Progress.get_default_columns(), MofNCompleteColumn(), console=Console(stderr=True), transient=True
+    ) as bar:
         reading = bar.add_task(f"reading {data}", total=None)
         report = get_task(cfg.task).check_data(
             cfg, source, progress=lambda done, total: bar.update(reading, completed=done, total=total)
@@ -127,4 +129,6 @@ def _counts(counts: dict[str, int]) -> str:
     """``"value n, value n, ..."``, most frequent first (the first :data:`MAX_LISTED_REFUSALS`)."""
     ranked = sorted(counts.items(), key=lambda item: -item[1])
     shown = ", ".join(f"{value} {count}" for value, count in ranked[:MAX_LISTED_REFUSALS])
-    return shown + (f", ... ({len(ranked) - MAX_LISTED_REFUSALS} more)" if len(ranked) > MAX_LISTED_REFUSALS else "")
+    return shown + (
+        f", ... ({len(ranked) - MAX_LISTED_REFUSALS} more)" if len(ranked) > MAX_LISTED_REFUSALS else ""
+    )
