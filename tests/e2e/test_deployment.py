@@ -263,6 +263,10 @@ def test_node_without_tls_cannot_connect(
     assert "the SuperLink speaks TLS but this node runs with --insecure" in str(mismatch.value)
 
 
+PARTITION = ("--partition-id", "0", "--num-partitions", "3")
+"""The node holds UCI Hungary, partition 0 of the heart-disease benchmark's built-in data."""
+
+
 def test_carefl_server_and_node_commands_stop_their_processes(
     consortium: ConsortiumLayout, procs: ProcessGroups, tmp_path: Path
 ) -> None:
@@ -274,7 +278,7 @@ def test_carefl_server_and_node_commands_stop_their_processes(
 
     # Execute: the commands an operator types, as processes; then Ctrl-C-like SIGTERM to each
     refused = procs.start("node-unprepared", [*carefl, "node", "--superlink", f"127.0.0.1:{port}", "--site-dir", str(site),
-                                              "--credentials", str(consortium.hospital_dir("hungary"))], env=env)  # fmt: skip
+                                              "--credentials", str(consortium.hospital_dir("hungary")), *PARTITION], env=env)  # fmt: skip
     assert refused.wait(timeout=120) == 2
     procs.start(
         "budget", [*carefl, "budget", "--site-dir", str(site), "--init", "--site", "Hungary"], env=env
@@ -312,7 +316,7 @@ def test_carefl_server_and_node_commands_stop_their_processes(
     node = procs.start(
         "carefl-node",
         [*carefl, "node", "--superlink", f"127.0.0.1:{port}", "--site-dir", str(site),
-         "--credentials", str(consortium.hospital_dir("hungary")), "--port", str(free_port())],
+         "--credentials", str(consortium.hospital_dir("hungary")), *PARTITION, "--port", str(free_port())],
         env=env,
     )  # fmt: skip
     node.wait_for_output(r"SuperNode ID: \d+", timeout=120)
