@@ -173,12 +173,23 @@ def model_card_sections(result: FederationResult, *, confidence: float = 0.95) -
         },
         "training_data": {
             "what": "each site's own training part; it never left the site",
-            "per_site": {site: {"dropped_rows": result.dropped_rows.get(site)} for site in result.sites},
-            "note": "training counts and class balance stay at each site (its site.json and carefl evaluate)",
+            "per_site": {site: _training_data(result, site) for site in result.sites},
+            "note": "records per class label as each site reported them (counts only, not covered by DP, like "
+            "the record count); rows its preprocessing dropped for a missing value",
         },
         "quantitative_analyses": {"per_site": analyses},
         "ethical_considerations": {"privacy": privacy_card(result)},
         "caveats_and_recommendations": list(LIMITATIONS),
+    }
+
+
+def _training_data(result: FederationResult, site: str) -> dict[str, Any]:
+    """One site's training part as the card shows it: records, records per class, dropped rows."""
+    per_class = result.class_balance.get(site, {}).get("train", {})
+    return {
+        "records": sum(per_class.values()) if per_class else None,
+        "per_class": dict(per_class),
+        "dropped_rows": result.dropped_rows.get(site),
     }
 
 

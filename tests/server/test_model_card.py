@@ -55,6 +55,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, tuple
         parameters=[np.zeros((2, 3), np.float32)],
         rows=rows,
         dropped_rows={"Hungary": 33, "Switzerland": 77, "VA Long Beach": 70},
+        class_balance={"Hungary": {"train": {"0": 110, "1": 62}, "val": {"0": 58, "1": 31}}},
     )
     folder = write_run_folder(tmp_path_factory.mktemp("runs") / "run", result)
     return folder, truth
@@ -112,3 +113,12 @@ def test_rates_that_no_class_split_gives_have_no_counts() -> None:
     # Equal rates fit several splits (5 of 45 ... 40 of 45 positives); the PPV sent picks the one
     assert confusion_from_rates(45, 0.8, 0.8, 0.8) is None
     assert confusion_from_rates(45, 0.8, 0.8, 0.8, ppv=12 / 18) == (24, 6, 3, 12)
+
+
+def test_training_data_shows_each_sites_own_counts_and_class_balance(
+    run: tuple[Path, dict[str, tuple[dict[str, int], dict[str, int]]]],
+) -> None:
+    folder, _ = run
+    training = json.loads((folder / "model_card.json").read_text())[CARD_KEY]["training_data"]["per_site"]
+    assert training["Hungary"] == {"records": 172, "per_class": {"0": 110, "1": 62}, "dropped_rows": 33}
+    assert training["Switzerland"] == {"records": None, "per_class": {}, "dropped_rows": 77}  # it sent no counts
