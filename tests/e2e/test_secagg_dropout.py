@@ -172,8 +172,8 @@ def test_a_site_dropping_before_its_upload_leaves_the_survivors_aggregate(
     assert any(f"site {DROPPING} dropped at stage {stage}" in f for f in secure.failures[1])
 
 
-VANISH_S = 14.0
-TIMEOUT_S = 8.0
+VANISH_S = 25.0
+TIMEOUT_S = 15.0  # above what the four answering sites need at unmask on a loaded 2-core machine
 
 
 @pytest.fixture(scope="module")
