@@ -41,10 +41,14 @@ def backbones(
     registry: Annotated[Path, typer.Option(help="Backbone registry directory.")] = DEFAULT_STATE / "registry",
     verify: Annotated[bool, typer.Option(help="Resolve and hash each backbone's weights.")] = False,
 ) -> None:
-    """List known backbones (built-in and registered); with --verify, fail if any does not verify."""
+    """List known backbones (built-in and registered); with --verify, fail if any does not verify.
+
+    A built-in backbone whose weights are not on this machine is listed as such, not as a
+    failure: it is downloaded (online) or named with ``--weights`` when a run uses it.
+    """
     from rich.table import Table
 
-    from shared.backbones import BackboneRegistry
+    from shared.backbones import BackboneRegistry, WeightsNotFound
 
     reg = BackboneRegistry(registry, allow_download=False)
     table = Table(title="Backbones")
@@ -57,6 +61,12 @@ def backbones(
         if verify:
             try:
                 where = f"verified ({reg.resolve(name).origin})"
+            except WeightsNotFound as err:
+                if reg.is_builtin(name):
+                    where = "not on this machine (downloaded when a run uses it)"
+                else:
+                    failures[name] = err
+                    where = f"[red]{err}[/]"
             except CareFLError as err:
                 failures[name] = err
                 where = f"[red]{err}[/]"

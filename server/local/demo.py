@@ -9,6 +9,7 @@ all.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ from server.recorder import FederationRecorder
 from server.report.result import FederationResult, write_run_folder
 from server.report.runfolder import refuse_occupied
 from shared.atomic import require_writable_dir
-from shared.config import RunConfig
+from shared.config import RunConfig, StudyConfig
 from shared.hashing import sha256_bytes
 from shared.pipeline import Pretrained, build_model, check_memory
 from shared.tasks import SiteData, load_sites
@@ -125,10 +126,48 @@ def check_demo_memory(cfg: RunConfig, pretrained: Pretrained, sites: list[SiteDa
         check_memory(scratch, build_model(scratch, None), largest, flag="--image-size")
 
 
-def _federate(cfg: RunConfig, title: str, num_sites: int, sites_root: Path, console: Console) -> FederationResult:
+def demo_policy(study: StudyConfig, train_sizes: Sequence[int] = ()) -> SitePolicy:
+    """The policy of the demo's simulated hospitals: it accepts the demo's own request.
+
+    The demo's researcher operates every simulated hospital, so their policy follows the
+    demo's flags: DP is required exactly when ``--dp`` is on; the per-run and lifetime epsilon
+    caps, and the most rounds, are the default policy's or the request's, whichever is larger;
+    given the sites' training sizes and an epsilon above the default cap, the noise floor is
+    lowered to the smallest noise multiplier the request calibrates to at any of them (a large
+    ``--epsilon`` means little noise). A hospital's own ``policy.toml``, where one exists, is
+    never replaced.
+
+    Parameters
+    ----------
+    study : StudyConfig
+        What the demo asks of each site.
+    train_sizes : Sequence[int]
+        Training records of each site; empty: the default noise floor.
+    """
+    default = SitePolicy()
+    rounds = max(default.max_rounds, study.num_rounds)
+    if not study.dp:
+        return SitePolicy(require_dp=False, max_rounds=rounds)
+    floor = default.min_noise_multiplier
+    if train_sizes and study.target_epsilon > default.max_epsilon_per_run:  # within the default cap, the default floor
+        from client.privacy import cfg_run_noise
+
+        floor = min(floor, *(cfg_run_noise(study, n).noise_multiplier for n in train_sizes))
+    return SitePolicy(
+        require_dp=True,
+        max_epsilon_per_run=max(default.max_epsilon_per_run, study.target_epsilon),
+        max_lifetime_epsilon=max(default.max_lifetime_epsilon, study.target_epsilon),
+        min_noise_multiplier=floor,
+        max_rounds=rounds,
+    )
+
+
+def _federate(
+    cfg: RunConfig, title: str, sites: Sequence[SiteData], sites_root: Path, console: Console
+) -> FederationResult:
     recorder = FederationRecorder()
-    # The demo's researcher operates every simulated hospital: their policy follows --dp.
-    policy = SitePolicy(require_dp=cfg.study.dp)
+    num_sites = len(sites)
+    policy = demo_policy(cfg.study, [s.num_train for s in sites])
     with RoundTable(title, cfg.study.num_rounds, console=console) as table:
         recorder.listeners.append(table)
         return simulate(cfg, num_sites=num_sites, sites_root=sites_root, recorder=recorder, policy=policy)
@@ -198,7 +237,7 @@ def run_demo(options: DemoOptions, console: Console) -> Path:
     pretrained = ensure_backbone(cfg, console)
     check_demo_memory(cfg, pretrained, sites, compare=options.compare)
     dp = f"DP epsilon {cfg.study.target_epsilon:g}" if cfg.study.dp else "no DP"
-    transfer = _federate(cfg, f"Federated transfer ({cfg.study.backbone}, {cfg.study.strategy}, {dp})", len(sites), options.sites_root / "transfer", console)
+    transfer = _federate(cfg, f"Federated transfer ({cfg.study.backbone}, {cfg.study.strategy}, {dp})", sites, options.sites_root / "transfer", console)
     comparison = {"federated transfer": summarize(transfer.final_rows())}
     extra_metrics: dict[str, list[SiteRoundMetrics]] = {}
     if options.compare:
@@ -207,7 +246,7 @@ def run_demo(options: DemoOptions, console: Console) -> Path:
             site_alone(cfg, sites, pretrained, cache_root=options.sites_root / "transfer" / "site-0")
         )
         scratch_cfg = cfg.with_overrides(setup="scratch")
-        scratch = _federate(scratch_cfg, f"Federated from scratch (no pretrained backbone, {dp})", len(sites), options.sites_root / "scratch", console)
+        scratch = _federate(scratch_cfg, f"Federated from scratch (no pretrained backbone, {dp})", sites, options.sites_root / "scratch", console)
         comparison["federated from scratch"] = summarize(scratch.final_rows())
         extra_metrics["scratch_metrics"] = scratch.rows
     console.print(comparison_table(comparison))

@@ -25,7 +25,6 @@ from pathlib import Path
 from rich.console import Console
 
 from client.node import CONNECTED_PATTERN, NodeCredentials, NodeOptions
-from client.policy import SitePolicy
 from client.service import start_supernode
 from client.setup import prepare_site_dir
 from server.checkpoint import CHECKPOINT_FILE
@@ -185,13 +184,13 @@ class LocalDeployment:
             f"({', '.join(self.hospitals)}), one SuperLink, all on {DEFAULT_HOST}; working folder {self.paths.root}",
             highlight=False,
         )
-        from server.local.demo import ensure_backbone
+        from server.local.demo import demo_policy, ensure_backbone
 
         ensure_backbone(cfg, console)
         self.layout = _consortium(self.paths, self.hospitals, console)
         for index, hospital in enumerate(self.hospitals):
             name = self.site_names[hospital] if options.own_data else site_name(cfg.study, index)
-            prepare_site_dir(self.paths.site_dir(hospital), site=name, policy=SitePolicy(require_dp=cfg.study.dp))
+            prepare_site_dir(self.paths.site_dir(hospital), site=name, policy=demo_policy(cfg.study))
         self.announce = console_announcer(console)
         self.superlink_options = SuperLinkOptions(
             tls=SuperLinkTLS.from_consortium(self.layout), database=self.paths.database, port=free_port()

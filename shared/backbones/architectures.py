@@ -6,9 +6,11 @@ layer. With a frozen backbone only the head is trained, shared and (later) noise
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import pickle
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -18,17 +20,174 @@ from shared.errors import IntegrityError
 from shared.tv import torchvision_module
 
 
-class MobileNetV2Features(nn.Module):
-    """MobileNetV2's convolutional trunk followed by global average pooling."""
+class ImageNetTrunk(nn.Module):
+    """A torchvision ImageNet classifier's convolutional trunk followed by global average pooling.
+
+    Subclasses keep torchvision's module names, so torchvision's published weights file loads
+    into them once the classifier's keys are dropped (:meth:`trunk_state`). :meth:`blocks`
+    cuts the trunk into the sequence of blocks ``trainable = "last"`` trains the end of and
+    Grad-CAM looks into; composed in order, they compute :meth:`forward`.
+    """
+
+    classifier_prefixes: ClassVar[tuple[str, ...]] = ("classifier.",)
+    """Keys of torchvision's file that belong to the classifier, not to the trunk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def stages(self) -> list[nn.Module]:
+        """Return the trunk's blocks before pooling, in order."""
+        raise NotImplementedError
+
+    def blocks(self) -> list[nn.Module]:
+        """Return :meth:`stages` followed by the pooling block."""
+        return [*self.stages(), nn.Sequential(self.pool, nn.Flatten())]
+
+    def trunk_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Return the trunk's tensors of a torchvision weights file (the classifier dropped)."""
+        return {k: v for k, v in state.items() if not k.startswith(self.classifier_prefixes)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``(batch, feature_dim)`` pooled features."""
+        for stage in self.stages():
+            x = stage(x)
+        return torch.flatten(self.pool(x), 1)
+
+
+class MobileNetV2Features(ImageNetTrunk):
+    """MobileNetV2's convolutional trunk (19 feature blocks) followed by global average pooling."""
 
     def __init__(self) -> None:
         super().__init__()
         self.features = torchvision_module().models.mobilenet_v2(weights=None).features
-        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def stages(self) -> list[nn.Module]:
+        """Return the 19 feature blocks."""
+        return list(self.features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``(batch, 1280)`` pooled features."""
         return torch.flatten(self.pool(self.features(x)), 1)
+
+
+class VGG16Features(ImageNetTrunk):
+    """VGG16's 13 convolutional layers followed by global average pooling (512 features).
+
+    The fully connected layers of torchvision's classifier (120 of its 138 million parameters)
+    are not used: like the other trunks, the features are the pooled last convolutional map.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        vgg = torchvision_module().models.vgg
+        # Only the convolutional layers: building the whole model would initialize 120 million unused weights.
+        self.features = vgg.make_layers(vgg.cfgs["D"], batch_norm=False)
+
+    def stages(self) -> list[nn.Module]:
+        """Return one block per convolution: ``conv -> ReLU`` and the max-pooling that follows it."""
+        blocks: list[list[nn.Module]] = []
+        for layer in self.features:
+            if isinstance(layer, nn.Conv2d) or not blocks:
+                blocks.append([layer])
+            else:
+                blocks[-1].append(layer)
+        return [nn.Sequential(*block) for block in blocks]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``(batch, 512)`` pooled features."""
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+
+class ResNetFeatures(ImageNetTrunk):
+    """A ResNet's stem and residual blocks followed by global average pooling.
+
+    Parameters
+    ----------
+    depth : int
+        18 (512 features) or 50 (2048 features).
+    """
+
+    classifier_prefixes: ClassVar[tuple[str, ...]] = ("fc.",)
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        models = torchvision_module().models
+        builders = {18: models.resnet18, 50: models.resnet50}
+        if depth not in builders:
+            raise ValueError(f"ResNet depth must be one of {sorted(builders)}, got {depth}")
+        net = builders[depth](weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    def stages(self) -> list[nn.Module]:
+        """Return the stem (``conv -> BN -> ReLU -> max-pool``), then each residual block."""
+        stem = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
+        return [stem, *self.layer1, *self.layer2, *self.layer3, *self.layer4]
+
+
+# torchvision's DenseNet file keeps the old layer names ``norm.1`` ... ``conv.2`` (torchvision's
+# densenet._load_state_dict renames them the same way).
+_DENSENET_LEGACY_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+class DenseNet121Features(ImageNetTrunk):
+    """DenseNet-121's dense blocks, final BatchNorm and ReLU, then global average pooling (1024)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torchvision_module().models.densenet121(weights=None).features
+
+    def stages(self) -> list[nn.Module]:
+        """Return the stem, each dense block and transition; the last dense block carries ``norm5`` and ReLU."""
+        f = self.features
+        stem = nn.Sequential(f.conv0, f.norm0, f.relu0, f.pool0)
+        return [
+            stem, f.denseblock1, f.transition1, f.denseblock2, f.transition2, f.denseblock3, f.transition3,
+            nn.Sequential(f.denseblock4, f.norm5, nn.ReLU()),
+        ]  # fmt: skip
+
+    def trunk_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Return the trunk's tensors, torchvision's legacy dense-layer names renamed."""
+        renamed = {}
+        for key, value in super().trunk_state(state).items():
+            match = _DENSENET_LEGACY_KEY.match(key)
+            renamed[match.group(1) + match.group(2) if match else key] = value
+        return renamed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``(batch, 1024)`` pooled features."""
+        return torch.flatten(self.pool(nn.functional.relu(self.features(x))), 1)
+
+
+class EfficientNetB0Features(ImageNetTrunk):
+    """EfficientNet-B0's stem, 16 MBConv blocks and head convolution, then global average pooling (1280)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torchvision_module().models.efficientnet_b0(weights=None).features
+
+    def stages(self) -> list[nn.Module]:
+        """Return the stem, each MBConv block of the seven stages, and the 1x1 head convolution."""
+        stem, *stages, head = self.features
+        return [stem, *(block for stage in stages for block in stage), head]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``(batch, 1280)`` pooled features."""
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+
+IMAGENET_TRUNKS: dict[str, Callable[[], ImageNetTrunk]] = {
+    "mobilenet_v2": MobileNetV2Features,
+    "vgg16": VGG16Features,
+    "resnet18": lambda: ResNetFeatures(18),
+    "resnet50": lambda: ResNetFeatures(50),
+    "densenet121": DenseNet121Features,
+    "efficientnet_b0": EfficientNetB0Features,
+}
+"""The torchvision trunks by manifest architecture."""
 
 
 def heart_mlp(in_features: int, hidden: Sequence[int]) -> nn.Sequential:
@@ -57,8 +216,8 @@ def small_cnn(channels: Sequence[int]) -> nn.Sequential:
 
 def build_backbone(architecture: str, arch_params: Mapping[str, Any]) -> nn.Module:
     """Build a randomly initialized backbone of ``architecture``."""
-    if architecture == "mobilenet_v2":
-        return MobileNetV2Features()
+    if architecture in IMAGENET_TRUNKS:
+        return IMAGENET_TRUNKS[architecture]()
     if architecture == "heart_mlp":
         return heart_mlp(int(arch_params["in_features"]), list(arch_params["hidden"]))
     if architecture == "small_cnn":
@@ -71,16 +230,40 @@ def load_backbone_weights(backbone: nn.Module, manifest: BackboneManifest, path:
 
     The caller has checked the file's SHA-256 against the manifest already.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if manifest.architecture == "mobilenet_v2":
+    refused = f"{path}: weights do not fit backbone {manifest.name!r} ({manifest.architecture})"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise IntegrityError(f"{refused}: not a readable state dict ({str(err).splitlines()[0]}).") from err
+    if not isinstance(state, Mapping):
+        raise IntegrityError(f"{refused}: the file holds a {type(state).__name__}, not a state dict.")
+    if isinstance(backbone, ImageNetTrunk):
         # torchvision's file holds the whole classifier; keep the convolutional trunk.
-        state = {k: v for k, v in state.items() if k.startswith("features.")}
+        state = backbone.trunk_state(state)
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise IntegrityError(
-            f"{path}: weights do not fit backbone {manifest.name!r} ({manifest.architecture})."
-        ) from err
+        raise IntegrityError(f"{refused}: {_mismatch(backbone, state)}.") from err
+
+
+def _mismatch(backbone: nn.Module, state: Mapping[str, Any]) -> str:
+    """Name the first missing, unexpected or wrongly shaped tensor of ``state``, in one line."""
+    expected = backbone.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shaped = [
+        k for k in expected
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != expected[k].shape
+    ]  # fmt: skip
+    if shaped:
+        key = shaped[0]
+        return f"tensor {key} has shape {tuple(state[key].shape)}, expected {tuple(expected[key].shape)}"
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing (first {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (first {unexpected[0]})")
+    return "; ".join(parts) or "the tensors do not load"
 
 
 class BackboneWithHead(nn.Module):
@@ -148,14 +331,15 @@ class TrainableStack(nn.Sequential):
 def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
     """Return the backbone as a sequence of blocks whose composition is the backbone.
 
-    MobileNetV2: the input module, each of its 19 feature blocks, then pooling; the MLP: one
+    An ImageNet trunk: its :meth:`ImageNetTrunk.blocks` (MobileNetV2: its 19 feature blocks,
+    then pooling); the input module stays one block; the MLP: one
     ``Linear -> activation`` pair per hidden layer; any other ``nn.Sequential``: its children.
     """
     layers = list(backbone.children()) if isinstance(backbone, nn.Sequential) else [backbone]
     blocks: list[nn.Module] = []
     for layer in layers:
-        if isinstance(layer, MobileNetV2Features):
-            blocks += [*layer.features, nn.Sequential(layer.pool, nn.Flatten())]
+        if isinstance(layer, ImageNetTrunk):
+            blocks += layer.blocks()
         elif blocks and not any(True for _ in layer.parameters()) and isinstance(blocks[-1], nn.Linear):
             blocks[-1] = nn.Sequential(blocks[-1], layer)
         else:

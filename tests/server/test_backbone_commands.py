@@ -63,3 +63,26 @@ def test_backbones_verify_passes_when_every_file_verifies(tmp_path: Path, capsys
     # Assert
     assert code == 0
     assert _error_lines(capsys.readouterr().err) == []
+
+
+def test_backbones_lists_every_builtin_and_marks_weights_not_on_this_machine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a wide console, so that no name is cut; an empty hub cache (only MobileNetV2 is installed)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    expected = {
+        "mobilenet_v2-imagenet": 1280, "vgg16-imagenet": 512, "resnet18-imagenet": 512,
+        "resnet50-imagenet": 2048, "densenet121-imagenet": 1024, "efficientnet_b0-imagenet": 1280,
+    }  # fmt: skip
+
+    # Execute
+    code = main(["backbones", "--registry", str(tmp_path / "registry"), "--verify"])
+
+    # Assert: one row per built-in with its feature width; absent weights are no failure (exit 0)
+    captured = capsys.readouterr()
+    rows = {line.split("│")[1].strip(): line for line in captured.out.splitlines() if line.count("│") > 2}
+    assert code == 0 and _error_lines(captured.err) == []
+    for name, width in expected.items():
+        assert f" {width} " in rows[name]
+        assert ("verified" if name == "mobilenet_v2-imagenet" else "not on this machine") in rows[name]

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from client.policy import SitePolicy
+from client.site import POLICY_FILE
 from server.flwr_cli import CONNECTION_NAME, Connection, write_flwr_home
 from server.local.cli import main
+from server.local.demo import state_key
 from shared.errors import (
     EXIT_DEPLOYMENT,
     EXIT_INTEGRITY,
@@ -90,9 +93,16 @@ def test_an_unreachable_superlink_exits_4(tmp_path: Path, capsys: pytest.Capture
 
 @pytest.mark.slow
 def test_a_request_every_site_declines_exits_5(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # Prepare: the demo's hospitals cap epsilon per run at 3 (the default policy); ask for 8
-    argv = ["demo", "--epsilon", "8", "--rounds", "1", "--local-epochs", "1", "--no-compare",
-            "--out", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state")]  # fmt: skip
+    # Prepare: each of the demo's three hospitals (Cleveland pretrains the backbone) already has its
+    # operator's policy, capping epsilon per run at 1 (the demo never replaces it); the demo asks
+    # for its default 3
+    out, state = tmp_path / "run", tmp_path / "state"
+    strict = SitePolicy(max_epsilon_per_run=1.0).to_toml()
+    for index in range(3):
+        site_dir = state / "sites" / state_key(out) / "transfer" / f"site-{index}"
+        site_dir.mkdir(parents=True)
+        (site_dir / POLICY_FILE).write_text(strict, encoding="utf-8")
+    argv = ["demo", "--rounds", "1", "--local-epochs", "1", "--no-compare", "--out", str(out), "--state-dir", str(state)]
 
     # Execute
     code = main(argv)
@@ -101,4 +111,4 @@ def test_a_request_every_site_declines_exits_5(tmp_path: Path, capsys: pytest.Ca
     assert code == EXIT_REFUSED
     # Flower's own logger may still write to a stream an earlier test's capture closed.
     assert "min-sites" in _one_error_line(capsys, traceback_free=False)
-    assert not (tmp_path / "run").exists()
+    assert not out.exists()

@@ -230,7 +230,7 @@ def test_registered_backbone_round_trips(tmp_path: Path, registered: PretrainRes
     assert resolved.manifest == registered.manifest
     assert resolved.path == registered.folder / registered.manifest.filename
     assert hashlib.sha256(resolved.path.read_bytes()).hexdigest() == registered.manifest.sha256
-    assert sorted(registry.names()) == sorted([MOBILENET, HEART_BACKBONE])
+    assert sorted(registry.names()) == sorted([*(m.name for m in BUILTIN_BACKBONES), HEART_BACKBONE])
     backbone = build_backbone(resolved.manifest.architecture, resolved.manifest.arch_params)
     load_backbone_weights(backbone, resolved.manifest, resolved.path)
     assert backbone(torch.zeros(2, 13)).shape == (2, resolved.manifest.feature_dim)
