@@ -20,6 +20,7 @@ import secrets
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from shared.errors import ConfigError
 from shared.privacy import Charge
-from shared.training import TrainSettings, class_weights, run_epochs
+from shared.training import TrainSettings, class_weights, per_sample_loss, run_epochs
+
+GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch")
+"""Opacus' ways of computing what it clips (:attr:`TrainSettings.grad_sample_mode`)."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,11 @@ def train_dp(
         this ``y``) *before* Opacus computes and clips its gradient, and the batch loss stays a
         mean over the batch: every record still contributes at most ``max_grad_norm``, and the
         Poisson sampling, the noise and so the accountant's epsilon are unchanged.
+        ``grad_sample_mode`` picks how Opacus gets the per-sample gradients (``ghost``: only
+        their norms, then a second backward pass of the clipped loss); the sampling, the noise
+        and the accounting are the same in every mode. ``x`` may hold ``K`` augmented views
+        per record, ``(N, K, ...)``: ``module`` then maps a batch to ``(B, K, classes)``
+        logits, a record's loss is the mean over its views and its one gradient is clipped.
     noise_multiplier : float
         Noise standard deviation divided by ``max_grad_norm``.
     max_grad_norm : float
@@ -102,7 +111,10 @@ def train_dp(
 
     if settings.proximal_mu > 0:
         raise ConfigError("FedProx's proximal term is not supported with DP-SGD; use fedavg, fedadam or fedyogi.")
-    weight = class_weights(y, settings.class_weighting)
+    mode = settings.grad_sample_mode
+    if mode not in GRAD_SAMPLE_MODES:
+        raise ConfigError(f"grad-sample-mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, not {mode!r}.")
+    criterion: Any = per_sample_loss(class_weights(y, settings.class_weighting))
     module.train()
     check_dp_compatible(module)
     generator = fresh_generator()  # Poisson sampling: never the run's (server-known) seed
@@ -116,23 +128,27 @@ def train_dp(
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.momentum)
     engine = PrivacyEngine(accountant=accountant)
-    private_module, private_optimizer, private_loader = engine.make_private(
+    private = engine.make_private(
         module=module,
         optimizer=optimizer,
+        criterion=criterion,
         data_loader=loader,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         noise_generator=fresh_generator(),
         loss_reduction="mean",  # what run_epochs' loss is: a mean of per-record terms over the batch
+        grad_sample_mode=mode,
     )
+    if mode == "ghost":  # Opacus wraps the loss: per-record losses, norms, then the clipped loss's backward
+        private_module, private_optimizer, criterion, private_loader = private
+    else:
+        private_module, private_optimizer, private_loader = private
     private_module.train()
     with warnings.catch_warnings():
         # A head trained on cached features has inputs without gradients: harmless here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        last = run_epochs(
-            private_module, private_optimizer, lambda: private_loader, settings.epochs, class_weight=weight
-        )
+        last = run_epochs(private_module, private_optimizer, lambda: private_loader, settings.epochs, loss_fn=criterion)
     charges = tuple(Charge(float(s), float(q), int(n)) for s, q, n in engine.accountant.history)
     _detach(private_module)
     return DPTrainResult(loss=last, charges=charges)
