@@ -69,12 +69,16 @@ def crop_rotate_flip(height: int, width: int):  # type: ignore[no-untyped-def]
     within :data:`ROTATION_DEGREES` (corners filled with 0, bilinear) and a horizontal flip
     with :data:`FLIP_PROBABILITY`. Draws from the global torch RNG (see :func:`augmented_views`).
     """
+    from shared.tv import torchvision_module
+
+    torchvision_module()  # the CPU shim, before torchvision's first import
     from torchvision.transforms import InterpolationMode, v2
 
+    bilinear = InterpolationMode.BILINEAR
     return v2.Compose(
         [
             v2.RandomResizedCrop((height, width), scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
-            v2.RandomRotation(ROTATION_DEGREES, interpolation=InterpolationMode.BILINEAR),
+            v2.RandomRotation(ROTATION_DEGREES, interpolation=bilinear),
             v2.RandomHorizontalFlip(FLIP_PROBABILITY),
         ]
     )
