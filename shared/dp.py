@@ -16,6 +16,7 @@ generators are therefore MT19937 seeded from ``secrets`` (Opacus warns about thi
 
 from __future__ import annotations
 
+import functools
 import secrets
 import warnings
 from collections.abc import Sequence
@@ -114,6 +115,8 @@ def train_dp(
     mode = settings.grad_sample_mode
     if mode not in GRAD_SAMPLE_MODES:
         raise ConfigError(f"grad-sample-mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, not {mode!r}.")
+    if mode == "ghost":
+        register_conv_norm_sampler()
     criterion: Any = per_sample_loss(class_weights(y, settings.class_weighting))
     module.train()
     check_dp_compatible(module)
@@ -152,6 +155,76 @@ def train_dp(
     charges = tuple(Charge(float(s), float(q), int(n)) for s, q, n in engine.accountant.history)
     _detach(private_module)
     return DPTrainResult(loss=last, charges=charges)
+
+
+@functools.cache
+def register_conv_norm_sampler() -> None:
+    """Give Opacus' ghost clipping a per-sample gradient *norm* for ``nn.Conv2d`` (it has none).
+
+    Without one, ghost clipping materializes a convolution's per-sample gradients (``B`` copies
+    of its weight) just to take their norms, as the hooks mode does. Registered once per process
+    through Opacus' own :func:`opacus.grad_sample.register_norm_sampler`; see
+    :func:`conv2d_norm_sample`.
+    """
+    from opacus.grad_sample import register_norm_sampler
+
+    register_norm_sampler(nn.Conv2d)(conv2d_norm_sample)
+
+
+def conv2d_norm_sample(
+    layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient norms of a convolution, by the ghost-norm identity where it pays.
+
+    A convolution is a linear map applied at ``L`` output positions to the unfolded input
+    patches ``a_l`` (``d_a = C_in k_h k_w``), with output gradients ``g_l`` (``d_g = C_out``), so
+    a record's weight gradient is ``sum_l g_l a_l^T`` and its squared norm is
+    ``sum_{l,l'} (a_l . a_l') (g_l . g_l')`` (Li et al. 2022; Opacus' own ``nn.Linear`` rule
+    on sequences): ``O(L^2 (d_a + d_g))`` per record instead of ``O(L d_a d_g)``. Grouped or
+    string-padded convolutions, and those where ``L (d_a + d_g) >= d_a d_g``, take the norms
+    of Opacus' per-sample gradients instead. The bias gradient is ``sum_l g_l``.
+
+    Parameters
+    ----------
+    layer : nn.Conv2d
+        The convolution.
+    activations : list[torch.Tensor]
+        Its input, ``[(B, C_in, H, W)]``.
+    backprops : torch.Tensor
+        The gradient of the loss at its output, ``(B, C_out, H', W')`` (scaled by Opacus).
+
+    Returns
+    -------
+    dict[nn.Parameter, torch.Tensor]
+        The ``(B,)`` per-sample gradient norm of each trainable parameter.
+    """
+    x = activations[0].to(backprops.dtype)
+    batch, d_g = backprops.shape[:2]
+    positions = backprops.shape[2] * backprops.shape[3]
+    d_a = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+    ghost = (
+        layer.groups == 1
+        and layer.padding_mode == "zeros"
+        and not isinstance(layer.padding, str)
+        and positions * (d_a + d_g) < d_a * d_g
+    )
+    if not ghost:
+        from opacus.grad_sample.conv import compute_conv_grad_sample
+
+        grads = compute_conv_grad_sample(layer, activations, backprops)
+        return {p: g.reshape(len(g), -1).norm(dim=1) for p, g in grads.items()}
+    g = backprops.reshape(batch, d_g, positions)
+    ggt = torch.einsum("ncl,ncm->nlm", g, g)
+    norms: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        a = nn.functional.unfold(
+            x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+        )
+        aat = torch.einsum("ncl,ncm->nlm", a, a)
+        norms[layer.weight] = torch.einsum("nlm,nlm->n", ggt, aat).clamp(min=0).sqrt()
+    if layer.bias is not None and layer.bias.requires_grad:
+        norms[layer.bias] = ggt.sum(dim=(1, 2)).clamp(min=0).sqrt()
+    return norms
 
 
 def fresh_generator() -> torch.Generator:
