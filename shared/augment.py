@@ -113,5 +113,7 @@ def augmented_views(images: np.ndarray, augmentation: Augmentation) -> Iterator[
     for view in range(augmentation.views):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(augmentation.seed * 1_000_003 + view)
-            out = torch.stack([transform(image.unsqueeze(0))[0] for image in pixels]) if len(pixels) else pixels
+            out = (
+                torch.stack([transform(image.unsqueeze(0))[0] for image in pixels]) if len(pixels) else pixels
+            )
         yield out.numpy().astype(images.dtype, copy=False)

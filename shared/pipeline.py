@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shared.augment import Augmentation
 from shared.backbones.architectures import (
     BackboneWithHead,
     ImageNetInput,
@@ -22,7 +23,6 @@ from shared.backbones.architectures import (
     split_backbone,
     unfreeze,
 )
-from shared.augment import Augmentation
 from shared.backbones.manifest import BackboneManifest
 from shared.config import StudyConfig
 from shared.errors import ConfigError

@@ -120,7 +120,9 @@ def test_k_views_of_training_images_are_cached_and_validation_is_never_augmented
     spec = {"kind": "grayscale-image", "image_size": SIDE}
 
     # Execute
-    features = site_features(trunk, site, backbone_sha256="b" * 64, preprocessing=spec, cache_dir=tmp_path, augmentation=CROP)
+    features = site_features(
+        trunk, site, backbone_sha256="b" * 64, preprocessing=spec, cache_dir=tmp_path, augmentation=CROP
+    )
 
     # Assert: (N, K, F) train features, each view the trunk's features of that view's images;
     # validation features are those of the images themselves
@@ -130,10 +132,17 @@ def test_k_views_of_training_images_are_cached_and_validation_is_never_augmented
         np.testing.assert_array_equal(features.train[:, k], compute_features(trunk, view))
     np.testing.assert_array_equal(features.val, compute_features(trunk, site.x_val))
     # the cache is used (another trunk would give other features), and keyed by the augmentation
-    cached = site_features(_trunk(9), site, backbone_sha256="b" * 64, preprocessing=spec, cache_dir=tmp_path, augmentation=CROP)
+    cached = site_features(
+        _trunk(9), site, backbone_sha256="b" * 64, preprocessing=spec, cache_dir=tmp_path, augmentation=CROP
+    )
     np.testing.assert_array_equal(cached.train, features.train)
     more = site_features(
-        _trunk(9), site, backbone_sha256="b" * 64, preprocessing=spec, cache_dir=tmp_path, augmentation=replace(CROP, views=2)
+        _trunk(9),
+        site,
+        backbone_sha256="b" * 64,
+        preprocessing=spec,
+        cache_dir=tmp_path,
+        augmentation=replace(CROP, views=2),
     )
     assert more.train.shape == (site.num_train, 2, 24)
     assert not np.array_equal(more.train[:, 0], features.train[:, 0])
@@ -160,7 +169,11 @@ def test_local_problem_of_an_augmented_study_trains_the_head_on_k_views(tmp_path
     assert problem.x_train.shape == (site.num_train, 4, 24) and problem.x_val.shape == (site.num_val, 24)
     views = list(augmented_views(site.x_train, Augmentation("crop-rotate-flip", 4, 8)))
     np.testing.assert_array_equal(problem.x_train[:, 2], compute_features(model.backbone, views[2]))
-    key = cache_key("c" * 64, site.fingerprint, {**input_spec(cfg), "augmentation": Augmentation("crop-rotate-flip", 4, 8).spec()})
+    key = cache_key(
+        "c" * 64,
+        site.fingerprint,
+        {**input_spec(cfg), "augmentation": Augmentation("crop-rotate-flip", 4, 8).spec()},
+    )
     assert (tmp_path / "features" / f"{key}.npz").is_file()
     assert model.head(torch.from_numpy(problem.x_train[:5])).shape == (5, 4, 2)
 
@@ -192,7 +205,11 @@ def test_a_records_loss_is_the_mean_of_its_views_cross_entropies() -> None:
 
     # Assert: against cross-entropy written out view by view
     expected = torch.stack(
-        [weight[labels[i]] * torch.stack([-torch.log_softmax(logits[i, k], 0)[labels[i]] for k in range(3)]).mean() for i in range(5)]
+        [
+            weight[labels[i]]
+            * torch.stack([-torch.log_softmax(logits[i, k], 0)[labels[i]] for k in range(3)]).mean()
+            for i in range(5)
+        ]
     )
     torch.testing.assert_close(per_record, expected)
     torch.testing.assert_close(mean, expected.mean())
@@ -281,7 +298,13 @@ def test_with_eight_views_each_record_contributes_one_gradient_clipped_to_the_bo
     steps: list[dict[str, object]] = []
 
     def forward_hook(layer: nn.Module, args: tuple[torch.Tensor, ...], _: torch.Tensor) -> None:
-        steps.append({"x": args[0].detach().clone(), "w": layer.weight.detach().clone(), "b": layer.bias.detach().clone()})
+        steps.append(
+            {
+                "x": args[0].detach().clone(),
+                "w": layer.weight.detach().clone(),
+                "b": layer.bias.detach().clone(),
+            }
+        )
 
     original = DPOptimizer.clip_and_accumulate
 
@@ -306,7 +329,10 @@ def test_with_eight_views_each_record_contributes_one_gradient_clipped_to_the_bo
         if len(batch_x) == 0:
             continue
         labels = torch.from_numpy(y[[row_of[row.numpy().tobytes()] for row in batch_x]])
-        residual = torch.softmax(batch_x @ step["w"].T + step["b"], dim=2) - nn.functional.one_hot(labels, 2)[:, None]
+        residual = (
+            torch.softmax(batch_x @ step["w"].T + step["b"], dim=2)
+            - nn.functional.one_hot(labels, 2)[:, None]
+        )
         grad_w = torch.einsum("bkc,bkf->bcf", residual, batch_x) / 8
         grad_b = residual.mean(dim=1)
         assert step["samples"][0].shape == (len(batch_x), 2, 6)
@@ -315,7 +341,9 @@ def test_with_eight_views_each_record_contributes_one_gradient_clipped_to_the_bo
         norms = torch.sqrt(grad_w.flatten(1).pow(2).sum(1) + grad_b.pow(2).sum(1))
         binding += int((norms > bound).sum())
         factor = (bound / (norms + 1e-6)).clamp(max=1.0)
-        contributions = torch.cat([(factor[:, None, None] * grad_w).flatten(1), factor[:, None] * grad_b], dim=1)
+        contributions = torch.cat(
+            [(factor[:, None, None] * grad_w).flatten(1), factor[:, None] * grad_b], dim=1
+        )
         assert contributions.norm(dim=1).max() <= bound * (1 + 1e-5)
         summed = torch.cat([step["summed"][0].flatten(), step["summed"][1]])
         torch.testing.assert_close(summed, contributions.sum(0), rtol=1e-5, atol=1e-5)

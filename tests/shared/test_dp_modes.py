@@ -64,7 +64,11 @@ def test_the_modes_are_the_configs() -> None:
     # Assert: every mode of the study is one train_dp knows; the default is today's (hooks)
     assert settings.grad_sample_mode == "ghost"
     assert StudyConfig().grad_sample_mode == "hooks" == TrainSettings(1, 1, 1.0, 0).grad_sample_mode
-    assert set(StudyConfig.model_fields["grad_sample_mode"].annotation.__args__) == set(GRAD_SAMPLE_MODES) == set(MODES)
+    assert (
+        set(StudyConfig.model_fields["grad_sample_mode"].annotation.__args__)
+        == set(GRAD_SAMPLE_MODES)
+        == set(MODES)
+    )
 
 
 def test_an_unknown_mode_is_refused() -> None:
@@ -73,7 +77,9 @@ def test_an_unknown_mode_is_refused() -> None:
 
     # Execute / Assert
     with pytest.raises(ConfigError, match="grad-sample-mode"):
-        train_dp(_linear(), x, y, replace(SETTINGS, grad_sample_mode="ew"), noise_multiplier=1.0, max_grad_norm=1.0)  # type: ignore[arg-type]
+        train_dp(
+            _linear(), x, y, replace(SETTINGS, grad_sample_mode="ew"), noise_multiplier=1.0, max_grad_norm=1.0
+        )  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="grad-sample-mode"):
         StudyConfig.from_run_config({"grad-sample-mode": "ew"})
 
@@ -89,7 +95,14 @@ def test_the_accountants_epsilon_does_not_depend_on_the_mode() -> None:
 
     # Execute
     charges = {
-        mode: train_dp(_linear(), x, y, replace(SETTINGS, grad_sample_mode=mode), noise_multiplier=sigma, max_grad_norm=1.0).charges
+        mode: train_dp(
+            _linear(),
+            x,
+            y,
+            replace(SETTINGS, grad_sample_mode=mode),
+            noise_multiplier=sigma,
+            max_grad_norm=1.0,
+        ).charges
         for mode in MODES
     }
 
@@ -105,33 +118,38 @@ def test_the_accountants_epsilon_does_not_depend_on_the_mode() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "build", "shape", "bound"),
+    ("name", "build", "shape", "bound", "weighting"),
     [
-        ("head", _linear, (48, 6), 0.3),
-        ("head on 8 views", _linear, (48, 8, 6), 0.3),
-        ("last block + head", _last_block_and_head, (32, 8, 2, 2), 0.05),
+        ("head", _linear, (48, 6), 0.3, "none"),
+        ("head on 8 views, balanced", _linear, (48, 8, 6), 0.3, "balanced"),
+        ("last block + head", _last_block_and_head, (32, 8, 2, 2), 0.05, "none"),
     ],
 )
 def test_ghost_and_functorch_train_what_hooks_train_on_the_same_draw(
-    monkeypatch: pytest.MonkeyPatch, name: str, build, shape: tuple[int, ...], bound: float
+    monkeypatch: pytest.MonkeyPatch, name: str, build, shape: tuple[int, ...], bound: float, weighting: str
 ) -> None:
     # Prepare: the same Poisson batches and noise in every mode (noise 1e-9: Opacus' accountant
     # refuses 0), a bound that clips most records
     x, y = _data(shape, seed=2)
+    settings = replace(SETTINGS, epochs=2, class_weighting=weighting)  # type: ignore[arg-type]
     _seeded_generators(monkeypatch)
 
     # Execute
     trained = {}
     for mode in MODES:
         module = build()
-        train_dp(module, x, y, replace(SETTINGS, grad_sample_mode=mode), noise_multiplier=1e-9, max_grad_norm=bound)
+        train_dp(
+            module, x, y, replace(settings, grad_sample_mode=mode), noise_multiplier=1e-9, max_grad_norm=bound
+        )
         trained[mode] = _flat(module)
     unclipped = build()
-    train_dp(unclipped, x, y, SETTINGS, noise_multiplier=1e-9, max_grad_norm=1e6)
+    train_dp(unclipped, x, y, settings, noise_multiplier=1e-9, max_grad_norm=1e6)
 
     # Assert: the same parameters to float tolerance, which clipping did change (the test can fail)
     for mode in ("ghost", "functorch"):
-        torch.testing.assert_close(trained[mode], trained["hooks"], rtol=1e-4, atol=1e-5, msg=f"{name}: {mode}")
+        torch.testing.assert_close(
+            trained[mode], trained["hooks"], rtol=1e-4, atol=1e-5, msg=f"{name}: {mode}"
+        )
     assert (trained["hooks"] - _flat(unclipped)).abs().max() > 1e-2
     assert (trained["hooks"] - _flat(build())).abs().max() > 1e-3
 
@@ -144,7 +162,9 @@ def test_every_mode_bounds_each_records_contribution(mode: str, build) -> None:
     # (ReLU6 would saturate on huge inputs: the conv stack gets moderate ones and a small bound)
     shape, scale, bound = ((64, 6), 1000.0, 0.5) if build is _linear else ((64, 8, 2, 2), 3.0, 0.01)
     x, y = _data(shape, seed=3, scale=scale)
-    one_step = TrainSettings(epochs=1, batch_size=64, learning_rate=1.0, seed=0, momentum=0.0, grad_sample_mode=mode)  # type: ignore[arg-type]
+    one_step = TrainSettings(
+        epochs=1, batch_size=64, learning_rate=1.0, seed=0, momentum=0.0, grad_sample_mode=mode
+    )  # type: ignore[arg-type]
     private, plain = build(), build()
     before = _flat(private)
 
