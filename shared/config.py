@@ -132,6 +132,7 @@ class StudyConfig(KebabDocument):
         ``ghost`` (ghost clipping: per-sample gradient norms only, then a second backward pass
         of the clipped loss) or ``functorch`` (per-sample gradients with ``torch.func``). The
         same per-sample gradients are clipped either way; the privacy accounting is identical.
+        ``ghost`` is the fast one when backbone layers train (``scripts/bench_dp_modes.py``).
     secure_aggregation : bool
         Aggregate with SecAgg+ (masked uploads; the server learns only the sum).
     delta_bound : float
