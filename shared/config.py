@@ -40,6 +40,8 @@ Accountant = Literal["rdp", "prv"]
 Strategy = Literal["fedavg", "fedprox", "fedadam", "fedyogi"]
 ClassWeighting = Literal["none", "balanced"]
 Missing = Literal["drop", "impute"]
+Augment = Literal["none", "crop-rotate-flip"]
+GradSampleMode = Literal["hooks", "ghost", "functorch"]
 
 
 class StudyConfig(KebabDocument):
@@ -103,6 +105,16 @@ class StudyConfig(KebabDocument):
         What a site does with a tabular record missing a value: ``drop`` it (FLamby's rule) or
         ``impute`` it (median of a numeric column, mode of a categorical one, learned from the
         site's own training rows only). Counts are reported either way.
+    augment : str
+        ``none``, or ``crop-rotate-flip``: each training image is seen as ``augment-views``
+        seeded random views (resized crop of 85-100 % of the area, rotation within 10 degrees,
+        horizontal flip; validation images never) whose features the frozen backbone computes
+        once (cached). Image tasks, head training (``trainable`` = head) only.
+    augment_views : int
+        ``K``, the augmented views per training image (augmentation multiplicity, De et al.
+        2022). Each record's loss is the mean over its ``K`` views, so a record still gives
+        one gradient, clipped once: the sampling, the noise and the accountant's epsilon do
+        not depend on ``K``. More than 1 needs ``augment``.
     dp : bool
         Train with DP-SGD (a site's policy may require it whatever the server says).
     target_epsilon : float
@@ -115,6 +127,12 @@ class StudyConfig(KebabDocument):
         Per-sample gradient clipping bound.
     accountant : str
         ``rdp`` (default) or ``prv``.
+    grad_sample_mode : str
+        How Opacus computes what it clips: ``hooks`` (per-sample gradients from layer hooks),
+        ``ghost`` (ghost clipping: per-sample gradient norms only, then a second backward pass
+        of the clipped loss) or ``functorch`` (per-sample gradients with ``torch.func``). The
+        same per-sample gradients are clipped either way; the privacy accounting is identical.
+        ``ghost`` is the fast one when backbone layers train (``scripts/bench_dp_modes.py``).
     secure_aggregation : bool
         Aggregate with SecAgg+ (masked uploads; the server learns only the sum).
     delta_bound : float
@@ -158,11 +176,14 @@ class StudyConfig(KebabDocument):
     operating_point: str = "0.5"
     class_weighting: ClassWeighting = "none"
     missing: Missing = "drop"
+    augment: Augment = "none"
+    augment_views: int = Field(default=1, ge=1, le=64)
     dp: bool = True
     target_epsilon: float = Field(default=3.0, gt=0, allow_inf_nan=False)
     target_delta: float = Field(default=0.0, ge=0, lt=1)
     max_grad_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     accountant: Accountant = "rdp"
+    grad_sample_mode: GradSampleMode = "hooks"
     secure_aggregation: bool = True
     delta_bound: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     secagg_max_weight: float = Field(default=10000.0, gt=0, allow_inf_nan=False)
@@ -193,9 +214,28 @@ class StudyConfig(KebabDocument):
             raise ConfigError(
                 "`strategy` fedprox is not supported with DP-SGD (`dp` = true); use fedavg, fedadam or fedyogi."
             )
+        self._augmentable()
         if self.secure_aggregation:
             self.secagg_settings(timeout=math.inf).check(self.num_sites)
         return self
+
+    def _augmentable(self) -> None:
+        if self.augment_views > 1 and self.augment == "none":
+            raise ConfigError(
+                f"`augment-views` {self.augment_views} needs `augment` (crop-rotate-flip): views of an "
+                "unaugmented image are all the same."
+            )
+        if self.augment == "none":
+            return
+        from shared.tasks.registry import TASKS
+
+        if TASKS[self.task].info.input_spec.get("kind") != "grayscale-image":
+            raise ConfigError(f"`augment` {self.augment} applies to image tasks, not {self.task}.")
+        if self.setup != "transfer" or self.trainable != "head":
+            raise ConfigError(
+                f"`augment` {self.augment} augments the cached features of a frozen backbone: it needs "
+                "`setup` transfer and `trainable` head."
+            )
 
     def secagg_settings(self, *, timeout: float) -> SecAggSettings:
         """The SecAgg+ parameters of this study, with the server's stage ``timeout``."""

@@ -16,10 +16,12 @@ generators are therefore MT19937 seeded from ``secrets`` (Opacus warns about thi
 
 from __future__ import annotations
 
+import functools
 import secrets
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +30,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from shared.errors import ConfigError
 from shared.privacy import Charge
-from shared.training import TrainSettings, class_weights, run_epochs
+from shared.training import TrainSettings, class_weights, per_sample_loss, run_epochs
+
+GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch")
+"""Opacus' ways of computing what it clips (:attr:`TrainSettings.grad_sample_mode`)."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,11 @@ def train_dp(
         this ``y``) *before* Opacus computes and clips its gradient, and the batch loss stays a
         mean over the batch: every record still contributes at most ``max_grad_norm``, and the
         Poisson sampling, the noise and so the accountant's epsilon are unchanged.
+        ``grad_sample_mode`` picks how Opacus gets the per-sample gradients (``ghost``: only
+        their norms, then a second backward pass of the clipped loss); the sampling, the noise
+        and the accounting are the same in every mode. ``x`` may hold ``K`` augmented views
+        per record, ``(N, K, ...)``: ``module`` then maps a batch to ``(B, K, classes)``
+        logits, a record's loss is the mean over its views and its one gradient is clipped.
     noise_multiplier : float
         Noise standard deviation divided by ``max_grad_norm``.
     max_grad_norm : float
@@ -102,7 +112,12 @@ def train_dp(
 
     if settings.proximal_mu > 0:
         raise ConfigError("FedProx's proximal term is not supported with DP-SGD; use fedavg, fedadam or fedyogi.")
-    weight = class_weights(y, settings.class_weighting)
+    mode = settings.grad_sample_mode
+    if mode not in GRAD_SAMPLE_MODES:
+        raise ConfigError(f"grad-sample-mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, not {mode!r}.")
+    if mode == "ghost":
+        register_conv_norm_sampler()
+    criterion: Any = per_sample_loss(class_weights(y, settings.class_weighting))
     module.train()
     check_dp_compatible(module)
     generator = fresh_generator()  # Poisson sampling: never the run's (server-known) seed
@@ -116,26 +131,100 @@ def train_dp(
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.momentum)
     engine = PrivacyEngine(accountant=accountant)
-    private_module, private_optimizer, private_loader = engine.make_private(
+    private = engine.make_private(
         module=module,
         optimizer=optimizer,
+        criterion=criterion,
         data_loader=loader,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         noise_generator=fresh_generator(),
         loss_reduction="mean",  # what run_epochs' loss is: a mean of per-record terms over the batch
+        grad_sample_mode=mode,
     )
+    if mode == "ghost":  # Opacus wraps the loss: per-record losses, norms, then the clipped loss's backward
+        private_module, private_optimizer, criterion, private_loader = private
+    else:
+        private_module, private_optimizer, private_loader = private
     private_module.train()
     with warnings.catch_warnings():
         # A head trained on cached features has inputs without gradients: harmless here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        last = run_epochs(
-            private_module, private_optimizer, lambda: private_loader, settings.epochs, class_weight=weight
-        )
+        last = run_epochs(private_module, private_optimizer, lambda: private_loader, settings.epochs, loss_fn=criterion)
     charges = tuple(Charge(float(s), float(q), int(n)) for s, q, n in engine.accountant.history)
     _detach(private_module)
     return DPTrainResult(loss=last, charges=charges)
+
+
+@functools.cache
+def register_conv_norm_sampler() -> None:
+    """Give Opacus' ghost clipping a per-sample gradient *norm* for ``nn.Conv2d`` (it has none).
+
+    Without one, ghost clipping materializes a convolution's per-sample gradients (``B`` copies
+    of its weight) just to take their norms, as the hooks mode does. Registered once per process
+    through Opacus' own :func:`opacus.grad_sample.register_norm_sampler`; see
+    :func:`conv2d_norm_sample`.
+    """
+    from opacus.grad_sample import register_norm_sampler
+
+    register_norm_sampler(nn.Conv2d)(conv2d_norm_sample)
+
+
+def conv2d_norm_sample(
+    layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient norms of a convolution, by the ghost-norm identity where it pays.
+
+    A convolution is a linear map applied at ``L`` output positions to the unfolded input
+    patches ``a_l`` (``d_a = C_in k_h k_w``), with output gradients ``g_l`` (``d_g = C_out``), so
+    a record's weight gradient is ``sum_l g_l a_l^T`` and its squared norm is
+    ``sum_{l,l'} (a_l . a_l') (g_l . g_l')`` (Li et al. 2022; Opacus' own ``nn.Linear`` rule
+    on sequences): ``O(L^2 (d_a + d_g))`` per record instead of ``O(L d_a d_g)``. Grouped or
+    string-padded convolutions, and those where ``L (d_a + d_g) >= d_a d_g``, take the norms
+    of Opacus' per-sample gradients instead. The bias gradient is ``sum_l g_l``.
+
+    Parameters
+    ----------
+    layer : nn.Conv2d
+        The convolution.
+    activations : list[torch.Tensor]
+        Its input, ``[(B, C_in, H, W)]``.
+    backprops : torch.Tensor
+        The gradient of the loss at its output, ``(B, C_out, H', W')`` (scaled by Opacus).
+
+    Returns
+    -------
+    dict[nn.Parameter, torch.Tensor]
+        The ``(B,)`` per-sample gradient norm of each trainable parameter.
+    """
+    x = activations[0].to(backprops.dtype)
+    batch, d_g = backprops.shape[:2]
+    positions = backprops.shape[2] * backprops.shape[3]
+    d_a = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+    ghost = (
+        layer.groups == 1
+        and layer.padding_mode == "zeros"
+        and not isinstance(layer.padding, str)
+        and positions * (d_a + d_g) < d_a * d_g
+    )
+    if not ghost:
+        from opacus.grad_sample.conv import compute_conv_grad_sample
+
+        grads = compute_conv_grad_sample(layer, activations, backprops)
+        return {p: g.reshape(len(g), -1).norm(dim=1) for p, g in grads.items()}
+    g = backprops.reshape(batch, d_g, positions)
+    ggt = torch.einsum("ncl,ncm->nlm", g, g)
+    norms: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        a = nn.functional.unfold(
+            x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+        )
+        aat = torch.einsum("ncl,ncm->nlm", a, a)
+        norms[layer.weight] = torch.einsum("nlm,nlm->n", ggt, aat).clamp(min=0).sqrt()
+    if layer.bias is not None and layer.bias.requires_grad:
+        norms[layer.bias] = ggt.sum(dim=(1, 2)).clamp(min=0).sqrt()
+    return norms
 
 
 def fresh_generator() -> torch.Generator:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from shared.atomic import atomic_write_bytes
+from shared.augment import Augmentation, augmented_views
 from shared.hashing import sha256_bytes
 from shared.log import log
 from shared.tasks.base import SiteData
@@ -27,7 +28,7 @@ from shared.tasks.base import SiteData
 
 @dataclass(frozen=True)
 class SiteFeatures:
-    """Backbone features of a site's training and held-out rows."""
+    """Backbone features of a site's training rows (``(N, K, F)`` with ``K`` augmented views) and held-out rows."""
 
     train: np.ndarray
     val: np.ndarray
@@ -64,6 +65,7 @@ def site_features(
     backbone_sha256: str,
     preprocessing: Mapping[str, object],
     cache_dir: Path | None,
+    augmentation: Augmentation | None = None,
 ) -> SiteFeatures:
     """Return the site's features, from the cache when present, else computed and stored.
 
@@ -79,17 +81,27 @@ def site_features(
         Description of the input preprocessing.
     cache_dir : Path, optional
         Where cache files live; ``None`` disables the cache.
+    augmentation : Augmentation, optional
+        Augmented views of the training images; the training features are then ``(N, K, F)``
+        and the cache key includes :meth:`Augmentation.spec`. ``None`` or ``none``: the
+        images themselves, ``(N, F)``, under the same key as without this argument.
     """
+    augmentation = augmentation or Augmentation()
+    if augmentation.active:
+        preprocessing = {**preprocessing, "augmentation": augmentation.spec()}
     path = None
     if cache_dir is not None:
         key = cache_key(backbone_sha256, site.fingerprint, preprocessing)
         path = Path(cache_dir) / "features" / f"{key}.npz"
-        cached = _load(path, site)
+        cached = _load(path, site, augmentation)
         if cached is not None:
             return cached
-    features = SiteFeatures(
-        train=compute_features(backbone, site.x_train), val=compute_features(backbone, site.x_val)
-    )
+    if augmentation.active:
+        views = [compute_features(backbone, view) for view in augmented_views(site.x_train, augmentation)]
+        train = np.stack(views, axis=1)
+    else:
+        train = compute_features(backbone, site.x_train)
+    features = SiteFeatures(train=train, val=compute_features(backbone, site.x_val))
     if path is not None:
         buffer = io.BytesIO()
         np.savez(buffer, train=features.train, val=features.val)
@@ -97,7 +109,7 @@ def site_features(
     return features
 
 
-def _load(path: Path, site: SiteData) -> SiteFeatures | None:
+def _load(path: Path, site: SiteData, augmentation: Augmentation) -> SiteFeatures | None:
     if not path.is_file():
         return None
     try:
@@ -106,7 +118,8 @@ def _load(path: Path, site: SiteData) -> SiteFeatures | None:
     except (OSError, ValueError, KeyError, EOFError) as err:
         log(WARNING, "feature cache %s unreadable (%s); recomputing", path, err)
         return None
-    if len(features.train) != site.num_train or len(features.val) != site.num_val:
+    fits = not augmentation.active or (features.train.ndim == 3 and features.train.shape[1] == augmentation.views)
+    if len(features.train) != site.num_train or len(features.val) != site.num_val or not fits:
         log(WARNING, "feature cache %s does not fit the site's data; recomputing", path)
         return None
     return features

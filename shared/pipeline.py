@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shared.augment import Augmentation
 from shared.backbones.architectures import (
     BackboneWithHead,
     ImageNetInput,
@@ -96,7 +97,9 @@ class LocalProblem:
     module : nn.Module
         What the optimizer trains: the head on cached features, or the whole model on inputs.
     x_train, y_train, x_val, y_val : np.ndarray
-        Inputs of ``module`` and labels.
+        Inputs of ``module`` and labels. With augmentation ``x_train`` holds ``K`` views per
+        record, ``(N, K, F)``; ``module`` maps them to ``(B, K, classes)`` logits and the loss
+        of a record is the mean over its views (:class:`shared.training.RecordLoss`).
     site_name : str
         The site these data belong to.
     dropped : int
@@ -154,8 +157,9 @@ def local_problem(
             module = TrainableStack(suffix, model.head)
             spec = {**spec, "frozen_prefix": f"all but the last {cfg.last_blocks} block(s)"}
         features = site_features(
-            frozen, site, backbone_sha256=backbone_sha256, preprocessing=spec, cache_dir=cache_dir
-        )
+            frozen, site, backbone_sha256=backbone_sha256, preprocessing=spec, cache_dir=cache_dir,
+            augmentation=augmentation_of(cfg),
+        )  # fmt: skip
         return LocalProblem(
             model, names, module, features.train, site.y_train, features.val, site.y_val, site.name, site.dropped
         )
@@ -164,8 +168,14 @@ def local_problem(
     )
 
 
+def augmentation_of(cfg: StudyConfig) -> Augmentation:
+    """The augmented views of ``cfg``'s training images (seeded by the study's seed)."""
+    return Augmentation(kind=cfg.augment, views=cfg.augment_views, seed=cfg.seed)
+
+
 def train_settings(cfg: StudyConfig, *, server_round: int, proximal_mu: float = 0.0) -> TrainSettings:
-    """Return the local schedule of ``cfg`` for one round (seeded by round, with its class weighting)."""
+    """Return the local schedule of ``cfg`` for one round (seeded by round, with its class weighting
+    and Opacus' per-sample gradient mode)."""
     return TrainSettings(
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
@@ -173,6 +183,7 @@ def train_settings(cfg: StudyConfig, *, server_round: int, proximal_mu: float = 
         seed=cfg.seed * 1000 + server_round,
         proximal_mu=proximal_mu,
         class_weighting=cfg.class_weighting,
+        grad_sample_mode=cfg.grad_sample_mode,
     )
 
 
@@ -225,7 +236,8 @@ def memory_estimate(cfg: StudyConfig, model: BackboneWithHead, site: SiteData) -
             per_example = params if cfg.dp else 0
             passes[f"a training batch of {cfg.batch_size} images"] = cfg.batch_size * (2 * saved + per_example) + 3 * params
             passes[f"evaluating {PREDICT_BATCH} images at a time"] = PREDICT_BATCH * peak
-        resident += (site.num_train + site.num_val) * model.head.in_features * _FLOAT_BYTES
+        views = cfg.augment_views if cfg.augment != "none" else 1
+        resident += (site.num_train * views + site.num_val) * model.head.in_features * _FLOAT_BYTES
     name = max(passes, key=lambda k: passes[k])
     return MemoryEstimate(total_bytes=int(resident + passes[name]), pass_name=name)
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.config import ClassWeighting
+from shared.config import ClassWeighting, GradSampleMode
 from shared.errors import ConfigError
 from shared.scores import classification_metrics
 
@@ -37,6 +37,9 @@ class TrainSettings:
         ``none`` (every record's loss counts once) or ``balanced`` (a record of class ``c``
         counts ``n / (k * n_c)`` times, from the training labels given to :func:`train` or
         :func:`shared.dp.train_dp`; see :func:`class_weights`).
+    grad_sample_mode : str
+        How :func:`shared.dp.train_dp` has Opacus compute what it clips: ``hooks``, ``ghost``
+        or ``functorch`` (ignored without DP).
     """
 
     epochs: int
@@ -46,6 +49,7 @@ class TrainSettings:
     proximal_mu: float = 0.0
     momentum: float = 0.9
     class_weighting: ClassWeighting = "none"
+    grad_sample_mode: GradSampleMode = "hooks"
 
 
 def class_weights(y: np.ndarray, weighting: str) -> torch.Tensor | None:
@@ -88,30 +92,65 @@ def class_weights(y: np.ndarray, weighting: str) -> torch.Tensor | None:
     return torch.from_numpy(weights)
 
 
-def per_sample_loss(
-    class_weight: torch.Tensor | None,
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+class RecordLoss(nn.Module):
+    """Cross-entropy of each record: (class-weighted) and averaged over the record's views.
+
+    ``logits`` are ``(B, classes)``, or ``(B, K, classes)`` for ``K`` augmented views of each
+    record: then a record's loss is the mean of its ``K`` views' cross-entropies, one term per
+    record, so DP-SGD clips the gradient of that mean (one gradient per record, whatever ``K``).
+    With weights a record's loss is multiplied by ``w[y_i]``.
+
+    Attributes
+    ----------
+    class_weight : torch.Tensor, optional
+        Weight per class label (see :func:`class_weights`).
+    reduction : str
+        ``mean`` (over the batch: ``sum_i loss_i / B``), ``sum`` or ``none`` (the ``(B,)``
+        per-record losses; Opacus' ghost clipping sets it while it computes them).
+    """
+
+    def __init__(self, class_weight: torch.Tensor | None = None, reduction: str = "mean") -> None:
+        super().__init__()
+        self.class_weight = class_weight
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Return the reduced loss of the batch (see the class)."""
+        if logits.ndim == 3 and logits.shape[1] == 1:
+            logits = logits[:, 0]
+        if logits.ndim == 2 and self.class_weight is None:
+            return nn.functional.cross_entropy(logits, labels, reduction=self.reduction)
+        if logits.ndim == 3:
+            batch, views, classes = logits.shape
+            per_view = nn.functional.cross_entropy(
+                logits.reshape(batch * views, classes), labels.repeat_interleave(views), reduction="none"
+            )
+            per_record = per_view.view(batch, views).mean(dim=1)
+        else:
+            per_record = nn.functional.cross_entropy(logits, labels, reduction="none")
+        if self.class_weight is not None:
+            per_record = self.class_weight[labels] * per_record
+        if self.reduction == "mean":
+            return per_record.mean()
+        return per_record.sum() if self.reduction == "sum" else per_record
+
+
+def per_sample_loss(class_weight: torch.Tensor | None) -> RecordLoss:
     """Return the batch loss: the mean over the batch of each record's (weighted) cross-entropy.
 
     With weights the loss is ``sum_i w[y_i] * ce_i / B``, *not* PyTorch's weighted mean
     ``sum_i w[y_i] * ce_i / sum_i w[y_i]``: that one would make each record's gradient depend on
     the other records drawn with it, whereas DP-SGD needs a sum of per-record terms (Opacus'
     ``loss_reduction="mean"`` multiplies by ``B`` to recover ``w[y_i] * grad ce_i`` and clips
-    that). Without weights it is plain :class:`torch.nn.CrossEntropyLoss`.
+    that). Without weights and views it is exactly :class:`torch.nn.CrossEntropyLoss`'s mean.
+    With ``K`` views per record, ``ce_i`` is the mean over the views (see :class:`RecordLoss`).
 
     Parameters
     ----------
     class_weight : torch.Tensor, optional
         Weight per class label (see :func:`class_weights`).
     """
-    if class_weight is None:
-        return nn.CrossEntropyLoss()
-    unreduced = nn.CrossEntropyLoss(reduction="none")
-
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return (class_weight[labels] * unreduced(logits, labels)).mean()
-
-    return loss
+    return RecordLoss(class_weight)
 
 
 def train(
@@ -172,6 +211,7 @@ def run_epochs(
     *,
     penalty: Callable[[], torch.Tensor] | None = None,
     class_weight: torch.Tensor | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """Run ``epochs`` passes of cross-entropy SGD; returns the mean loss of the last one.
 
@@ -191,8 +231,12 @@ def run_epochs(
     class_weight : torch.Tensor, optional
         Loss weight per class label; the batch loss stays a mean over the batch of per-record
         terms (see :func:`per_sample_loss`).
+    loss_fn : Callable, optional
+        The loss of a batch (default: ``per_sample_loss(class_weight)``); Opacus' ghost
+        clipping passes its wrapper of that loss.
     """
-    loss_fn = per_sample_loss(class_weight)
+    if loss_fn is None:
+        loss_fn = per_sample_loss(class_weight)
     last = float("nan")
     for _ in range(epochs):
         total, seen = 0.0, 0
