@@ -2,8 +2,10 @@
 
 The hospital's operator prepares the site directory once (``carefl budget --init``: privacy
 ledger and policy) and receives its folder from the consortium's ``carefl provision`` (node key
-and the CA's certificate). The SuperNode runs the CareFL ClientApp for each message; its log is
-shown on the console.
+and the CA's certificate). The SuperNode (``--isolation process``) queues each message for the
+site's own runtime (:mod:`client.runtime`), which checks the run's app against the policy's
+``apps.approved`` and runs this machine's installed CareFL ClientApp; their log is shown on the
+console.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from rich.console import Console
 from client.ledger import LEDGER_FILE
 from client.node import ACTIVATION_FAILED, CONNECTED_PATTERN, NodeCredentials, NodeOptions, supernode_command
 from client.policy import SitePolicy
+from client.runtime.superexec import runtime_command
 from client.site import POLICY_FILE
 from shared.errors import ConfigError, DeploymentError, InputError
 from shared.executables import INSECURE_WARNING, Announce, command_line, console_announcer, flower_env
@@ -79,7 +82,15 @@ def serve_node(options: NodeOptions, console: Console, *, connect_timeout: float
     if not connect_timeout > 0:
         raise ConfigError(f"`connect-timeout` must be > 0 seconds, got {connect_timeout!r}.")
     site_dir = Path(options.site_dir).resolve()
-    check_site_dir(site_dir, options.policy)
+    policy = check_site_dir(site_dir, options.policy)
+    if not policy.approved:
+        console.print(
+            f"warning: the site policy approves no app yet, so this node refuses every run; approve the "
+            f"consortium's app with `carefl app approve --site-dir {site_dir} APP.fab` after reviewing it.",
+            highlight=False,
+        )
+    else:
+        console.print(f"Approved apps (FAB SHA-256): {', '.join(policy.approved)}", highlight=False)
     with ProcessGroups(site_dir / "logs") as procs:
         node = start_supernode(
             procs,
@@ -228,6 +239,9 @@ def start_supernode(
     env = flower_env(FLWR_HOME=str(home))
     announce(command_line(argv, env))
     process = procs.start(name, argv, env=env)
+    # The site's runtime runs each task from this machine's installed CareFL, never the FAB's code.
+    runtime = runtime_command(f"{options.host}:{options.port}", process.pid, output=process.log_path)
+    procs.start(f"{name}-runtime", runtime, env=env)
     if wait:
         try:
             process.wait_for_output(CONNECTED_PATTERN, timeout)

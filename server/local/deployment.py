@@ -25,9 +25,10 @@ from pathlib import Path
 from rich.console import Console
 
 from client.node import CONNECTED_PATTERN, NodeCredentials, NodeOptions
-from client.policy import SitePolicy
+from client.policy import SitePolicy, approve_app
 from client.service import start_supernode
 from client.setup import prepare_site_dir
+from client.site import POLICY_FILE
 from server.checkpoint import CHECKPOINT_FILE
 from server.deployment import (
     LineHandler,
@@ -48,6 +49,7 @@ from server.superlink import DEFAULT_HOST, SuperLinkOptions, SuperLinkTLS
 from shared.config import RunConfig, absolute_paths
 from shared.errors import DeploymentError, InputError
 from shared.executables import console_announcer
+from shared.fab import build_fab, fab_sha256
 from shared.processes import START_TIMEOUT_S, ManagedProcess, ProcessGroups, free_port
 from shared.tasks import load_sites, site_name
 
@@ -189,9 +191,13 @@ class LocalDeployment:
 
         ensure_backbone(cfg, console)
         self.layout = _consortium(self.paths, self.hospitals, console)
+        # Each hospital approves the app this deployment submits (`flwr run` builds the same FAB).
+        self.app_sha256 = fab_sha256(build_fab(options.app_dir))
         for index, hospital in enumerate(self.hospitals):
             name = self.site_names[hospital] if options.own_data else site_name(cfg.study, index)
             prepare_site_dir(self.paths.site_dir(hospital), site=name, policy=SitePolicy(require_dp=cfg.study.dp))
+            approve_app(self.paths.site_dir(hospital) / POLICY_FILE, self.app_sha256)
+        console.print(f"Every hospital approved the app {options.app_dir} (FAB SHA-256 {self.app_sha256}).", highlight=False)
         self.announce = console_announcer(console)
         self.superlink_options = SuperLinkOptions(
             tls=SuperLinkTLS.from_consortium(self.layout), database=self.paths.database, port=free_port()
