@@ -154,8 +154,12 @@ def node_config_arg(values: Mapping[str, str | int | float]) -> str:
     return " ".join(parts)
 
 
-def supernode_command(options: NodeOptions) -> list[str]:
-    """Return the ``flower-supernode`` command line for ``options``."""
+def supernode_command(options: NodeOptions, auth_secret_file: Path | None = None) -> list[str]:
+    """Return the ``flower-supernode`` command line for ``options``.
+
+    ``auth_secret_file``: the secret its task runtime signs ``AcquireTask`` with (only that
+    runtime takes its tasks).
+    """
     argv = [executable("flower-supernode"), "--superlink", options.superlink]
     if options.credentials is None:
         argv.append("--insecure")
@@ -167,6 +171,8 @@ def supernode_command(options: NodeOptions) -> list[str]:
     argv += ["--node-config", node_config_arg(options.node_config())]
     argv += ["--host", options.host, "--port", str(options.port)]
     argv += ["--isolation", "process"]  # its tasks are run by the site's own runtime (client.runtime)
+    if auth_secret_file is not None:
+        argv += ["--superexec-auth-secret-file", str(auth_secret_file)]
     if options.max_wait_time is not None:
         argv += ["--max-wait-time", f"{options.max_wait_time:g}"]
     return argv

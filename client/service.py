@@ -10,7 +10,9 @@ console.
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import socket
 import ssl
 import time
@@ -27,6 +29,8 @@ from client.site import POLICY_FILE
 from shared.errors import ConfigError, DeploymentError, InputError
 from shared.executables import INSECURE_WARNING, Announce, command_line, console_announcer, flower_env
 from shared.processes import START_TIMEOUT_S, ManagedProcess, ProcessGroups, follow_output
+
+RUNTIME_SECRET_FILE = "superexec.secret"
 
 
 def check_site_dir(site_dir: Path, policy: Path | None = None) -> SitePolicy:
@@ -235,12 +239,14 @@ def start_supernode(
     """
     if options.insecure:
         announce(INSECURE_WARNING)
-    argv = supernode_command(options)
+    secret = runtime_secret(home)
+    argv = supernode_command(options, auth_secret_file=secret)
     env = flower_env(FLWR_HOME=str(home))
     announce(command_line(argv, env))
     process = procs.start(name, argv, env=env)
     # The site's runtime runs each task from this machine's installed CareFL, never the FAB's code.
-    runtime = runtime_command(f"{options.host}:{options.port}", process.pid, output=process.log_path)
+    address = f"{options.host}:{options.port}"
+    runtime = runtime_command(address, process.pid, auth_secret_file=secret, output=process.log_path)
     procs.start(f"{name}-runtime", runtime, env=env)
     if wait:
         try:
@@ -253,6 +259,17 @@ def start_supernode(
             )
             raise DeploymentError(not_connected(options, process, ended)) from None
     return process
+
+
+def runtime_secret(home: Path) -> Path:
+    """``home/superexec.secret``: 32 random bytes (0600) shared by a SuperNode and its runtime, made once."""
+    path = Path(home) / RUNTIME_SECRET_FILE
+    if not path.is_file():
+        Path(home).mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+    return path
 
 
 def node_options(

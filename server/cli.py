@@ -156,18 +156,18 @@ def parse_run_config(text: str) -> dict[str, object]:
 
 
 def build(
-    out: Annotated[Path, typer.Option(help="Folder to write the .fab file into.")],
+    out: Annotated[Path, typer.Option(help="The .fab file to write, or a folder (then named as `flwr build` names it).")],
     app_dir: Annotated[Path | None, typer.Option(help="The Flower app (default: this CareFL).")] = None,
 ) -> None:
     """Build the Flower app bundle (FAB) that `flwr run` submits, and print its SHA-256 for the hospitals."""
     from server.service import APP_DIR
     from shared.atomic import atomic_write_bytes
-    from shared.fab import build_fab, fab_filename, read_fab
+    from shared.fab import FAB_SUFFIX, build_fab, fab_filename, read_fab
 
     content = build_fab(app_dir or APP_DIR)
     info = read_fab(content)
-    path = Path(out) / fab_filename(info)
-    Path(out).mkdir(parents=True, exist_ok=True)
+    path = Path(out) if Path(out).suffix == FAB_SUFFIX else Path(out) / fab_filename(info)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, content)
     Console().print(f"{path}\napp {info.fab_id} version {info.version}, {len(info.files)} files\nSHA-256 {info.sha256}", highlight=False)
 

@@ -18,11 +18,13 @@ import time
 from collections.abc import Callable, Sequence
 from logging import INFO
 from pathlib import Path
+from typing import Any
 
 from shared.log import log
 
 POLL_INTERVAL_S = 1.0
 """Seconds between two ``AcquireTask`` polls (Flower's SuperExec default)."""
+_SIGNED = frozenset({"/flwr.proto.Runtime/AcquireTask"})  # as flwr.supercore.superexec.run_superexec
 
 
 def task_command(runtime_api_address: str, token: str, parent_pid: int) -> list[str]:
@@ -33,16 +35,22 @@ def task_command(runtime_api_address: str, token: str, parent_pid: int) -> list[
     ]  # fmt: skip
 
 
-def runtime_command(runtime_api_address: str, supernode_pid: int, output: Path | None = None) -> list[str]:
+def runtime_command(
+    runtime_api_address: str, supernode_pid: int, *, auth_secret_file: Path | None = None, output: Path | None = None
+) -> list[str]:
     """The command line of the site's launcher serving the SuperNode ``supernode_pid``.
 
-    With ``output``, it and its tasks append their output to that file (the SuperNode's log, so
-    that ``carefl node`` shows one log).
+    With ``auth_secret_file`` (the SuperNode's ``--superexec-auth-secret-file``), it signs its
+    ``AcquireTask`` calls, so that no other process can take the SuperNode's tasks. With
+    ``output``, it and its tasks append their output to that file (the SuperNode's log, so that
+    ``carefl node`` shows one log).
     """
     argv = [
         sys.executable, "-P", "-m", "client.runtime.superexec",
         "--runtime-api-address", runtime_api_address, "--supernode-pid", str(supernode_pid),
     ]  # fmt: skip
+    if auth_secret_file is not None:
+        argv += ["--auth-secret-file", str(auth_secret_file)]
     return argv + (["--output", str(output)] if output is not None else [])
 
 
@@ -50,6 +58,7 @@ def serve(
     runtime_api_address: str,
     *,
     supernode_pid: int | None,
+    auth_secret: bytes | None = None,
     launch: Callable[[Sequence[str]], subprocess.Popen[bytes]] = subprocess.Popen,
     poll_interval: float = POLL_INTERVAL_S,
 ) -> None:
@@ -61,6 +70,8 @@ def serve(
         ``host:port`` of the SuperNode's Runtime API (plain HTTP on this machine).
     supernode_pid : int, optional
         The SuperNode's process id: the launcher exits when it is gone.
+    auth_secret : bytes, optional
+        The SuperNode's SuperExec secret: ``AcquireTask`` calls are signed with it (Flower's HMAC).
     launch : Callable
         Starts a task process from its command line.
     poll_interval : float
@@ -69,17 +80,20 @@ def serve(
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supercore.constant import TaskType
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
     if supernode_pid is not None:
         start_parent_process_monitor(supernode_pid)  # SIGINT to this process once the SuperNode is gone
+    interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if auth_secret is not None:
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=auth_secret, protected_methods=_SIGNED))
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address,
         insecure=True,
         root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        interceptors=interceptors,
         retry_invoker=make_simple_http_retry_invoker(),
     )
     running: list[subprocess.Popen[bytes]] = []
@@ -113,12 +127,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--supernode-pid", type=int, default=None)
+    parser.add_argument("--auth-secret-file", type=Path, default=None, help="the SuperNode's SuperExec secret")
     parser.add_argument("--output", type=Path, default=None, help="append stdout and stderr to this file")
     args = parser.parse_args(argv)
     if args.output is not None:
         _append_output_to(args.output)
     configure_flower_env()
-    serve(args.runtime_api_address, supernode_pid=args.supernode_pid)
+    secret = args.auth_secret_file.read_bytes() if args.auth_secret_file is not None else None
+    serve(args.runtime_api_address, supernode_pid=args.supernode_pid, auth_secret=secret)
 
 
 if __name__ == "__main__":

@@ -191,13 +191,10 @@ class LocalDeployment:
 
         ensure_backbone(cfg, console)
         self.layout = _consortium(self.paths, self.hospitals, console)
-        # Each hospital approves the app this deployment submits (`flwr run` builds the same FAB).
-        self.app_sha256 = fab_sha256(build_fab(options.app_dir))
         for index, hospital in enumerate(self.hospitals):
             name = self.site_names[hospital] if options.own_data else site_name(cfg.study, index)
             prepare_site_dir(self.paths.site_dir(hospital), site=name, policy=SitePolicy(require_dp=cfg.study.dp))
-            approve_app(self.paths.site_dir(hospital) / POLICY_FILE, self.app_sha256)
-        console.print(f"Every hospital approved the app {options.app_dir} (FAB SHA-256 {self.app_sha256}).", highlight=False)
+        self.app_sha256 = self.approve_app()
         self.announce = console_announcer(console)
         self.superlink_options = SuperLinkOptions(
             tls=SuperLinkTLS.from_consortium(self.layout), database=self.paths.database, port=free_port()
@@ -205,6 +202,20 @@ class LocalDeployment:
         self.link: RunningSuperLink | None = None
         self.nodes: list[ManagedProcess] = []
         self._starts = 0
+
+    def approve_app(self) -> str:
+        """Approve, at every hospital, the app this deployment submits; returns its FAB's SHA-256.
+
+        The FAB is built from ``options.app_dir`` as ``flwr run`` builds it (deterministic): the
+        demo plays the consortium and each hospital's operator, who would review it first.
+        """
+        sha256 = fab_sha256(build_fab(self.options.app_dir))
+        for hospital in self.hospitals:
+            approve_app(self.paths.site_dir(hospital) / POLICY_FILE, sha256)
+        self.console.print(
+            f"Every hospital approved the app {self.options.app_dir} (FAB SHA-256 {sha256}).", highlight=False
+        )
+        return sha256
 
     def start_superlink(self) -> RunningSuperLink:
         """Start the SuperLink (again after a crash: same port, same state database) and
@@ -288,6 +299,7 @@ class LocalDeployment:
 
         run_config = _run_config(self.options.config, self.out, self.paths, resume=resume)
         link = self.link
+        self.app_sha256 = self.approve_app()  # again: the app's files may have changed since
         run_id = submit_run(link, self.options.app_dir, run_config.to_run_config(), self.paths.run_config, announce=self.announce)
         self.console.print(f"Run {run_id} submitted ({'resuming' if resume else 'new'}); following its ServerApp log:")
         status = follow_run(
