@@ -100,6 +100,7 @@ def test_modified_app_is_refused_by_every_node_and_the_approved_one_runs(
         assert refusals and all(e["decision"].startswith("refused: ") and modified_sha in e["decision"] for e in refusals), hospital
         assert all(e["decision"] == "accepted" for e in entries if e["run_id"] != str(run_id)), hospital
         assert verify(site).ok, hospital
+        assert not (deployment.paths.node_home(hospital) / "apps").exists()  # no FAB was ever installed at a node
     node_logs = "\n".join(node.output() for node in nodes)
     assert node_logs.count(f"FAB's SHA-256 {modified_sha} is not in `apps.approved`") >= len(nodes)
     # ... and the approved app ran to the end on the same nodes, charging each site's ledger
