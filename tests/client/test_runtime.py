@@ -231,3 +231,26 @@ def test_fab_is_a_zip_of_its_files(tmp_path: Path) -> None:
     content = _modified_app(tmp_path / "app", tmp_path / "marker")
     names = set(zipfile.ZipFile(BytesIO(content)).namelist())
     assert names - {".info/CONTENT"} == {path for path, _, _ in read_fab(content).files}
+
+
+def test_node_runs_its_supernode_in_process_isolation_with_its_own_runtime(tmp_path: Path) -> None:
+    # Prepare
+    from client.node import NodeOptions, supernode_command
+    from client.runtime.superexec import runtime_command, task_command
+    from client.service import runtime_secret
+
+    options = NodeOptions(superlink="127.0.0.1:9092", site_dir=tmp_path / "site", credentials=None, partition=(0, 2), port=9999)
+
+    # Execute
+    secret = runtime_secret(tmp_path / "home")
+    node = supernode_command(options, auth_secret_file=secret)
+    runtime = runtime_command("127.0.0.1:9999", 1234, auth_secret_file=secret)
+    task = task_command("127.0.0.1:9999", "TOKEN", 1234)
+
+    # Assert: no FAB runner of Flower's is started; the runtime and each task run this Python's CareFL
+    assert node[node.index("--isolation") + 1] == "process"
+    assert node[node.index("--superexec-auth-secret-file") + 1] == str(secret) == runtime[runtime.index("--auth-secret-file") + 1]
+    assert runtime[:4] == [sys.executable, "-P", "-m", "client.runtime.superexec"]
+    assert task[:4] == [sys.executable, "-P", "-m", "client.runtime.task"] and "TOKEN" in task
+    assert len(secret.read_bytes()) == 32 and secret.stat().st_mode & 0o777 == 0o600
+    assert runtime_secret(tmp_path / "home").read_bytes() == secret.read_bytes()  # made once
