@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from shared.errors import InputError
 from shared.fab import FabInfo
@@ -48,22 +48,26 @@ def approve(
             f"warning: approving {sha256} by its SHA-256 alone: its contents are not shown here; "
             "approve the .fab file instead to review them.",
             highlight=False,
+            soft_wrap=True,
         )
     else:
         raise InputError(f"{app}: neither a .fab file nor a full lowercase SHA-256.")
     if not yes and not typer.confirm(f"Approve this app for the node of {site_dir}?", default=False):
         raise typer.Exit(1)
-    before = approve_app(policy_path, sha256)
-    console.print(f"approved {sha256} in {policy_path} ({len(before.approved)} approved app(s))", highlight=False)
+    updated = approve_app(policy_path, sha256)
+    console.print(
+        f"approved {sha256} in {policy_path} ({len(updated.approved)} approved app(s))", highlight=False, soft_wrap=True
+    )
 
 
 def show_fab(info: FabInfo, console: Console) -> None:
     """Print what a FAB is: fingerprint, publisher/name/version, components, and its files."""
     console.print(f"app {info.fab_id} version {info.version}", highlight=False)
-    console.print(f"SHA-256 {info.sha256}", highlight=False)
+    console.print(f"SHA-256 {info.sha256}", highlight=False, soft_wrap=True)
     for role, ref in sorted(info.components.items()):
         console.print(f"{role}: {ref}", highlight=False)
-    table = Table("file", "bytes", "sha256", title=f"{len(info.files)} files")
+    columns = (Column("file", overflow="fold"), Column("bytes", justify="right"), Column("sha256", overflow="fold"))
+    table = Table(*columns, title=f"{len(info.files)} files")
     for path, digest, size in info.files:
         table.add_row(path, str(size), digest)
     console.print(table)

@@ -169,7 +169,7 @@ def build(
     path = Path(out) if Path(out).suffix == FAB_SUFFIX else Path(out) / fab_filename(info)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, content)
-    Console().print(f"{path}\napp {info.fab_id} version {info.version}, {len(info.files)} files\nSHA-256 {info.sha256}", highlight=False)
+    Console().print(f"{path}\napp {info.fab_id} version {info.version}, {len(info.files)} files\nSHA-256 {info.sha256}", highlight=False, soft_wrap=True)
 
 
 def fingerprint(
@@ -179,7 +179,7 @@ def fingerprint(
     from shared.fab import build_fab, read_fab, read_fab_file
 
     info = read_fab(build_fab(fab), source=str(fab)) if fab.is_dir() else read_fab_file(fab)
-    Console().print(f"{info.sha256}  {info.fab_id} {info.version} ({len(info.files)} files)", highlight=False)
+    Console().print(f"{info.sha256}  {info.fab_id} {info.version} ({len(info.files)} files)", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -77,8 +77,11 @@ def fab_sha256(content: bytes) -> str:
 
 
 def fab_filename(info: FabInfo) -> str:
-    """``<publisher>.<name>.<version>.<sha256[:8]>.fab``: the name ``flwr build`` gives it."""
-    return f"{info.publisher}.{info.name}.{info.version}.{info.sha256[:8]}{FAB_SUFFIX}"
+    """``<publisher>.<name>.<version with dashes>.<sha256[:8]>.fab``: the name ``flwr build`` gives it."""
+    from flwr.cli.build import get_fab_filename
+
+    config = {"tool": {"flwr": {"app": {"publisher": info.publisher}}}, "project": {"name": info.name, "version": info.version}}
+    return get_fab_filename(config, info.sha256)
 
 
 def read_fab(content: bytes, source: str = "the FAB") -> FabInfo:
