@@ -32,12 +32,13 @@ def approve(
     yes: Annotated[bool, typer.Option("--yes", help="Approve without asking (after showing the app).")] = False,
 ) -> None:
     """Approve a Flower app for this node: show what it is, then add its SHA-256 to the site policy."""
-    from client.policy import approve_app
+    from client.policy import SitePolicy, approve_app
     from client.site import POLICY_FILE
     from shared.fab import read_fab_file
 
     console = Console()
     policy_path = policy if policy is not None else site_dir / POLICY_FILE
+    SitePolicy.load(policy_path)  # a missing or broken policy is refused before anything is shown
     if Path(app).is_file():
         info = read_fab_file(Path(app))
         show_fab(info, console)
