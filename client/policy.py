@@ -161,7 +161,7 @@ class AppsTable(Document):
 
     @field_validator("approved", mode="before")
     @classmethod
-    def _list_as_tuple(cls, value: object) -> object:
+    def _approved_as_tuple(cls, value: object) -> object:  # a name of its own: SitePolicy inherits both tables
         return tuple(value) if isinstance(value, list) else value
 
 

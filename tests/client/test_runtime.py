@@ -254,3 +254,9 @@ def test_node_runs_its_supernode_in_process_isolation_with_its_own_runtime(tmp_p
     assert task[:4] == [sys.executable, "-P", "-m", "client.runtime.task"] and "TOKEN" in task
     assert len(secret.read_bytes()) == 32 and secret.stat().st_mode & 0o777 == 0o600
     assert runtime_secret(tmp_path / "home").read_bytes() == secret.read_bytes()  # made once
+
+
+def test_policy_built_in_code_takes_lists_for_every_table() -> None:
+    # Both tables' list-to-tuple validators survive in the flat SitePolicy
+    policy = SitePolicy(allowed_tasks=["chest-xray"], approved=["a" * 64])
+    assert policy.allowed_tasks == ("chest-xray",) and policy.approved == ("a" * 64,)
