@@ -1,4 +1,4 @@
-"""The hospital's commands: ``node``, ``budget``, ``audit verify``.
+"""The hospital's commands: ``node``, ``budget``, ``audit verify``, ``app approve``.
 
 Thin composers: each parses its flags and calls the site module that does the work. The root
 command (:mod:`server.local.cli`) mounts them next to the consortium's (:mod:`server.cli`).
@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from client.app_cli import register_app_commands
 from client.data_cli import data_app
 from shared.errors import ConfigError, IntegrityError
 
@@ -114,3 +115,4 @@ def register(app: typer.Typer) -> None:
     app.command()(node)
     app.add_typer(audit_app, name="audit")
     app.add_typer(data_app, name="data")
+    register_app_commands(app)

@@ -6,7 +6,8 @@ consortium's CA (``--root-certificates``), and authenticates with its node key
 node config tells the CareFL ClientApp where the site's data, private directory and policy are
 (see :mod:`client.site`). Each SuperNode serves a Runtime API for its ClientApp processes on
 ``--host``/``--port`` (Flower 1.41's successor of ``--clientappio-api-address``): several
-SuperNodes on one machine need distinct ports.
+SuperNodes on one machine need distinct ports. It runs with ``--isolation process``: no app
+code of its own; the site's runtime (:mod:`client.runtime`) pulls each task from that API.
 """
 
 from __future__ import annotations
@@ -153,8 +154,12 @@ def node_config_arg(values: Mapping[str, str | int | float]) -> str:
     return " ".join(parts)
 
 
-def supernode_command(options: NodeOptions) -> list[str]:
-    """Return the ``flower-supernode`` command line for ``options``."""
+def supernode_command(options: NodeOptions, auth_secret_file: Path | None = None) -> list[str]:
+    """Return the ``flower-supernode`` command line for ``options``.
+
+    ``auth_secret_file``: the secret its task runtime signs ``AcquireTask`` with (only that
+    runtime takes its tasks).
+    """
     argv = [executable("flower-supernode"), "--superlink", options.superlink]
     if options.credentials is None:
         argv.append("--insecure")
@@ -165,6 +170,9 @@ def supernode_command(options: NodeOptions) -> list[str]:
         ]  # fmt: skip
     argv += ["--node-config", node_config_arg(options.node_config())]
     argv += ["--host", options.host, "--port", str(options.port)]
+    argv += ["--isolation", "process"]  # its tasks are run by the site's own runtime (client.runtime)
+    if auth_secret_file is not None:
+        argv += ["--superexec-auth-secret-file", str(auth_secret_file)]
     if options.max_wait_time is not None:
         argv += ["--max-wait-time", f"{options.max_wait_time:g}"]
     return argv

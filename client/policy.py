@@ -12,7 +12,7 @@ taken by the node, from the operator's file, and nothing in the run config can c
 
 Policy file
 -----------
-Two tables; every key is optional and an absent key keeps its default (shown here)::
+Three tables; every key is optional and an absent key keeps its default (shown here)::
 
     [privacy]
     require_dp = true              # refuse any run without DP-SGD
@@ -27,6 +27,11 @@ Two tables; every key is optional and an absent key keeps its default (shown her
     # Full lowercase SHA-256 values of the backbone weights this site accepts; empty: any
     # backbone whose weights verify against their hash (and training from scratch).
     allowed_backbones = []
+
+    [apps]
+    # Fingerprints (SHA-256 of the FAB) of the Flower apps this node runs; empty: none. Added by
+    # `carefl app approve` after it showed the app's name, version, publisher and files.
+    approved = []
 
 An unknown table or key, a value of the wrong type (a string where a number is expected; an
 integer is accepted for a float, a boolean is not an integer) or a value out of range is
@@ -47,6 +52,10 @@ Order of checks
 Rules 5 to 7 apply to runs with DP; a run without DP at a site that does not require it is not
 checked against them. :func:`check_round` checks ``max_epsilon_per_run`` and then
 ``max_lifetime_epsilon`` against the spend a round would bring.
+
+Before any of them, the node's own runtime (:mod:`client.runtime`) checks the app the server
+submitted against ``apps.approved`` (:func:`check_app`): a FAB that is not approved is refused
+before anything in it is read, and the node runs its own installed CareFL, never the FAB's code.
 
 Rules 1 to 4 (:func:`check_study`) concern the study itself, so the node checks them on every
 message that touches the site's data, evaluation included, before it reads the data; rules 5
@@ -70,8 +79,11 @@ from shared.tasks.registry import TASKS
 
 __all__ = [
     "PolicyViolation",
+    "AppNotApproved",
     "RunRequest",
     "SitePolicy",
+    "approve_app",
+    "check_app",
     "check_backbone",
     "check_round",
     "check_run",
@@ -140,7 +152,20 @@ class StudiesTable(Document):
         return value
 
 
-_TABLES: dict[str, type[Document]] = {"privacy": PrivacyTable, "studies": StudiesTable}
+class AppsTable(Document):
+    """The ``[apps]`` table of a policy file: the Flower apps this node runs."""
+
+    approved: tuple[Sha256, ...] = Field(
+        default=(), description="SHA-256 of the approved FABs (`carefl app approve`); empty: none"
+    )
+
+    @field_validator("approved", mode="before")
+    @classmethod
+    def _approved_as_tuple(cls, value: object) -> object:  # a name of its own: SitePolicy inherits both tables
+        return tuple(value) if isinstance(value, list) else value
+
+
+_TABLES: dict[str, type[Document]] = {"privacy": PrivacyTable, "studies": StudiesTable, "apps": AppsTable}
 _TABLE_OF: dict[str, str] = {name: table for table, model in _TABLES.items() for name in model.model_fields}
 _KNOWN: dict[str, str] = {
     "": f"{', '.join(f'[{t}]' for t in _TABLES)} (every key belongs in one of these tables)",
@@ -149,13 +174,14 @@ _KNOWN: dict[str, str] = {
 
 
 class PolicyFile(Document):
-    """A policy file as written: two tables, each optional, each key optional."""
+    """A policy file as written: three tables, each optional, each key optional."""
 
     privacy: PrivacyTable = PrivacyTable()
     studies: StudiesTable = StudiesTable()
+    apps: AppsTable = AppsTable()
 
 
-class SitePolicy(BuiltDocument, StudiesTable, PrivacyTable):  # fields: the last base's first
+class SitePolicy(BuiltDocument, AppsTable, StudiesTable, PrivacyTable):  # fields: the last base's first
     """What one hospital agrees to: set by its operator, never by the server.
 
     The keys of both tables of the policy file, flat: their rules are the tables' own.
@@ -179,6 +205,9 @@ class SitePolicy(BuiltDocument, StudiesTable, PrivacyTable):  # fields: the last
     allowed_backbones : tuple[str, ...]
         Full lowercase SHA-256 values of the backbone weights accepted; empty: any backbone
         whose weights verify against their hash, and training from scratch.
+    approved : tuple[str, ...]
+        Fingerprints (full lowercase SHA-256 of the FAB) of the Flower apps this node runs;
+        empty: it runs none.
 
     Raises
     ------
@@ -221,7 +250,7 @@ class SitePolicy(BuiltDocument, StudiesTable, PrivacyTable):  # fields: the last
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise InputError(f"site policy {path}: not valid TOML ({exc}).") from None
         tables = validate(PolicyFile, document, source=f"site policy {path}", error=InputError, known=_KNOWN)
-        return cls(**tables.privacy.model_dump(), **tables.studies.model_dump())
+        return cls(**tables.privacy.model_dump(), **tables.studies.model_dump(), **tables.apps.model_dump())
 
     def to_toml(self) -> str:
         """Return the policy as a policy file; :meth:`load` of it gives back an equal policy."""
@@ -430,3 +459,57 @@ def check_round(policy: SitePolicy, *, run_epsilon_after: float, lifetime_epsilo
             policy.max_lifetime_epsilon,
             "this round would overspend the site's lifetime budget; only the site's operator can raise it.",
         )
+
+
+class AppNotApproved(RefusalError):
+    """The site's policy does not approve the Flower app (FAB) the server submitted.
+
+    Parameters
+    ----------
+    sha256 : str
+        The FAB's fingerprint (SHA-256 of its bytes, computed by the node).
+    fab_id : str
+        ``publisher/name`` the run names (as the server says; not trusted).
+    """
+
+    def __init__(self, sha256: str, fab_id: str = "") -> None:
+        self.sha256 = sha256
+        named = f" ({fab_id})" if fab_id else ""
+        super().__init__(
+            f"site policy refuses the app{named}: its FAB's SHA-256 {sha256} is not in `apps.approved`; "
+            "nothing in it was run. The hospital's operator approves an app with "
+            "`carefl app approve --site-dir DIR FAB` after reviewing it."
+        )
+
+
+def check_app(policy: SitePolicy, sha256: str, fab_id: str = "") -> None:
+    """Refuse a FAB whose fingerprint the site has not approved.
+
+    Raises
+    ------
+    AppNotApproved
+        If ``sha256`` is not in ``policy.approved`` (an empty list approves nothing).
+    """
+    if sha256 not in policy.approved:
+        raise AppNotApproved(sha256, fab_id)
+
+
+def approve_app(path: Path, sha256: str) -> SitePolicy:
+    """Add the FAB fingerprint ``sha256`` to ``apps.approved`` of the policy file at ``path``.
+
+    The file is rewritten (atomically) in the format :meth:`SitePolicy.to_toml` writes; its other
+    keys keep their values. Approving an approved app changes nothing.
+
+    Raises
+    ------
+    InputError
+        If the policy file is missing or invalid, or ``sha256`` is not a full lowercase SHA-256.
+    """
+    from shared.atomic import atomic_write_text
+
+    policy = SitePolicy.load(path)
+    if sha256 in policy.approved:
+        return policy
+    updated = SitePolicy(**{**policy.model_dump(), "approved": (*policy.approved, sha256)})
+    atomic_write_text(Path(path), updated.to_toml())
+    return updated

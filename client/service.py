@@ -2,13 +2,17 @@
 
 The hospital's operator prepares the site directory once (``carefl budget --init``: privacy
 ledger and policy) and receives its folder from the consortium's ``carefl provision`` (node key
-and the CA's certificate). The SuperNode runs the CareFL ClientApp for each message; its log is
-shown on the console.
+and the CA's certificate). The SuperNode (``--isolation process``) queues each message for the
+site's own runtime (:mod:`client.runtime`), which checks the run's app against the policy's
+``apps.approved`` and runs this machine's installed CareFL ClientApp; their log is shown on the
+console.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import socket
 import ssl
 import time
@@ -20,10 +24,13 @@ from rich.console import Console
 from client.ledger import LEDGER_FILE
 from client.node import ACTIVATION_FAILED, CONNECTED_PATTERN, NodeCredentials, NodeOptions, supernode_command
 from client.policy import SitePolicy
+from client.runtime.superexec import runtime_command
 from client.site import POLICY_FILE
 from shared.errors import ConfigError, DeploymentError, InputError
 from shared.executables import INSECURE_WARNING, Announce, command_line, console_announcer, flower_env
 from shared.processes import START_TIMEOUT_S, ManagedProcess, ProcessGroups, follow_output
+
+RUNTIME_SECRET_FILE = "superexec.secret"
 
 
 def check_site_dir(site_dir: Path, policy: Path | None = None) -> SitePolicy:
@@ -79,7 +86,15 @@ def serve_node(options: NodeOptions, console: Console, *, connect_timeout: float
     if not connect_timeout > 0:
         raise ConfigError(f"`connect-timeout` must be > 0 seconds, got {connect_timeout!r}.")
     site_dir = Path(options.site_dir).resolve()
-    check_site_dir(site_dir, options.policy)
+    policy = check_site_dir(site_dir, options.policy)
+    if not policy.approved:
+        console.print(
+            f"warning: the site policy approves no app yet, so this node refuses every run; approve the "
+            f"consortium's app with `carefl app approve --site-dir {site_dir} APP.fab` after reviewing it.",
+            highlight=False,
+        )
+    else:
+        console.print(f"Approved apps (FAB SHA-256): {', '.join(policy.approved)}", highlight=False)
     with ProcessGroups(site_dir / "logs") as procs:
         node = start_supernode(
             procs,
@@ -224,10 +239,15 @@ def start_supernode(
     """
     if options.insecure:
         announce(INSECURE_WARNING)
-    argv = supernode_command(options)
+    secret = runtime_secret(home)
+    argv = supernode_command(options, auth_secret_file=secret)
     env = flower_env(FLWR_HOME=str(home))
     announce(command_line(argv, env))
     process = procs.start(name, argv, env=env)
+    # The site's runtime runs each task from this machine's installed CareFL, never the FAB's code.
+    address = f"{options.host}:{options.port}"
+    runtime = runtime_command(address, process.pid, auth_secret_file=secret, output=process.log_path)
+    procs.start(f"{name}-runtime", runtime, env=env)
     if wait:
         try:
             process.wait_for_output(CONNECTED_PATTERN, timeout)
@@ -239,6 +259,17 @@ def start_supernode(
             )
             raise DeploymentError(not_connected(options, process, ended)) from None
     return process
+
+
+def runtime_secret(home: Path) -> Path:
+    """``home/superexec.secret``: 32 random bytes (0600) shared by a SuperNode and its runtime, made once."""
+    path = Path(home) / RUNTIME_SECRET_FILE
+    if not path.is_file():
+        Path(home).mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+    return path
 
 
 def node_options(

@@ -1,4 +1,5 @@
-"""The consortium's commands: ``pretrain``, ``backbones``, ``provision``, ``server``, ``federate``.
+"""The consortium's commands: ``pretrain``, ``backbones``, ``provision``, ``server``, ``federate``,
+``app build`` and ``app fingerprint``.
 
 Thin composers: each parses its flags and calls the module that does the work. The root command
 (:mod:`server.local.cli`) mounts them next to the hospital's commands (:mod:`client.cli`).
@@ -164,10 +165,43 @@ def parse_run_config(text: str) -> dict[str, object]:
         raise ConfigError(f"--run-config: {err.message}") from None
 
 
+def build(
+    out: Annotated[Path, typer.Option(help="The .fab file to write, or a folder (then named as `flwr build` names it).")],
+    app_dir: Annotated[Path | None, typer.Option(help="The Flower app (default: this CareFL).")] = None,
+) -> None:
+    """Build the Flower app bundle (FAB) that `flwr run` submits, and print its SHA-256 for the hospitals."""
+    from server.service import APP_DIR
+    from shared.atomic import atomic_write_bytes
+    from shared.fab import FAB_SUFFIX, build_fab, fab_filename, read_fab
+
+    content = build_fab(app_dir or APP_DIR)
+    info = read_fab(content)
+    path = Path(out) if Path(out).suffix == FAB_SUFFIX else Path(out) / fab_filename(info)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, content)
+    Console().print(f"{path}\napp {info.fab_id} version {info.version}, {len(info.files)} files\nSHA-256 {info.sha256}", highlight=False, soft_wrap=True)
+
+
+def fingerprint(
+    fab: Annotated[Path, typer.Argument(help="A .fab file, or a Flower app folder (built as `flwr run` builds it).")],
+) -> None:
+    """Print the SHA-256 a node checks (Flower's FAB hash), with the app's name and version."""
+    from shared.fab import build_fab, read_fab, read_fab_file
+
+    info = read_fab(build_fab(fab), source=str(fab)) if fab.is_dir() else read_fab_file(fab)
+    Console().print(f"{info.sha256}  {info.fab_id} {info.version} ({len(info.files)} files)", highlight=False, soft_wrap=True)
+
+
 def register(app: typer.Typer) -> None:
     """Add the consortium's commands to ``app``."""
     for command in (pretrain, backbones, provision, server, federate):
         app.command()(command)
+    group = next((info.typer_instance for info in app.registered_groups if info.name == "app"), None)
+    if group is None:
+        group = typer.Typer(help="Flower apps: build and fingerprint (consortium), approve (hospital).", no_args_is_help=True)
+        app.add_typer(group, name="app")
+    group.command()(build)
+    group.command()(fingerprint)
 
 
 

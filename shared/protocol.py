@@ -98,3 +98,5 @@ MODEL_REFUSED: Final = 4004
 """The site refused the final model (its payload, SHA-256 or backbone did not match); nothing stored."""
 SITE_REFUSED: Final = 4003
 """The site declined the request (policy, privacy budget, ledger, data); the reason says why."""
+APP_REFUSED: Final = 4005
+"""The site refused the Flower app (FAB) itself: its SHA-256 is not approved by the site's policy; nothing ran."""

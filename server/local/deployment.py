@@ -25,8 +25,10 @@ from pathlib import Path
 from rich.console import Console
 
 from client.node import CONNECTED_PATTERN, NodeCredentials, NodeOptions
+from client.policy import approve_app
 from client.service import start_supernode
 from client.setup import prepare_site_dir
+from client.site import POLICY_FILE
 from server.checkpoint import CHECKPOINT_FILE
 from server.deployment import (
     LineHandler,
@@ -47,6 +49,7 @@ from server.superlink import DEFAULT_HOST, SuperLinkOptions, SuperLinkTLS
 from shared.config import RunConfig, absolute_paths
 from shared.errors import DeploymentError, InputError
 from shared.executables import console_announcer
+from shared.fab import build_fab, fab_sha256
 from shared.processes import START_TIMEOUT_S, ManagedProcess, ProcessGroups, free_port
 from shared.tasks import load_sites, site_name
 
@@ -191,6 +194,7 @@ class LocalDeployment:
         for index, hospital in enumerate(self.hospitals):
             name = self.site_names[hospital] if options.own_data else site_name(cfg.study, index)
             prepare_site_dir(self.paths.site_dir(hospital), site=name, policy=demo_policy(cfg.study))
+        self.app_sha256 = self.approve_app()
         self.announce = console_announcer(console)
         self.superlink_options = SuperLinkOptions(
             tls=SuperLinkTLS.from_consortium(self.layout), database=self.paths.database, port=free_port()
@@ -198,6 +202,20 @@ class LocalDeployment:
         self.link: RunningSuperLink | None = None
         self.nodes: list[ManagedProcess] = []
         self._starts = 0
+
+    def approve_app(self) -> str:
+        """Approve, at every hospital, the app this deployment submits; returns its FAB's SHA-256.
+
+        The FAB is built from ``options.app_dir`` as ``flwr run`` builds it (deterministic): the
+        demo plays the consortium and each hospital's operator, who would review it first.
+        """
+        sha256 = fab_sha256(build_fab(self.options.app_dir))
+        for hospital in self.hospitals:
+            approve_app(self.paths.site_dir(hospital) / POLICY_FILE, sha256)
+        self.console.print(
+            f"Every hospital approved the app {self.options.app_dir} (FAB SHA-256 {sha256}).", highlight=False
+        )
+        return sha256
 
     def start_superlink(self) -> RunningSuperLink:
         """Start the SuperLink (again after a crash: same port, same state database) and
@@ -281,6 +299,7 @@ class LocalDeployment:
 
         run_config = _run_config(self.options.config, self.out, self.paths, resume=resume)
         link = self.link
+        self.app_sha256 = self.approve_app()  # again: the app's files may have changed since
         run_id = submit_run(link, self.options.app_dir, run_config.to_run_config(), self.paths.run_config, announce=self.announce)
         self.console.print(f"Run {run_id} submitted ({'resuming' if resume else 'new'}); following its ServerApp log:")
         status = follow_run(

@@ -1,0 +1,141 @@
+"""The site's task launcher: Flower's ``flower-superexec`` loop, launching CareFL's task runner.
+
+It polls the SuperNode's Runtime API for ClientApp tasks (``AcquireTask``) and starts one
+:mod:`client.runtime.task` process per task, from this Python and its installed CareFL; it ends
+when the SuperNode it serves ends. ``carefl node`` starts it next to its SuperNode
+(:func:`client.service.start_supernode`); it is run as
+``python -P -m client.runtime.superexec --runtime-api-address HOST:PORT --supernode-pid PID``
+(``-P``: the working directory is not searched for modules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from shared.log import log
+
+POLL_INTERVAL_S = 1.0
+"""Seconds between two ``AcquireTask`` polls (Flower's SuperExec default)."""
+_SIGNED = frozenset({"/flwr.proto.Runtime/AcquireTask"})  # as flwr.supercore.superexec.run_superexec
+
+
+def task_command(runtime_api_address: str, token: str, parent_pid: int) -> list[str]:
+    """The command line of one task process: this Python, ``-P``, the installed task runner."""
+    return [
+        sys.executable, "-P", "-m", "client.runtime.task",
+        "--runtime-api-address", runtime_api_address, "--token", token, "--parent-pid", str(parent_pid),
+    ]  # fmt: skip
+
+
+def runtime_command(
+    runtime_api_address: str, supernode_pid: int, *, auth_secret_file: Path | None = None, output: Path | None = None
+) -> list[str]:
+    """The command line of the site's launcher serving the SuperNode ``supernode_pid``.
+
+    With ``auth_secret_file`` (the SuperNode's ``--superexec-auth-secret-file``), it signs its
+    ``AcquireTask`` calls, so that no other process can take the SuperNode's tasks. With
+    ``output``, it and its tasks append their output to that file (the SuperNode's log, so that
+    ``carefl node`` shows one log).
+    """
+    argv = [
+        sys.executable, "-P", "-m", "client.runtime.superexec",
+        "--runtime-api-address", runtime_api_address, "--supernode-pid", str(supernode_pid),
+    ]  # fmt: skip
+    if auth_secret_file is not None:
+        argv += ["--auth-secret-file", str(auth_secret_file)]
+    return argv + (["--output", str(output)] if output is not None else [])
+
+
+def serve(
+    runtime_api_address: str,
+    *,
+    supernode_pid: int | None,
+    auth_secret: bytes | None = None,
+    launch: Callable[[Sequence[str]], subprocess.Popen[bytes]] = subprocess.Popen,
+    poll_interval: float = POLL_INTERVAL_S,
+) -> None:
+    """Poll the SuperNode's Runtime API for ClientApp tasks and start a task process for each.
+
+    Parameters
+    ----------
+    runtime_api_address : str
+        ``host:port`` of the SuperNode's Runtime API (plain HTTP on this machine).
+    supernode_pid : int, optional
+        The SuperNode's process id: the launcher exits when it is gone.
+    auth_secret : bytes, optional
+        The SuperNode's SuperExec secret: ``AcquireTask`` calls are signed with it (Flower's HMAC).
+    launch : Callable
+        Starts a task process from its command line.
+    poll_interval : float
+        Seconds between polls.
+    """
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.supercore.app_utils import start_parent_process_monitor
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    if supernode_pid is not None:
+        start_parent_process_monitor(supernode_pid)  # SIGINT to this process once the SuperNode is gone
+    interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if auth_secret is not None:
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=auth_secret, protected_methods=_SIGNED))
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=interceptors,
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+    running: list[subprocess.Popen[bytes]] = []
+    log(INFO, "CareFL site runtime: serving the SuperNode's Runtime API at %s", runtime_api_address)
+    try:
+        while True:
+            running = [task for task in running if task.poll() is None]  # reap finished tasks
+            reply = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            if reply.HasField("task") and reply.token:
+                log(INFO, "CareFL site runtime: task %d of run %d", reply.task.task_id, reply.task.run_id)
+                running.append(launch(task_command(runtime_api_address, reply.token, os.getpid())))
+            time.sleep(poll_interval)
+    except KeyboardInterrupt:
+        log(INFO, "CareFL site runtime: the SuperNode is gone; stopping")
+    finally:
+        client.close()
+
+
+def _append_output_to(path: Path) -> None:
+    """Send this process's (and its children's) stdout and stderr to the end of ``path``."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    for stream in (1, 2):
+        os.dup2(fd, stream)
+    os.close(fd)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: ``python -P -m client.runtime.superexec --runtime-api-address A [--supernode-pid P]``."""
+    from shared.offline import configure_flower_env
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime-api-address", required=True)
+    parser.add_argument("--supernode-pid", type=int, default=None)
+    parser.add_argument("--auth-secret-file", type=Path, default=None, help="the SuperNode's SuperExec secret")
+    parser.add_argument("--output", type=Path, default=None, help="append stdout and stderr to this file")
+    args = parser.parse_args(argv)
+    if args.output is not None:
+        _append_output_to(args.output)
+    configure_flower_env()
+    secret = args.auth_secret_file.read_bytes() if args.auth_secret_file is not None else None
+    serve(args.runtime_api_address, supernode_pid=args.supernode_pid, auth_secret=secret)
+
+
+if __name__ == "__main__":
+    main()
