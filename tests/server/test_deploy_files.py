@@ -1,14 +1,16 @@
 """The deployment files, checked statically (no container engine or cluster here).
 
-What a mistake in them would break at start-up: a flag the installed Flower does not know, a
-mounted file that provisioning does not write, a certificate that does not name the host the
-nodes dial, a Service that does not reach the container's port, a Secret without the key a
-command reads.
+What a mistake in them would break at start-up: a flag the installed Flower or CareFL does not
+know, a mounted file that provisioning does not write, a certificate that does not name the host
+the nodes dial, a Service that does not reach the container's port, a Secret without the key a
+command reads, an init step that leaves the node approving nothing. And what would break the
+hospital's control over the code run on its data: a hospital container that starts
+``flower-supernode`` itself (it would install and run the FAB's code) instead of ``carefl node``.
 """
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import re
 import shlex
 import subprocess
@@ -22,6 +24,10 @@ import typer
 import yaml
 from cryptography import x509
 
+from client.node import CA_FILE, NODE_KEY_FILE, NodeCredentials, supernode_command
+from client.policy import SitePolicy
+from client.service import check_site_dir, node_options
+from client.setup import prepare_site_dir
 from server.local.cli import build_app
 from server.provision import ConsortiumLayout, provision
 from shared.offline import FLOWER_OFFLINE_ENV
@@ -31,6 +37,9 @@ DEPLOY = REPO / "deploy"
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 NODE_CONFIG_KEYS = {"site-name", "data-path", "site-dir", "policy"}
 FLOWER_PROGRAMS = ("flower-superlink", "flower-supernode")
+APP_HASH_VARIABLE = "CAREFL_APP_SHA256"
+COMPOSE_APP_HASH = re.compile(r"\$\{" + APP_HASH_VARIABLE + r":\?(?P<message>[^}]+)\}")  # Compose: required
+K8S_APP_HASH = f"$({APP_HASH_VARIABLE})"  # Kubernetes expands $(VAR) in a command from the container's env
 
 
 # --------------------------------------------------------------------------------- loading
@@ -53,6 +62,70 @@ def _of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 def _pod_containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
     spec = deployment["spec"]["template"]["spec"]
     return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def _k8s_hospital(hospital: str) -> dict[str, Any]:
+    """The pod spec of ``hospital``'s Deployment."""
+    return _of_kind(_k8s(f"{hospital}.yaml"), "Deployment")[0]["spec"]["template"]["spec"]
+
+
+def _steps(hospital: str) -> dict[str, dict[str, list[list[str]]]]:
+    """``hospital``'s commands in order (init steps, then the node), in Compose and in Kubernetes."""
+    services = _compose()["services"]
+    pod = _k8s_hospital(hospital)
+    return {
+        "compose": [services[f"{hospital}-init"]["command"], services[f"{hospital}-approve"]["command"],
+                    services[hospital]["command"]],
+        "k8s": [c["command"] for c in [*pod["initContainers"], *pod["containers"]]],
+    }  # fmt: skip
+
+
+def _hospital_commands() -> list[list[str]]:
+    """Every command a hospital's container runs, in Compose and in Kubernetes."""
+    return [command for h in HOSPITALS for commands in _steps(h).values() for command in commands]
+
+
+def _carefl_path(command: list[str]) -> list[str]:
+    """The sub-command names of a ``carefl`` command line (``carefl app approve ...`` -> app, approve)."""
+    group: click.Command = typer.main.get_command(build_app())
+    path = []
+    for token in command[1:]:
+        if not isinstance(group, click.Group) or token not in group.commands:
+            break
+        group = group.commands[token]
+        path.append(token)
+    return path
+
+
+def _node_options(command: list[str], credentials: Path) -> Any:
+    """The :class:`NodeOptions` ``carefl node`` builds from ``command`` (``/keys`` read from ``credentials``)."""
+    node = typer.main.get_command(build_app())
+    assert isinstance(node, click.Group)
+    params = node.commands["node"].make_context("node", command[2:]).params
+    assert params["credentials"] == "/keys" and not params["insecure"]
+    return node_options(
+        superlink=params["superlink"], site_dir=Path(params["site_dir"]), credentials=credentials, insecure=False,
+        data_path=params["data"], site_name=params["site_name"], policy=Path(params["policy"]), port=params["port"],
+        partition=None, val_fraction=params["val_fraction"], split_seed=params["split_seed"],
+    )  # fmt: skip
+
+
+def _carefl(args: list[str], tmp: Path, *, wait: bool = True) -> Any:
+    """Run ``carefl ARGS`` as the container would (a fresh process) with ``tmp`` as HOME.
+
+    Returns its :class:`subprocess.CompletedProcess`, or with ``wait=False`` the running
+    :class:`subprocess.Popen` (output captured as text).
+    """
+    env = {
+        **FLOWER_OFFLINE_ENV,
+        "PATH": str(Path(sys.executable).parent),
+        "HOME": str(tmp),
+        "PYTHONPATH": str(REPO),
+    }
+    argv = [sys.executable, "-m", "server.local.cli", *args]
+    if not wait:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
 
 
 def _dockerfile() -> list[tuple[str, str]]:
@@ -128,6 +201,33 @@ def _options(help_text: str) -> dict[str, str]:
     return options
 
 
+@pytest.fixture(scope="module")
+def carefl_help(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, ...], set[str]]:
+    """The options ``carefl ... --help`` shows, for each carefl command the deployment files run."""
+    home = tmp_path_factory.mktemp("home")
+    env = {
+        **FLOWER_OFFLINE_ENV,
+        "PATH": str(Path(sys.executable).parent),
+        "HOME": str(home),
+        "COLUMNS": "200",
+    }
+    paths = {tuple(_carefl_path(c)) for c in _all_commands() if c[0] == "carefl"}
+    running = {
+        path: subprocess.Popen(
+            [sys.executable, "-m", "server.local.cli", *path, "--help"],
+            stdout=subprocess.PIPE, text=True, env={**env, "PYTHONPATH": str(REPO)},
+        )
+        for path in paths
+    }  # fmt: skip
+    return {path: _carefl_help_options(proc.communicate(timeout=120)[0]) for path, proc in running.items()}
+
+
+def _carefl_help_options(help_text: str) -> set[str]:
+    """The flags of the option rows of a Typer (rich) help text: ``| *  --flag  [--no-flag]  TYPE  help``."""
+    row = re.compile(r"^\S\s{1,6}(?:\*\s+)?(--[a-z0-9-]+)(?:\s+(--[a-z0-9-]+))?")
+    return {flag for line in help_text.splitlines() if (m := row.match(line)) for flag in m.groups() if flag}
+
+
 def _carefl_options(path: list[str]) -> set[str]:
     command: click.Command = typer.main.get_command(build_app())
     for name in path:
@@ -142,19 +242,71 @@ def test_compose_has_the_superlink_and_three_hospitals() -> None:
     services = _compose()["services"]
 
     # Assert
-    assert set(services) == {"superlink", *HOSPITALS, *(f"{h}-init" for h in HOSPITALS)}
+    assert set(services) == {
+        "superlink",
+        *(f"{h}{step}" for h in HOSPITALS for step in ("-init", "-approve", "")),
+    }
     assert services["superlink"]["command"][0] == "flower-superlink"
     assert services["superlink"]["ports"] == [
         f"8000:{_flag_value(services['superlink']['command'], '--port')}"
     ]
     for hospital in HOSPITALS:
-        assert services[hospital]["command"][0] == "flower-supernode"
+        assert services[hospital]["command"][:2] == ["carefl", "node"]
         assert _flag_value(services[hospital]["command"], "--superlink") == "superlink:8000"
-        assert (
-            services[hospital]["depends_on"][f"{hospital}-init"]["condition"]
-            == "service_completed_successfully"
-        )
+        # init (ledger, policy) -> approve (the app's hash) -> node, each step only after the last succeeded
+        for step, before in ((hospital, f"{hospital}-approve"), (f"{hospital}-approve", f"{hospital}-init")):
+            assert services[step]["depends_on"][before]["condition"] == "service_completed_successfully"
+        for step in (f"{hospital}-init", f"{hospital}-approve"):
+            assert services[step]["restart"] == "no"
     assert {s["image"] for s in services.values()} == {"carefl:0.1.0"}
+
+
+def test_no_hospital_container_runs_flower_supernode_directly() -> None:
+    # A plain SuperNode installs and runs the ClientApp inside the FAB it receives: a modified FAB would
+    # skip the policy, the ledger and the audit. Only `carefl node` may start it (with --isolation process).
+    commands = _all_commands()
+    mains = [_compose()["services"][h]["command"] for h in HOSPITALS]
+    mains += [c["command"] for h in HOSPITALS for c in _k8s_hospital(h)["containers"]]
+
+    # Assert: not as the program, nor inside a shell line or any other token
+    for command in commands:
+        assert not any("flower-supernode" in token or "flwr-clientapp" in token for token in command), command
+    assert [c for c in commands if c[0].startswith("flower-")] == [
+        _compose()["services"]["superlink"]["command"],
+        *(c["command"] for c in _pod_containers(_of_kind(_k8s("superlink.yaml"), "Deployment")[0])),
+    ]
+    assert len(mains) == 2 * len(HOSPITALS)
+    assert all(command[:2] == ["carefl", "node"] for command in mains)
+    assert not any("--insecure" in command for command in _hospital_commands())
+
+
+def test_node_runs_a_process_isolated_supernode_with_the_site_config(
+    provisioned: Path, flower_help: dict[str, dict[str, str]]
+) -> None:
+    names = []
+    for hospital in HOSPITALS:
+        # Prepare
+        credentials = provisioned / "provision" / "hospitals" / hospital
+
+        # Execute: what `carefl node` starts from the deployment's command line
+        options = _node_options(_compose()["services"][hospital]["command"], credentials)
+        supernode = supernode_command(options, auth_secret_file=Path("/site/flwr-home/superexec.secret"))
+
+        # Assert: its SuperNode leaves every task to CareFL's runtime, with flags this Flower knows
+        assert supernode[supernode.index("--isolation") + 1] == "process"
+        unknown = {token for token in supernode[1:] if token.startswith("--")} - set(
+            flower_help["flower-supernode"]
+        )
+        assert not unknown, unknown
+        assert options.credentials == NodeCredentials.from_dir(credentials)
+        # its Runtime API listens inside the container only
+        assert (options.host, options.port) == ("127.0.0.1", 9094)
+        config = options.node_config()
+        assert set(config) == NODE_CONFIG_KEYS
+        assert config["site-dir"] == "/site" and config["policy"] == "/site/policy.toml"
+        assert config["data-path"] == "/data"
+        names.append(config["site-name"])
+    assert names == list(HOSPITALS)  # each hospital's own data, under its own name: no partition
 
 
 def _binds(service: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -192,30 +344,18 @@ def test_every_file_a_command_reads_is_provisioned(provisioned: Path) -> None:
         binds = _binds(service)
         for token in service["command"]:
             value = token.split("=", 1)[-1]
-            mount = next((t for t in binds if value.startswith(t + "/")), None)
+            mount = next((t for t in binds if value == t or value.startswith(t + "/")), None)
             if mount is None or not binds[mount][0].startswith("./provision/"):
                 continue
-            # Assert
-            assert (provisioned / binds[mount][0] / value[len(mount) + 1 :]).is_file(), (name, token)
+            # Assert: a file, or (`carefl node --credentials`) a hospital's folder with its key and the CA
+            host = provisioned / binds[mount][0] / value[len(mount) + 1 :]
+            if value == mount:
+                assert _flag_value(service["command"], "--credentials") == value, (name, token)
+                NodeCredentials.from_dir(host)
+            else:
+                assert host.is_file(), (name, token)
             checked += 1
-    assert checked == 3 + 2 * len(HOSPITALS)
-
-
-def test_node_config_is_what_the_site_reads() -> None:
-    from flwr.common.config import parse_config_args
-
-    names = []
-    for hospital in HOSPITALS:
-        # Execute
-        command = _compose()["services"][hospital]["command"]
-        config = parse_config_args([_flag_value(command, "--node-config")])
-
-        # Assert
-        assert set(config) == NODE_CONFIG_KEYS
-        assert config["site-dir"] == "/site" and config["policy"] == "/site/policy.toml"
-        assert config["data-path"] == "/data"
-        names.append(config["site-name"])
-    assert names == list(HOSPITALS)  # each hospital's own data, under its own name: no partition
+    assert checked == 3 + len(HOSPITALS)
 
 
 def test_certificate_names_the_host_the_nodes_dial(provisioned: Path) -> None:
@@ -225,12 +365,10 @@ def test_certificate_names_the_host_the_nodes_dial(provisioned: Path) -> None:
         x509.SubjectAlternativeName
     )
     dialed = {
-        _flag_value(_compose()["services"][h]["command"], "--superlink").split(":")[0] for h in HOSPITALS
+        _flag_value(command, "--superlink").split(":")[0]
+        for command in _hospital_commands()
+        if command[:2] == ["carefl", "node"]
     }
-    for deployment in _of_kind(_k8s_all(), "Deployment"):
-        for container in _pod_containers(deployment):
-            if container["command"][0] == "flower-supernode":
-                dialed.add(_flag_value(container["command"], "--superlink").split(":")[0])
 
     # Assert
     assert dialed == {"superlink"}
@@ -238,8 +376,88 @@ def test_certificate_names_the_host_the_nodes_dial(provisioned: Path) -> None:
     assert layout.hospitals() == list(HOSPITALS)
 
 
+# --------------------------------------------------------------------------- approving the app
+def _as_run(command: list[str], site: Path, sha256: str) -> list[str]:
+    """``command``'s carefl arguments with ``/site`` at ``site`` and the app hash variable set to ``sha256``."""
+    args = [COMPOSE_APP_HASH.sub(sha256, token).replace(K8S_APP_HASH, sha256) for token in command[1:]]
+    return [re.sub(r"(^|=)/site(?=/|$)", lambda m: m.group(1) + str(site), token) for token in args]
+
+
+def test_init_steps_prepare_a_site_the_node_accepts(tmp_path: Path) -> None:
+    # Prepare: the consortium's published fingerprint (any FAB's SHA-256 has this form)
+    sha256 = hashlib.sha256(b"the consortium's carefl.fab").hexdigest()
+    site = tmp_path / "site"
+
+    init, approve, node = _steps("hospital-a")["compose"]  # Kubernetes runs the same (tested below)
+
+    # Execute: the init steps, twice (a restarted container runs them again)
+    for _ in range(2):
+        for step in (init, approve):
+            done = _carefl(_as_run(step, site, sha256), tmp_path)
+            assert done.returncode == 0, (step, done.stdout, done.stderr)
+
+    # Assert: the node's checks pass on that site, and it approves exactly the published app
+    node_args = _as_run(node, site, sha256)
+    policy = check_site_dir(site, Path(_flag_value(node_args, "--policy")))
+    assert policy.approved == (sha256,)
+    assert Path(_flag_value(node_args, "--site-dir")) == site
+
+
+def test_approval_fails_without_the_published_hash(tmp_path: Path) -> None:
+    # Prepare
+    site = prepare_site_dir(tmp_path / "site", site="hospital-a")
+    approve = _steps("hospital-a")["k8s"][1]
+
+    # Execute: the variable unset (Kubernetes leaves `$(VAR)` as it is) or empty
+    unset = _carefl([token.replace("/site", str(site)) for token in approve[1:]], tmp_path, wait=False)
+    empty = _carefl(_as_run(approve, site, ""), tmp_path, wait=False)
+
+    # Assert: the init step fails (so the node never starts) and nothing is approved
+    for proc in (unset, empty):
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2, stdout + stderr
+        assert "SHA-256" in stderr
+    assert SitePolicy.load(site / "policy.toml").approved == ()
+    for hospital in HOSPITALS:
+        # Compose refuses to start at all while the variable is unset: `${VAR:?message}`
+        command = _compose()["services"][f"{hospital}-approve"]["command"]
+        (token,) = [t for t in command if APP_HASH_VARIABLE in t]
+        match = COMPOSE_APP_HASH.fullmatch(token)
+        assert match and "carefl app fingerprint" in match.group("message")
+        (env,) = _k8s_hospital(hospital)["initContainers"][1]["env"]
+        assert env["name"] == APP_HASH_VARIABLE
+        assert env["valueFrom"]["configMapKeyRef"].get("optional", False) is False  # no ConfigMap: no pod
+
+
+def test_k8s_and_compose_run_the_same_steps() -> None:
+    services = _compose()["services"]
+    for hospital in HOSPITALS:
+        # Prepare
+        steps = _steps(hospital)
+        pod = _k8s_hospital(hospital)
+        compose_mounts = [
+            {v.split(":")[1]: v.endswith(":ro") for v in services[step].get("volumes", [])}
+            for step in (f"{hospital}-init", f"{hospital}-approve", hospital)
+        ]
+        k8s_mounts = [
+            {m["mountPath"]: m.get("readOnly", False) for m in c["volumeMounts"]}
+            for c in [*pod["initContainers"], *pod["containers"]]
+        ]
+
+        # Assert: the same commands (each file its own way of passing the app's hash), the same mounts
+        sha256 = "0" * 64
+        assert [_as_run(c, Path("/site"), sha256) for c in steps["compose"]] == [
+            _as_run(c, Path("/site"), sha256) for c in steps["k8s"]
+        ]
+        assert steps["compose"][1] != _as_run(steps["compose"][1], Path("/site"), sha256)  # the hash was set
+        assert compose_mounts == k8s_mounts
+        assert compose_mounts[2] == {"/keys": True, "/data": True, "/site": False}
+
+
 # ---------------------------------------------------------------------------------- flags
-def test_every_flag_exists_in_the_installed_versions(flower_help: dict[str, dict[str, str]]) -> None:
+def test_every_flag_exists_in_the_installed_versions(
+    flower_help: dict[str, dict[str, str]], carefl_help: dict[tuple[str, ...], set[str]]
+) -> None:
     # Prepare
     commands = _all_commands()
     checked = 0
@@ -255,24 +473,53 @@ def test_every_flag_exists_in_the_installed_versions(flower_help: dict[str, dict
                 checked += 1
         else:
             assert command[0] == "carefl", command
-            path = list(itertools.takewhile(lambda t: not t.startswith("-"), command[1:]))
+            path = _carefl_path(command)
             known_carefl = _carefl_options(path) | {"--help"}
+            shown = carefl_help[tuple(path)]
             for flag in flags:
                 assert flag in known_carefl, f"carefl {' '.join(path)} has no {flag}"
+                assert flag in shown, f"`carefl {' '.join(path)} --help` shows no {flag}"
                 checked += 1
-    assert checked > 30
+    assert checked > 60
 
 
-def test_flower_help_parser_sees_known_flags(flower_help: dict[str, dict[str, str]]) -> None:
-    # The check above is only as good as the parsing of --help: known flags must be found.
+def test_node_commands_give_the_site_its_identity_and_files() -> None:
+    for command in _hospital_commands():
+        if command[:2] != ["carefl", "node"]:
+            continue
+        # Execute
+        flags = {token.split("=", 1)[0]: token.split("=", 1)[1] for token in command[2:]}
+
+        # Assert: every flag as --flag=value, and the ones a hospital's node needs
+        assert len(flags) == len(command) - 2
+        assert {
+            "--superlink",
+            "--credentials",
+            "--site-dir",
+            "--data",
+            "--site-name",
+            "--policy",
+        } <= flags.keys()
+        assert (flags["--credentials"], flags["--site-dir"], flags["--data"]) == ("/keys", "/site", "/data")
+        assert flags["--site-name"] in HOSPITALS
+
+
+def test_help_parsers_see_known_flags(
+    flower_help: dict[str, dict[str, str]], carefl_help: dict[tuple[str, ...], set[str]]
+) -> None:
+    # The checks above are only as good as the parsing of --help: known flags must be found.
     assert {"--ssl-certfile", "--enable-supernode-auth", "--database", "--port"} <= set(
         flower_help["flower-superlink"]
     )
-    assert {"--root-certificates", "--auth-supernode-private-key", "--node-config"} <= set(
+    assert {"--root-certificates", "--auth-supernode-private-key", "--node-config", "--isolation"} <= set(
         flower_help["flower-supernode"]
     )
     assert "deprecated" in flower_help["flower-superlink"]["--fleet-api-address"].lower()
     assert "--no-such-flag" not in flower_help["flower-supernode"]
+    assert carefl_help[("node",)] == _carefl_options(["node"]) | {"--help"}
+    assert {"--insecure", "--no-insecure", "--connect-timeout"} <= carefl_help[("node",)]
+    assert "--init" not in carefl_help[("node",)]  # named in --site-dir's help text, not an option of node
+    assert carefl_help[("app", "approve")] == {"--site-dir", "--policy", "--yes", "--help"}
 
 
 # ------------------------------------------------------------------------------ kubernetes
@@ -328,6 +575,7 @@ def test_k8s_secrets_hold_what_the_commands_read(provisioned: Path) -> None:
     # Prepare
     secrets = _secret_files((DEPLOY / "README.md").read_text())
     repo_copy = provisioned.parent
+    checked = 0
 
     for deployment in _of_kind(_k8s_all(), "Deployment"):
         pod = deployment["spec"]["template"]["spec"]
@@ -338,7 +586,7 @@ def test_k8s_secrets_hold_what_the_commands_read(provisioned: Path) -> None:
             mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
             for token in container["command"]:
                 value = token.split("=", 1)[-1]
-                mount = next((p for p in mounts if value.startswith(p + "/")), None)
+                mount = next((p for p in mounts if value == p or value.startswith(p + "/")), None)
                 if mount is None or "secret" not in volumes[mounts[mount]["name"]]:
                     continue
                 # Assert: the Secret is created by the README with that key, from a provisioned file
@@ -346,10 +594,31 @@ def test_k8s_secrets_hold_what_the_commands_read(provisioned: Path) -> None:
                 assert mounts[mount]["readOnly"] is True
                 assert secret["defaultMode"] == 0o440
                 files = secrets[secret["secretName"]]
-                key = value[len(mount) + 1 :]
-                assert key in files, (secret["secretName"], key)
-                assert (repo_copy / files[key]).is_file(), files[key]
+                # `carefl node --credentials=/keys` reads the hospital's key and the CA from the folder
+                keys = [value[len(mount) + 1 :]] if value != mount else [NODE_KEY_FILE, CA_FILE]
+                for key in keys:
+                    assert key in files, (secret["secretName"], key)
+                    assert (repo_copy / files[key]).is_file(), files[key]
+                    checked += 1
     assert set(secrets) == {"carefl-superlink-tls", *(f"carefl-{h}-node" for h in HOSPITALS)}
+    assert checked == 3 + 2 * len(HOSPITALS)
+
+
+def test_k8s_app_hash_comes_from_a_configmap_the_readme_creates() -> None:
+    # Prepare
+    readme = (DEPLOY / "README.md").read_text()
+    created = dict(re.findall(r"kubectl create configmap (\S+) --from-literal=(\S+?)=", readme))
+
+    for hospital in HOSPITALS:
+        # Execute
+        (env,) = _k8s_hospital(hospital)["initContainers"][1]["env"]
+        ref = env["valueFrom"]["configMapKeyRef"]
+
+        # Assert: the README creates that ConfigMap with that key, from `carefl app fingerprint`
+        assert created.get(ref["name"]) == ref["key"], (hospital, created)
+    assert set(created) == {f"carefl-{h}-app" for h in HOSPITALS}
+    assert "carefl app fingerprint" in readme
+    assert not _of_kind(_k8s_all(), "ConfigMap"), "each hospital creates its own approval; none is committed"
 
 
 # ------------------------------------------------------------------------------ Dockerfile
