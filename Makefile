@@ -32,12 +32,14 @@ demo: setup
 demo-chest: setup
 	$(BIN)/carefl demo --task chest-xray --data $(DATA)
 
+# Two workers, a test file per worker at a time (module fixtures stay in one process): the
+# deployments mostly wait on Flower's polling, so the other worker's tests run meanwhile.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # The developer's loop: everything but the federations (tests marked `slow`, all of tests/e2e).
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python scripts/bench_transfer.py --data $(DATA)
