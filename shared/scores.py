@@ -342,6 +342,28 @@ def wilson_interval(successes: int, trials: int, *, confidence: float = 0.95) ->
     return float(interval.low), float(interval.high)
 
 
+def difference_interval(
+    successes_a: int, trials_a: int, successes_b: int, trials_b: int, *, confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """Difference of two proportions ``a - b`` with Newcombe's hybrid score interval (his method 10).
+
+    Built on each proportion's Wilson interval (:func:`wilson_interval`); it treats the two
+    samples as independent, which is conservative when both are scored on the same records.
+
+    Returns
+    -------
+    tuple[float, float, float]
+        The difference, its lower and its upper bound; NaNs when a sample is empty.
+    """
+    if trials_a <= 0 or trials_b <= 0:
+        return math.nan, math.nan, math.nan
+    pa, pb = successes_a / trials_a, successes_b / trials_b
+    la, ua = wilson_interval(successes_a, trials_a, confidence=confidence)
+    lb, ub = wilson_interval(successes_b, trials_b, confidence=confidence)
+    difference = pa - pb
+    return difference, difference - math.hypot(pa - la, ub - pb), difference + math.hypot(ua - pa, pb - lb)
+
+
 def _metric_function(metric: str | Metric) -> Metric:
     """The function of (labels, probs) that ``metric`` names."""
     if callable(metric):

@@ -14,6 +14,7 @@ from shared.scores import (
     binary_metrics,
     bootstrap_interval,
     bootstrap_intervals,
+    difference_interval,
     wilson_interval,
 )
 
@@ -97,3 +98,19 @@ def test_wilson_interval_is_scipys(successes: int, trials: int) -> None:
     assert (low, high) == pytest.approx((reference.low, reference.high))
     assert low <= successes / trials <= high
     assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [  # Newcombe (1998), Statistics in Medicine 17:873, Table II, method 10 (hybrid score)
+        ((56, 70, 48, 80), (0.0524, 0.3339)),
+        ((9, 10, 3, 10), (0.1705, 0.8090)),
+        ((5, 56, 0, 29), (-0.0381, 0.1926)),
+    ],
+)
+def test_difference_interval_is_newcombes_hybrid_score(
+    counts: tuple[int, int, int, int], expected: tuple[float, float]
+) -> None:
+    difference, low, high = difference_interval(*counts)
+    assert difference == pytest.approx(counts[0] / counts[1] - counts[2] / counts[3])
+    assert (low, high) == pytest.approx(expected, abs=5e-5)
