@@ -31,6 +31,8 @@ from shared.executables import INSECURE_WARNING, Announce, command_line, console
 from shared.processes import START_TIMEOUT_S, ManagedProcess, ProcessGroups, follow_output
 
 RUNTIME_SECRET_FILE = "superexec.secret"
+RUNTIME_SUFFIX = "-runtime"
+"""Name of a SuperNode's site runtime process: the SuperNode's name with this suffix."""
 
 
 def check_site_dir(site_dir: Path, policy: Path | None = None) -> SitePolicy:
@@ -109,7 +111,8 @@ def serve_node(options: NodeOptions, console: Console, *, connect_timeout: float
             "Ctrl-C stops it. Its log follows.",
             highlight=False,
         )
-        watch = _ConnectionWatch(node, options, connect_timeout)
+        runtime = next(p for p in procs.processes() if p.name == f"{node.name}{RUNTIME_SUFFIX}")
+        watch = _ConnectionWatch(node, options, connect_timeout, runtime=runtime)
         status = follow_output(node, watch.show(console), check=watch.check)
         if not watch.connected:
             raise DeploymentError(
@@ -123,11 +126,14 @@ def serve_node(options: NodeOptions, console: Console, *, connect_timeout: float
 class _ConnectionWatch:
     """Follows a SuperNode's lines until it is accepted; past the deadline, says why it was not."""
 
-    def __init__(self, node: ManagedProcess, options: NodeOptions, timeout: float) -> None:
+    def __init__(
+        self, node: ManagedProcess, options: NodeOptions, timeout: float, *, runtime: ManagedProcess | None = None
+    ) -> None:
         self._node = node
         self._options = options
         self._timeout = timeout
         self._deadline = time.monotonic() + timeout
+        self._runtime = runtime
         self.connected = False
 
     def show(self, console: Console) -> Callable[[str], None]:
@@ -140,6 +146,12 @@ class _ConnectionWatch:
         return on_line
 
     def check(self) -> None:
+        if self._runtime is not None and not self._runtime.alive():
+            raise DeploymentError(
+                f"the site runtime (which answers every task with this hospital's installed CareFL) exited with "
+                f"status {self._runtime.returncode}; the node stops rather than leave runs waiting on it. "
+                f"Start `carefl node` again. Its log: {self._runtime.log_path}"
+            )
         if not self.connected and time.monotonic() > self._deadline:
             raise DeploymentError(
                 not_connected(self._options, self._node, f"was not accepted within {self._timeout:g} s")
@@ -247,7 +259,7 @@ def start_supernode(
     # The site's runtime runs each task from this machine's installed CareFL, never the FAB's code.
     address = f"{options.host}:{options.port}"
     runtime = runtime_command(address, process.pid, auth_secret_file=secret, output=process.log_path)
-    procs.start(f"{name}-runtime", runtime, env=env)
+    procs.start(f"{name}{RUNTIME_SUFFIX}", runtime, env=env)
     if wait:
         try:
             process.wait_for_output(CONNECTED_PATTERN, timeout)

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from client.node import CONNECTED_PATTERN, NodeCredentials, NodeOptions
 from client.policy import approve_app
-from client.service import start_supernode
+from client.service import RUNTIME_SUFFIX, start_supernode
 from client.setup import prepare_site_dir
 from client.site import POLICY_FILE
 from server.checkpoint import CHECKPOINT_FILE
@@ -281,6 +281,11 @@ class LocalDeployment:
             self.procs, options, home=self.paths.node_home(hospital), announce=self.announce, name=name, wait=False
         )
 
+    def runtimes(self) -> list[ManagedProcess]:
+        """The hospitals' site runtimes (they answer every task; a dead one would leave the run waiting)."""
+        names = {f"{node.name}{RUNTIME_SUFFIX}" for node in self.nodes}
+        return [p for p in self.procs.processes() if p.name in names]
+
     def run(self, *, resume: bool, on_line: LineHandler | None = None) -> Path:
         """Submit the run (``resume``: continue the checkpoint), follow it, check its run folder.
 
@@ -303,7 +308,8 @@ class LocalDeployment:
         run_id = submit_run(link, self.options.app_dir, run_config.to_run_config(), self.paths.run_config, announce=self.announce)
         self.console.print(f"Run {run_id} submitted ({'resuming' if resume else 'new'}); following its ServerApp log:")
         status = follow_run(
-            self.procs, link, run_id, handle, announce=self.announce, timeout=self.options.run_timeout, watch=self.nodes
+            self.procs, link, run_id, handle, announce=self.announce, timeout=self.options.run_timeout,
+            watch=[*self.nodes, *self.runtimes()],
         )
         if status != COMPLETED:
             raise run_log.failure(run_id, status, f"see the logs in {self.paths.logs}")

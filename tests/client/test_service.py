@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from client.node import NodeCredentials, NodeOptions
-from client.service import connection_hint, speaks_tls
+from client.service import _ConnectionWatch, connection_hint, speaks_tls
 from server.provision import ConsortiumLayout, provision
-from shared.processes import free_port
+from shared.errors import DeploymentError
+from shared.processes import ProcessGroups, free_port
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +103,16 @@ def test_a_refused_activation_is_an_unregistered_key(tls_port: int, consortium: 
 def test_no_superlink_at_the_address_is_said(consortium: ConsortiumLayout) -> None:
     hint = connection_hint(_options(free_port(), consortium), "Connection attempt failed")
     assert hint.startswith("nothing accepts connections at 127.0.0.1:")
+
+
+def test_a_node_whose_site_runtime_died_stops_and_says_so(tmp_path: Path) -> None:
+    # Prepare: a live stand-in for the SuperNode, and a site runtime that has exited with status 3
+    with ProcessGroups(tmp_path / "logs") as procs:
+        node = procs.start("supernode", [sys.executable, "-c", "import time; time.sleep(30)"])
+        runtime = procs.start("supernode-runtime", [sys.executable, "-c", "raise SystemExit(3)"])
+        runtime.wait(timeout=30)
+        watch = _ConnectionWatch(node, _options(free_port(), None), 60.0, runtime=runtime)
+
+        # Execute / Assert
+        with pytest.raises(DeploymentError, match=r"site runtime .* exited with status 3; the node stops"):
+            watch.check()
