@@ -4,7 +4,9 @@
    fine-tuning (last backbone block + head), on real chest X-ray features. Per-step time is
    the slope between 1-epoch and 6-epoch runs (median of 3 each, after a warm-up), so
    Opacus' per-call set-up is not counted as a step (it is printed separately).
-2. Utility vs epsilon in {0.5, 1, 3, 8, none} on Flower's simulation engine:
+2. Utility vs epsilon in {0.5, 1, 3, 8, none} on Flower's simulation engine, each cell the mean
+   ± sample standard deviation over ``--seeds`` seeds (heart-disease: at least 5), with the
+   clinical figures at 0.5 and at each site's operating point (the demo's rule, Youden):
    - heart-disease in FLamby's 4-site setup (all sites from one initialization, delta 1e-3):
      mean per-site test accuracy, the figure FLamby reports;
    - chest-xray, 4 non-IID hospitals, frozen MobileNetV2 + head: validation accuracy and AUC.
@@ -12,6 +14,7 @@
 Usage::
 
     .venv/bin/python scripts/bench_privacy.py --data ../shared/data/pneumoniamnist.npz
+    .venv/bin/python scripts/bench_privacy.py --data ../shared/data/pneumoniamnist.npz --epsilons 1 --no-step-times
 """
 
 from __future__ import annotations
@@ -38,8 +41,6 @@ from shared.dp import train_dp
 from shared.pipeline import Pretrained, build_model, local_problem, train_settings
 from shared.tasks import load_sites
 from shared.training import train
-
-EPSILONS: tuple[float | None, ...] = (0.5, 1.0, 3.0, 8.0, None)
 
 
 def _seconds(fn: Any) -> float:
@@ -99,11 +100,30 @@ def utility(cfg: RunConfig, eps: float | None, sites_root: Path) -> dict[str, fl
     rows = result.final_rows()
     return {
         "mean_site_accuracy": float(np.mean([r.accuracy for r in rows])),
-        "weighted_accuracy": weighted_mean(rows, "accuracy"),
-        "weighted_auc": weighted_mean(rows, "auc"),
+        **{f"weighted_{name}": weighted_mean(rows, name) for name in WEIGHTED},
         "max_epsilon": max((r.epsilon for r in rows), default=math.nan),
         "seconds": time.perf_counter() - start,
     }
+
+
+WEIGHTED = ("accuracy", "auc", "balanced_accuracy", "sensitivity", "specificity", "sensitivity_at_op", "specificity_at_op")
+"""Example-weighted means over the sites' held-out parts (the clinical ones at 0.5, then at each site's operating point)."""
+
+
+def over_seeds(cfg: RunConfig, eps: float | None, seeds: int) -> dict[str, dict[str, float]]:
+    """:func:`utility` for ``seeds`` seeds (0, 1, ...): mean and sample standard deviation of each figure."""
+    runs = []
+    for seed in range(seeds):
+        with tempfile.TemporaryDirectory() as root:
+            runs.append(utility(cfg.with_overrides(seed=seed), eps, Path(root)))
+    return {
+        key: {"mean": float(np.mean([r[key] for r in runs])), "sd": float(np.std([r[key] for r in runs], ddof=1)) if seeds > 1 else 0.0}
+        for key in runs[0]
+    }
+
+
+def _cell(figure: dict[str, float]) -> str:
+    return "-" if math.isnan(figure["mean"]) else f"{figure['mean']:.3f} ± {figure['sd']:.3f}"
 
 
 def main() -> None:
@@ -112,21 +132,31 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="PneumoniaMNIST .npz (or image folder)")
     parser.add_argument("--state-dir", type=Path, default=Path(".carefl"), help="backbone registry")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (mean ± sd); heart-disease runs 5 at least")
+    parser.add_argument("--epsilons", type=str, default="0.5,1,3,8,none", help="comma-separated; 'none' = no DP")
+    parser.add_argument("--tasks", type=str, default="heart-disease,chest-xray", help="comma-separated")
+    parser.add_argument("--no-step-times", action="store_true", help="skip the per-step timing")
     args = parser.parse_args()
+    epsilons = [None if e.strip() == "none" else float(e) for e in args.epsilons.split(",")]
+    tasks = {t.strip() for t in args.tasks.split(",")}
     torch.set_num_threads(1)
     console = Console()
     registry = str(args.state_dir / "registry")
     chest = demo_config("chest-xray", registry_dir=registry, data_path=str(args.data))
     pretrained = ensure_backbone(chest, console)
     report: dict[str, Any] = {"step_time": {}, "utility": {}}
-    for label, cfg in (("head only", chest), ("last block + head", chest.with_overrides(trainable="last"))):
-        report["step_time"][label] = step_times(cfg, pretrained)
+    if not args.no_step_times:
+        for label, cfg in (("head only", chest), ("last block + head", chest.with_overrides(trainable="last"))):
+            report["step_time"][label] = step_times(cfg, pretrained)
     heart = demo_config("heart-disease", registry_dir=registry, setup="benchmark", target_delta=1e-3)
-    for task, cfg in (("heart-disease (FLamby 4 sites)", heart), ("chest-xray (4 sites)", chest)):
+    runs = {"heart-disease": ("heart-disease (FLamby 4 sites)", heart, max(args.seeds, 5)),
+            "chest-xray": ("chest-xray (4 sites)", chest, args.seeds)}  # fmt: skip
+    for name, (task, cfg, seeds) in runs.items():
+        if name not in tasks:
+            continue
         report["utility"][task] = {}
-        for eps in EPSILONS:
-            with tempfile.TemporaryDirectory() as root:
-                report["utility"][task]["none" if eps is None else f"{eps:g}"] = utility(cfg, eps, Path(root))
+        for eps in epsilons:
+            report["utility"][task]["none" if eps is None else f"{eps:g}"] = over_seeds(cfg, eps, seeds)
 
     table = Table(title=f"bench_privacy: time per step, DP-SGD vs plain (chest-xray, batch {chest.batch_size})")
     for column in ("trainable", "params", "plain step", "DP step", "ratio", "DP set-up", "target"):
@@ -138,13 +168,18 @@ def main() -> None:
         )  # fmt: skip
     console.print(table)
     for task, by_eps in report["utility"].items():
-        table = Table(title=f"bench_privacy: utility vs epsilon, {task}")
-        for column in ("epsilon", "mean per-site acc", "weighted acc", "weighted AUC", "epsilon spent (max)", "wall"):
+        table = Table(title=f"bench_privacy: utility vs epsilon, {task} (mean ± sd over seeds; held-out data)")
+        columns = ("epsilon", "mean per-site acc", "weighted acc", "AUC", "balanced acc", "sens / spec at 0.5",
+                   "sens / spec at op", "epsilon spent", "wall per run")  # fmt: skip
+        for column in columns:
             table.add_column(column, justify="right")
         for eps, u in by_eps.items():
             table.add_row(
-                eps, f"{u['mean_site_accuracy']:.3f}", f"{u['weighted_accuracy']:.3f}", f"{u['weighted_auc']:.3f}",
-                "-" if math.isnan(u["max_epsilon"]) else f"{u['max_epsilon']:.3f}", f"{u['seconds']:.0f} s",
+                eps, _cell(u["mean_site_accuracy"]), _cell(u["weighted_accuracy"]), _cell(u["weighted_auc"]),
+                _cell(u["weighted_balanced_accuracy"]),
+                f"{_cell(u['weighted_sensitivity'])} / {_cell(u['weighted_specificity'])}",
+                f"{_cell(u['weighted_sensitivity_at_op'])} / {_cell(u['weighted_specificity_at_op'])}",
+                _cell(u["max_epsilon"]), f"{u['seconds']['mean']:.0f} s",
             )  # fmt: skip
         console.print(table)
     if args.json:
