@@ -158,15 +158,19 @@ def main() -> None:
         for eps in epsilons:
             report["utility"][task]["none" if eps is None else f"{eps:g}"] = over_seeds(cfg, eps, seeds)
 
-    table = Table(title=f"bench_privacy: time per step, DP-SGD vs plain (chest-xray, batch {chest.batch_size})")
-    for column in ("trainable", "params", "plain step", "DP step", "ratio", "DP set-up", "target"):
-        table.add_column(column, justify="right")
-    for label, t in report["step_time"].items():
-        table.add_row(
-            label, f"{t['trainable_params']:.0f}", f"{1e3 * t['plain_step_s']:.2f} ms", f"{1e3 * t['dp_step_s']:.2f} ms",
-            f"{t['ratio']:.2f}x", f"{t['dp_setup_s']:.2f} s", "<= 1.5x" if label == "head only" else "-",
-        )  # fmt: skip
-    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=float))
+    if report["step_time"]:
+        table = Table(title=f"bench_privacy: time per step, DP-SGD vs plain (chest-xray, batch {chest.study.batch_size})")
+        for column in ("trainable", "params", "plain step", "DP step", "ratio", "DP set-up", "target"):
+            table.add_column(column, justify="right")
+        for label, t in report["step_time"].items():
+            table.add_row(
+                label, f"{t['trainable_params']:.0f}", f"{1e3 * t['plain_step_s']:.2f} ms",
+                f"{1e3 * t['dp_step_s']:.2f} ms", f"{t['ratio']:.2f}x", f"{t['dp_setup_s']:.2f} s",
+                "<= 1.5x" if label == "head only" else "-",
+            )  # fmt: skip
+        console.print(table)
     for task, by_eps in report["utility"].items():
         table = Table(title=f"bench_privacy: utility vs epsilon, {task} (mean ± sd over seeds; held-out data)")
         columns = ("epsilon", "mean per-site acc", "weighted acc", "AUC", "balanced acc", "sens / spec at 0.5",
@@ -182,8 +186,6 @@ def main() -> None:
                 _cell(u["max_epsilon"]), f"{u['seconds']['mean']:.0f} s",
             )  # fmt: skip
         console.print(table)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=float))
 
 
 if __name__ == "__main__":
