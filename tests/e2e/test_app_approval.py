@@ -12,8 +12,6 @@ import io
 import json
 import shutil
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,24 +26,13 @@ from server.local.demo import demo_config
 from server.local.deployment import DeploymentDemoOptions, LocalDeployment, _run_config
 from server.service import APP_DIR
 from shared.fab import build_fab
-from shared.processes import ProcessGroups, group_alive
+from shared.processes import ProcessGroups
 
 pytestmark = [
     pytest.mark.deployment,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process tracking is checked on Linux only"),
 ]
 
-
-@pytest.fixture()
-def procs(tmp_path: Path) -> Iterator[ProcessGroups]:
-    groups = ProcessGroups(tmp_path / "logs", grace=10)
-    with groups:
-        yield groups
-    seen = groups.groups()
-    deadline = time.monotonic() + 20
-    while any(group_alive(g) for g in seen) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [g for g in seen if group_alive(g)], f"process groups left running: {seen}"
 
 
 def _modified_carefl(folder: Path, marker: Path) -> Path:

@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from server.provision import ConsortiumLayout, provision
 from server.superlink import SuperLinkOptions, SuperLinkTLS
 from shared.errors import EXIT_TERMINATED, DeploymentError
 from shared.executables import executable, flower_env
-from shared.processes import ProcessGroups, free_port, group_alive, tagged_processes
+from shared.processes import ProcessGroups, free_port, group_alive
 from shared.tasks import OwnData, heart, load_own
 
 pytestmark = [
@@ -44,19 +43,6 @@ pytestmark = [
     ),
 ]
 
-
-@pytest.fixture()
-def procs(tmp_path: Path) -> Iterator[ProcessGroups]:
-    """The test's processes; afterwards (pass or fail) none of their process groups may remain."""
-    groups = ProcessGroups(tmp_path / "logs", grace=10)
-    with groups:
-        yield groups
-    seen = groups.groups()
-    deadline = time.monotonic() + 20
-    while any(group_alive(g) for g in seen) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [g for g in seen if group_alive(g)], f"process groups left running: {seen}"
-    assert not tagged_processes(groups.tag)
 
 
 @pytest.fixture()

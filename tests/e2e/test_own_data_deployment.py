@@ -12,8 +12,6 @@ from __future__ import annotations
 import io
 import json
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from rich.console import Console
 
 from server.local.demo import demo_config
 from server.local.deployment import DeploymentDemoOptions, LocalDeployment
-from shared.processes import ProcessGroups, group_alive
+from shared.processes import ProcessGroups
 from shared.tasks import OwnData, load_own
 from shared.tasks.chest_data import load_image_dataset
 from tests.site_files import dicom_site, png_site
@@ -33,17 +31,6 @@ pytestmark = [
 ]
 TAG = "ZQXPHI"
 
-
-@pytest.fixture()
-def procs(tmp_path: Path) -> Iterator[ProcessGroups]:
-    groups = ProcessGroups(tmp_path / "logs", grace=10)
-    with groups:
-        yield groups
-    seen = groups.groups()
-    deadline = time.monotonic() + 20
-    while any(group_alive(g) for g in seen) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [g for g in seen if group_alive(g)], f"process groups left running: {seen}"
 
 
 def _npz_site(path: Path, npz: Path) -> Path:

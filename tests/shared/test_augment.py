@@ -10,7 +10,6 @@ import pytest
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
-from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from shared.augment import Augmentation, augmented_views
@@ -24,6 +23,7 @@ from shared.privacy import Charge, poisson_schedule
 from shared.tasks import input_spec
 from shared.tasks.base import SiteData
 from shared.training import RecordLoss, TrainSettings, train
+from tests.dp_steps import record_dp_steps
 
 SIDE = 32
 CROP = Augmentation(kind="crop-rotate-flip", views=3, seed=5)
@@ -295,26 +295,7 @@ def test_with_eight_views_each_record_contributes_one_gradient_clipped_to_the_bo
     bound = 0.5
     torch.manual_seed(0)
     module = nn.Linear(6, 2)
-    steps: list[dict[str, object]] = []
-
-    def forward_hook(layer: nn.Module, args: tuple[torch.Tensor, ...], _: torch.Tensor) -> None:
-        steps.append(
-            {
-                "x": args[0].detach().clone(),
-                "w": layer.weight.detach().clone(),
-                "b": layer.bias.detach().clone(),
-            }
-        )
-
-    original = DPOptimizer.clip_and_accumulate
-
-    def recording(self: DPOptimizer) -> None:
-        steps[-1]["samples"] = [g.detach().clone() for g in self.grad_samples]
-        original(self)
-        steps[-1]["summed"] = [p.summed_grad.detach().clone() for p in self.params]
-
-    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", recording)
-    module.register_forward_hook(forward_hook)
+    steps = record_dp_steps(module, monkeypatch)
     settings = replace(SETTINGS, batch_size=15, learning_rate=1.0, momentum=0.0)
 
     # Execute

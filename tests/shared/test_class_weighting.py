@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
-from opacus.optimizers import DPOptimizer
 from sklearn.metrics import recall_score
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
@@ -21,6 +20,7 @@ from shared.pipeline import train_settings
 from shared.privacy import Charge, poisson_schedule
 from shared.tasks import load_site
 from shared.training import TrainSettings, class_weights, predict_proba, train
+from tests.dp_steps import record_dp_steps
 
 NONE = TrainSettings(epochs=4, batch_size=16, learning_rate=0.1, seed=7)
 BALANCED = replace(NONE, class_weighting="balanced")
@@ -181,26 +181,7 @@ def test_weights_scale_each_records_loss_before_clipping(monkeypatch: pytest.Mon
     module = nn.Linear(6, 2)
     weights = class_weights(y, "balanced")
     assert weights is not None and weights.max() == pytest.approx(5.0)
-    steps: list[dict[str, object]] = []
-
-    def forward_hook(layer: nn.Module, args: tuple[torch.Tensor, ...], _: torch.Tensor) -> None:
-        steps.append(
-            {
-                "x": args[0].detach().clone(),
-                "w": layer.weight.detach().clone(),
-                "b": layer.bias.detach().clone(),
-            }
-        )
-
-    original = DPOptimizer.clip_and_accumulate
-
-    def recording(self: DPOptimizer) -> None:
-        steps[-1]["samples"] = [g.detach().clone() for g in self.grad_samples]
-        original(self)
-        steps[-1]["summed"] = [p.summed_grad.detach().clone() for p in self.params]
-
-    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", recording)
-    module.register_forward_hook(forward_hook)
+    steps = record_dp_steps(module, monkeypatch)
     settings = replace(BALANCED, epochs=3, batch_size=15, learning_rate=1.0, momentum=0.0)
 
     # Execute
