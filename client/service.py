@@ -111,7 +111,7 @@ def serve_node(options: NodeOptions, console: Console, *, connect_timeout: float
             "Ctrl-C stops it. Its log follows.",
             highlight=False,
         )
-        runtime = next(p for p in procs.processes() if p.name == f"{node.name}{RUNTIME_SUFFIX}")
+        runtime = next(p for p in procs.processes if p.name == f"{node.name}{RUNTIME_SUFFIX}")
         watch = _ConnectionWatch(node, options, connect_timeout, runtime=runtime)
         status = follow_output(node, watch.show(console), check=watch.check)
         if not watch.connected:

@@ -284,7 +284,7 @@ class LocalDeployment:
     def runtimes(self) -> list[ManagedProcess]:
         """The hospitals' site runtimes (they answer every task; a dead one would leave the run waiting)."""
         names = {f"{node.name}{RUNTIME_SUFFIX}" for node in self.nodes}
-        return [p for p in self.procs.processes() if p.name in names]
+        return [p for p in self.procs.processes if p.name in names]
 
     def run(self, *, resume: bool, on_line: LineHandler | None = None) -> Path:
         """Submit the run (``resume``: continue the checkpoint), follow it, check its run folder.
