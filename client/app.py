@@ -7,14 +7,15 @@ config instead.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from logging import INFO
 from pathlib import Path
 
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.client import Client
+from flwr.client.mod import make_ffn
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import Mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from client.audit_mod import make_audit_mod
 from client.backbone_mod import make_backbone_mod
@@ -29,8 +30,48 @@ from shared.masks import install_secure_masks
 from shared.offline import configure_flower_env
 
 
+def make_client_fn(defaults: Mapping[str, str] | None = None) -> Callable[[Context], Client]:
+    """The innermost call of the site's ClientApp: the site's Flower client (training, evaluation).
+
+    Parameters
+    ----------
+    defaults : Mapping[str, str], optional
+        Fallbacks for node-config keys (``data-path``, ``sites-root``).
+    """
+    site_defaults = dict(defaults or {})
+
+    def client_fn(context: Context) -> Client:
+        # Imported here: the SecAgg+ stages, the backbone offer and the audit need neither torch
+        # nor the model, so a task process that only runs them stays thin.
+        from client.numpy_client import SiteClient
+
+        return SiteClient(simulated_site_ready(site_environment(context, site_defaults)), str(context.run_id)).to_client()
+
+    return client_fn
+
+
+def site_mods(defaults: Mapping[str, str] | None = None) -> list[Mod]:
+    """CareFL's mods, outermost first: audit, refusal, backbone offer, model delivery, SecAgg+.
+
+    The audit mod is outermost: it records exactly what leaves the site, refusals included.
+    """
+    site_defaults = dict(defaults or {})
+
+    def environment(context: Context) -> SiteEnvironment:
+        return simulated_site_ready(site_environment(context, site_defaults))
+
+    def site_dir_of(context: Context) -> Path:
+        return environment(context).site_dir
+
+    def policy_of(context: Context) -> Path:
+        return environment(context).policy_path
+
+    backbone_mod = make_backbone_mod(site_dir_of, policy_of)
+    return [make_audit_mod(site_dir_of), refusal_mod, backbone_mod, make_model_mod(environment), secure_aggregation_mod]
+
+
 def create_client_app(defaults: Mapping[str, str] | None = None, outer_mods: Sequence[Mod] = ()) -> ClientApp:
-    """Build the ClientApp.
+    """Build the ClientApp that trains in its own process (simulation, ``flwr run`` on the engine).
 
     Parameters
     ----------
@@ -41,28 +82,33 @@ def create_client_app(defaults: Mapping[str, str] | None = None, outer_mods: Seq
     """
     configure_flower_env()
     install_secure_masks()
-    site_defaults = dict(defaults or {})
+    return ClientApp(client_fn=make_client_fn(defaults), mods=[*outer_mods, *site_mods(defaults)])
 
-    def environment(context: Context) -> SiteEnvironment:
-        return simulated_site_ready(site_environment(context, site_defaults))
 
-    def client_fn(context: Context) -> Client:
-        # Imported here: Flower starts a fresh process per message, and the SecAgg+ stages,
-        # the backbone offer and the audit need neither torch nor the model.
-        from client.numpy_client import SiteClient
+def create_worker_app(parent_pid: int, outer_mods: Sequence[Mod] = ()) -> ClientAppCallable:
+    """Build the deployed node's ClientApp: CareFL's mods here, training and evaluation in the site worker.
 
-        return SiteClient(environment(context), str(context.run_id)).to_client()
+    The task process runs the mod chain (no torch) and hands the innermost call to the site's
+    long-lived worker (:class:`client.worker.link.WorkerLink`), starting it if it is down. Every
+    message goes through the mods, as with Flower's ``ClientApp(client_fn=..., mods=...)``.
 
-    def site_dir_of(context: Context) -> Path:
-        return environment(context).site_dir
+    Parameters
+    ----------
+    parent_pid : int
+        The site runtime's process id (a worker started here stops with it).
+    outer_mods : Sequence[Mod]
+        Mods run before (outside) CareFL's own.
+    """
+    from client.worker.link import WorkerLink
 
-    def policy_of(context: Context) -> Path:
-        return environment(context).policy_path
+    configure_flower_env()
+    install_secure_masks()
 
-    # The audit mod is outermost: it records exactly what leaves the site, refusals included.
-    backbone_mod = make_backbone_mod(site_dir_of, policy_of)
-    mods = [make_audit_mod(site_dir_of), refusal_mod, backbone_mod, make_model_mod(environment), secure_aggregation_mod]
-    return ClientApp(client_fn=client_fn, mods=[*outer_mods, *mods])
+    def in_worker(message: Message, context: Context) -> Message:
+        site_dir = site_environment(context, {}).site_dir
+        return WorkerLink(site_dir, parent_pid=parent_pid).handle(message, context)
+
+    return make_ffn(in_worker, [*outer_mods, *site_mods()])
 
 
 def simulated_site_ready(env: SiteEnvironment) -> SiteEnvironment:

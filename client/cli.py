@@ -68,6 +68,13 @@ def node(
         int, typer.Option(help="Port of the SuperNode's Runtime API (distinct per node on one machine).")
     ] = 9094,
     insecure: Annotated[bool, typer.Option(help="No TLS, no node key: a local test only.")] = False,
+    site_worker: Annotated[
+        bool,
+        typer.Option(
+            help="Train in one long-lived site worker (torch, data, backbone stay loaded), "
+            "or in a fresh process per message as plain Flower does."
+        ),
+    ] = True,
     connect_timeout: Annotated[
         float,
         typer.Option(help="Seconds the SuperLink may take to accept the node; then it stops and says why."),
@@ -79,7 +86,7 @@ def node(
     options = node_options(
         superlink=superlink, site_dir=site_dir, credentials=credentials, insecure=insecure, data_path=data,
         partition=partition_of(partition_id, num_partitions), site_name=site_name, val_fraction=val_fraction,
-        split_seed=split_seed, policy=policy, port=port,
+        split_seed=split_seed, policy=policy, port=port, site_worker=site_worker,
     )  # fmt: skip
     serve_node(options, Console(), connect_timeout=connect_timeout)
 

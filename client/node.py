@@ -83,6 +83,9 @@ class NodeOptions:
         Where its Runtime API (for its ClientApp processes) listens.
     max_wait_time : float | None
         Give up connecting to the SuperLink after this many seconds (``None``: never).
+    site_worker : bool
+        Train and evaluate in the site's long-lived worker (:mod:`client.worker`; default), or
+        in a fresh process per message as Flower does.
     """
 
     superlink: str
@@ -97,6 +100,7 @@ class NodeOptions:
     host: str = "127.0.0.1"
     port: int = DEFAULT_RUNTIME_PORT
     max_wait_time: float | None = None
+    site_worker: bool = True
 
     def __post_init__(self) -> None:
         if self.partition is not None and not 0 <= self.partition[0] < self.partition[1]:

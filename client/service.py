@@ -258,7 +258,14 @@ def start_supernode(
     process = procs.start(name, argv, env=env)
     # The site's runtime runs each task from this machine's installed CareFL, never the FAB's code.
     address = f"{options.host}:{options.port}"
-    runtime = runtime_command(address, process.pid, auth_secret_file=secret, output=process.log_path)
+    runtime = runtime_command(
+        address,
+        process.pid,
+        auth_secret_file=secret,
+        output=process.log_path,
+        site_dir=Path(options.site_dir).resolve(),
+        site_worker=options.site_worker,
+    )
     procs.start(f"{name}{RUNTIME_SUFFIX}", runtime, env=env)
     if wait:
         try:
@@ -297,6 +304,7 @@ def node_options(
     split_seed: int | None = None,
     policy: Path | None = None,
     port: int,
+    site_worker: bool = True,
 ) -> NodeOptions:
     """Build the node options from the command line's values (credentials or ``--insecure``).
 
@@ -320,4 +328,5 @@ def node_options(
         split_seed=split_seed,
         policy=policy,
         port=port,
+        site_worker=site_worker,
     )

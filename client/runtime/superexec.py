@@ -2,7 +2,8 @@
 
 It polls the SuperNode's Runtime API for ClientApp tasks (``AcquireTask``) and starts one
 :mod:`client.runtime.task` process per task, from this Python and its installed CareFL; it ends
-when the SuperNode it serves ends. ``carefl node`` starts it next to its SuperNode
+when the SuperNode it serves ends. Given the site directory, it first starts the site's
+long-lived worker (:mod:`client.worker`), which then trains and evaluates for every task. ``carefl node`` starts it next to its SuperNode
 (:func:`client.service.start_supernode`); it is run as
 ``python -P -m client.runtime.superexec --runtime-api-address HOST:PORT --supernode-pid PID``
 (``-P``: the working directory is not searched for modules).
@@ -16,10 +17,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+from shared.errors import CareFLError
 from shared.log import log
 
 POLL_INTERVAL_S = 1.0
@@ -27,18 +29,29 @@ POLL_INTERVAL_S = 1.0
 _SIGNED = frozenset({"/flwr.proto.Runtime/AcquireTask"})  # as flwr.supercore.superexec.run_superexec
 
 
-def task_command(runtime_api_address: str, token: str, parent_pid: int) -> list[str]:
+def task_command(runtime_api_address: str, token: str, parent_pid: int, *, in_process: bool = False) -> list[str]:
     """The command line of one task process: this Python, ``-P``, the installed task runner."""
     return [
         sys.executable, "-P", "-m", "client.runtime.task",
         "--runtime-api-address", runtime_api_address, "--token", token, "--parent-pid", str(parent_pid),
+        *(["--in-process"] if in_process else []),
     ]  # fmt: skip
 
 
 def runtime_command(
-    runtime_api_address: str, supernode_pid: int, *, auth_secret_file: Path | None = None, output: Path | None = None
+    runtime_api_address: str,
+    supernode_pid: int,
+    *,
+    auth_secret_file: Path | None = None,
+    output: Path | None = None,
+    site_dir: Path | None = None,
+    site_worker: bool = True,
 ) -> list[str]:
     """The command line of the site's launcher serving the SuperNode ``supernode_pid``.
+
+    With ``site_dir``, it starts the site worker (:mod:`client.worker`) at once, so that the
+    first round does not wait for torch to load. Without ``site_worker``, every task trains in
+    its own process.
 
     With ``auth_secret_file`` (the SuperNode's ``--superexec-auth-secret-file``), it signs its
     ``AcquireTask`` calls, so that no other process can take the SuperNode's tasks. With
@@ -51,6 +64,10 @@ def runtime_command(
     ]  # fmt: skip
     if auth_secret_file is not None:
         argv += ["--auth-secret-file", str(auth_secret_file)]
+    if site_dir is not None:
+        argv += ["--site-dir", str(site_dir)]
+    if not site_worker:
+        argv.append("--no-site-worker")
     return argv + (["--output", str(output)] if output is not None else [])
 
 
@@ -61,6 +78,8 @@ def serve(
     auth_secret: bytes | None = None,
     launch: Callable[[Sequence[str]], subprocess.Popen[bytes]] = subprocess.Popen,
     poll_interval: float = POLL_INTERVAL_S,
+    site_dir: Path | None = None,
+    site_worker: bool = True,
 ) -> None:
     """Poll the SuperNode's Runtime API for ClientApp tasks and start a task process for each.
 
@@ -76,6 +95,10 @@ def serve(
         Starts a task process from its command line.
     poll_interval : float
         Seconds between polls.
+    site_dir : Path, optional
+        The hospital's site directory: its worker is started now (else by the first task).
+    site_worker : bool
+        Train and evaluate in the site worker (default); else in each task's own process.
     """
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.app_utils import start_parent_process_monitor
@@ -98,13 +121,20 @@ def serve(
     )
     running: list[subprocess.Popen[bytes]] = []
     log(INFO, "CareFL site runtime: serving the SuperNode's Runtime API at %s", runtime_api_address)
+    if site_worker and site_dir is not None:
+        from client.worker.link import WorkerLink
+
+        try:
+            WorkerLink(site_dir, parent_pid=os.getpid(), launch=launch).ensure()
+        except CareFLError as err:  # the first task tries again, and fails its message if it cannot
+            log(WARNING, "CareFL site runtime: the site worker did not start: %s", err)
     try:
         while True:
             running = [task for task in running if task.poll() is None]  # reap finished tasks
             reply = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             if reply.HasField("task") and reply.token:
                 log(INFO, "CareFL site runtime: task %d of run %d", reply.task.task_id, reply.task.run_id)
-                running.append(launch(task_command(runtime_api_address, reply.token, os.getpid())))
+                running.append(launch(task_command(runtime_api_address, reply.token, os.getpid(), in_process=not site_worker)))
             time.sleep(poll_interval)
     except KeyboardInterrupt:
         log(INFO, "CareFL site runtime: the SuperNode is gone; stopping")
@@ -129,12 +159,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--supernode-pid", type=int, default=None)
     parser.add_argument("--auth-secret-file", type=Path, default=None, help="the SuperNode's SuperExec secret")
     parser.add_argument("--output", type=Path, default=None, help="append stdout and stderr to this file")
+    parser.add_argument("--site-dir", type=Path, default=None, help="start this site's worker at once")
+    parser.add_argument("--no-site-worker", action="store_true", help="train in each task's own process")
     args = parser.parse_args(argv)
     if args.output is not None:
         _append_output_to(args.output)
     configure_flower_env()
     secret = args.auth_secret_file.read_bytes() if args.auth_secret_file is not None else None
-    serve(args.runtime_api_address, supernode_pid=args.supernode_pid, auth_secret=secret)
+    serve(
+        args.runtime_api_address,
+        supernode_pid=args.supernode_pid,
+        auth_secret=secret,
+        site_dir=args.site_dir,
+        site_worker=not args.no_site_worker,
+    )
 
 
 if __name__ == "__main__":

@@ -9,18 +9,23 @@ approved app's message is answered by the ClientApp of the CareFL installed at t
 A FAB that is not approved is answered with ``Error(code=APP_REFUSED)`` naming its SHA-256,
 and the refusal is appended to the site's audit log.
 
-Run as ``python -P -m client.runtime.task --runtime-api-address A --token T [--parent-pid P]``
-by :mod:`client.runtime.superexec`.
+The training and evaluation run in the site's long-lived worker (:mod:`client.worker`); this
+process runs CareFL's mods and imports no torch. With ``--in-process`` they run here instead.
+
+Run as ``python -P -m client.runtime.task --runtime-api-address A --token T [--parent-pid P]
+[--in-process]`` by :mod:`client.runtime.superexec`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Sequence
 from logging import ERROR, INFO, WARNING
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
 from client.audit import AuditLog, AuditRecord
 from client.audit_mod import payload_digest
@@ -31,12 +36,22 @@ from shared.fab import fab_sha256
 from shared.log import log
 from shared.protocol import APP_REFUSED, SITE_REFUSED
 
-InstalledApp = Callable[[], ClientApp]
-"""Returns the ClientApp to run for an approved app."""
+InstalledApp = Callable[[], ClientAppCallable]
+"""Returns the ClientApp (or an equivalent callable) to run for an approved app."""
 
 
-def installed_client_app() -> ClientApp:
-    """The hospital's installed CareFL ClientApp (:data:`client.app.app`), imported from this Python."""
+def installed_client_app() -> ClientAppCallable:
+    """The hospital's installed CareFL ClientApp, training in the site worker (:func:`client.app.create_worker_app`).
+
+    This process's parent is the site runtime; a worker started from here stops with it.
+    """
+    from client.app import create_worker_app
+
+    return create_worker_app(parent_pid=os.getppid())
+
+
+def in_process_client_app() -> ClientApp:
+    """The installed CareFL ClientApp training in this process (:data:`client.app.app`; no site worker)."""
     from client.app import app
 
     return app
@@ -108,11 +123,14 @@ def _audit_refusal(site_dir: object, message: Message, reply: Message) -> None:
     )
 
 
-def run_task(runtime_api_address: str, token: str, *, parent_pid: int | None = None) -> int:
+def run_task(
+    runtime_api_address: str, token: str, *, parent_pid: int | None = None, installed: InstalledApp = installed_client_app
+) -> int:
     """Pull one task from the SuperNode's Runtime API, answer it (:func:`answer`), push the reply.
 
     Mirrors Flower's ``flwr.supernode.runtime.run_clientapp.run_clientapp`` with the FAB
-    installation and loading replaced by :func:`answer`. Returns the exit status (0: a reply left).
+    installation and loading replaced by :func:`answer`, which runs ``installed``. Returns the
+    exit status (0: a reply left).
     """
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.app_utils import start_parent_process_monitor
@@ -140,7 +158,7 @@ def run_task(runtime_api_address: str, token: str, *, parent_pid: int | None = N
     sub_status, details, status = SubStatus.FAILED, "ClientApp task failed due to unknown reason", 1
     try:
         message, context, run, fab = pull_task_input(client)
-        reply = answer(message, context, fab.content, fab_id=run.fab_id)
+        reply = answer(message, context, fab.content, fab_id=run.fab_id, installed=installed)
         sub_status, details, status = SubStatus.COMPLETED, "", 0
         if reply.has_error() and reply.error.code == APP_REFUSED:
             sub_status, details = SubStatus.FAILED, reply.error.reason
@@ -172,9 +190,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--token", required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--in-process", action="store_true", help="train in this process, not in the site worker")
     args = parser.parse_args(argv)
     configure_flower_env()
-    raise SystemExit(run_task(args.runtime_api_address, args.token, parent_pid=args.parent_pid))
+    installed = in_process_client_app if args.in_process else installed_client_app
+    raise SystemExit(run_task(args.runtime_api_address, args.token, parent_pid=args.parent_pid, installed=installed))
 
 
 if __name__ == "__main__":

@@ -79,6 +79,8 @@ class DeploymentDemoOptions:
     own_data : Mapping[str, str]
         Hospital name -> its own data (each node's ``data-path``, used whole). Empty: every
         node holds a partition of ``config``'s shared data set (``partition-id``).
+    site_worker : bool
+        Each node trains in its long-lived site worker (default), or per message as Flower does.
     """
 
     config: RunConfig
@@ -88,6 +90,7 @@ class DeploymentDemoOptions:
     app_dir: Path = APP_DIR
     run_timeout: float = RUN_TIMEOUT_S
     own_data: Mapping[str, str] = field(default_factory=dict)
+    site_worker: bool = True
 
 
 @dataclass(frozen=True)
@@ -275,6 +278,7 @@ class LocalDeployment:
             credentials=NodeCredentials.from_dir(self.layout.hospital_dir(hospital)),
             data_path=str(Path(own).resolve()) if own else shared_data,
             port=free_port(),
+            site_worker=self.options.site_worker,
         )
         name = f"supernode-{hospital}" if attempt == 1 else f"supernode-{hospital}-{attempt}"
         return start_supernode(

@@ -22,9 +22,13 @@ import pytest
 import torch
 from rich.console import Console
 
+from client.audit import ACCEPTED, AUDIT_FILE
+from client.ledger import PrivacyLedger
 from client.node import NodeCredentials, NodeOptions
 from client.service import serve_node, start_supernode
 from client.setup import prepare_site_dir
+from client.worker.channel import worker_dir
+from client.worker.process import PID_FILE
 from server.checkpoint import load_checkpoint
 from server.deployment import register_nodes, start_superlink
 from server.local.demo import demo_config
@@ -126,6 +130,8 @@ def test_secure_federation_survives_a_server_crash(
     nodes = deployment.start_nodes()
     lines: list[str] = []
     killed: list[int] = []
+    worker_pid_file = worker_dir(deployment.paths.site_dir(deployment.hospitals[0])) / PID_FILE
+    killed_workers: list[int] = []
 
     def crash_after_round_1(_: float, line: str) -> None:
         lines.append(line)
@@ -133,6 +139,8 @@ def test_secure_federation_survives_a_server_crash(
             assert first_link.process is not None
             killed.append(first_link.process.pgid)
             procs.kill(first_link.process)  # SIGKILL to the SuperLink's whole process group
+            killed_workers.append(int(worker_pid_file.read_text()))
+            os.kill(killed_workers[0], signal.SIGKILL)  # and the first hospital's site worker
 
     # Execute: the run dies with its SuperLink, which restarts on its state database
     with pytest.raises(DeploymentError, match="SuperLink exited"):
@@ -178,6 +186,12 @@ def test_secure_federation_survives_a_server_crash(
     assert set(across) == set(own)
     assert all(across[site]["epsilon"] > card["privacy"]["per_site"][site]["epsilon"] > 0 for site in across)
     assert {row["round"] for row in json.loads((out / "metrics.json").read_text())["rounds"]} == {1, 2}
+    # The killed site worker lost nothing: a new one trained round 2, both rounds charged and audited
+    first_site = deployment.paths.site_dir(deployment.hospitals[0])
+    assert int(worker_pid_file.read_text()) != killed_workers[0]
+    assert sorted(entry.round for entry in PrivacyLedger.open(first_site).entries()) == [1, 2]
+    audited = [json.loads(line) for line in (first_site / AUDIT_FILE).read_text().splitlines()]
+    assert {r["round"] for r in audited if r["message_type"] == "train" and r["decision"] == ACCEPTED} >= {1, 2}
     # The resumed run delivered the final model to every hospital, bit for bit
     for hospital in deployment.hospitals:
         (copy,) = (deployment.paths.site_dir(hospital) / "models").glob("*/model.pt")
