@@ -31,10 +31,21 @@ HEART = TaskInfo(
 )
 
 
+HEART_LOGREG = ("heart_logreg", {"in_features": 13}, 13)
+"""FLamby's baseline model: logistic regression, the head alone on the 13 inputs (``model = "logreg"``)."""
+
+
 class HeartDisease(Task):
     """UCI heart disease: the benchmark's 4 hospitals, or 3 without Cleveland when transferring."""
 
     info = HEART
+
+    def architecture(self, cfg: StudyConfig) -> tuple[str, dict[str, Any], int]:
+        """The MLP of :data:`HEART` (``model = "mlp"``) or logistic regression (``model = "logreg"``)."""
+        if cfg.model == "logreg":
+            name, params, width = HEART_LOGREG
+            return name, dict(params), width
+        return super().architecture(cfg)
 
     def hospitals(self, cfg: StudyConfig) -> tuple[str, ...]:
         """Hospitals of the federation: without Cleveland (the pretraining site) unless benchmarking."""
