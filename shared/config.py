@@ -42,6 +42,7 @@ ClassWeighting = Literal["none", "balanced"]
 Missing = Literal["drop", "impute"]
 Augment = Literal["none", "crop-rotate-flip"]
 GradSampleMode = Literal["hooks", "ghost", "functorch"]
+Model = Literal["mlp", "logreg"]
 
 
 class StudyConfig(KebabDocument):
@@ -60,6 +61,12 @@ class StudyConfig(KebabDocument):
     backbone_sha256 : str
         If set, the backbone's weights must have exactly this SHA-256. The server pins it to the
         hash of the backbone it resolved before sending the study to the sites.
+    model : str
+        What heart-disease trains from a random initialization (``benchmark``, ``scratch``):
+        ``mlp`` (13-32-32 ReLU layers and a linear head, the architecture of the Cleveland
+        backbone) or ``logreg`` (logistic regression: the linear head alone on the 13 inputs,
+        FLamby's baseline model). ``logreg`` has no backbone to transfer, so it needs ``setup``
+        benchmark or scratch, and the heart-disease task.
     trainable : str
         ``head`` (frozen backbone), ``last`` (the last ``last-blocks`` backbone blocks, their
         BatchNorm frozen, plus the head) or ``full``.
@@ -156,6 +163,7 @@ class StudyConfig(KebabDocument):
     setup: Setup = "transfer"
     backbone: str = "heart-mlp-cleveland"
     backbone_sha256: Sha256OrEmpty = ""
+    model: Model = "mlp"
     trainable: Trainable = "head"
     last_blocks: int = Field(default=1, ge=1)
     strategy: Strategy = "fedavg"
@@ -215,9 +223,20 @@ class StudyConfig(KebabDocument):
                 "`strategy` fedprox is not supported with DP-SGD (`dp` = true); use fedavg, fedadam or fedyogi."
             )
         self._augmentable()
+        self._model_fits()
         if self.secure_aggregation:
             self.secagg_settings(timeout=math.inf).check(self.num_sites)
         return self
+
+    def _model_fits(self) -> None:
+        if self.model == "mlp":
+            return
+        if self.task != "heart-disease":
+            raise ConfigError(f"`model` {self.model} is a heart-disease model; {self.task} takes `model` mlp (its default).")
+        if self.setup == "transfer":
+            raise ConfigError(
+                f"`model` {self.model} has no backbone to transfer: use `setup` benchmark or scratch, or `model` mlp."
+            )
 
     def _augmentable(self) -> None:
         if self.augment_views > 1 and self.augment == "none":

@@ -52,11 +52,12 @@ def build_model(cfg: StudyConfig, pretrained: Pretrained | None) -> BackboneWith
     Parameters
     ----------
     cfg : StudyConfig
-        Task, setup, seed, image size.
+        Task, setup, seed, image size; ``model`` picks the architecture trained from a random
+        initialization (:meth:`shared.tasks.base.Task.architecture`).
     pretrained : Pretrained, optional
         Required in the ``transfer`` setup; ignored otherwise.
     """
-    task = get_task(cfg.task).info
+    task = get_task(cfg.task)
     torch.manual_seed(cfg.seed)
     if cfg.setup == "transfer":
         if pretrained is None:
@@ -65,11 +66,11 @@ def build_model(cfg: StudyConfig, pretrained: Pretrained | None) -> BackboneWith
         load_backbone_weights(trunk, pretrained.manifest, pretrained.path)
         feature_dim = pretrained.manifest.feature_dim
     else:
-        trunk = build_backbone(task.architecture, task.arch_params)
-        feature_dim = task.feature_dim
-    backbone = _with_input_module(task, cfg, trunk)
+        architecture, arch_params, feature_dim = task.architecture(cfg)
+        trunk = build_backbone(architecture, arch_params)
+    backbone = _with_input_module(task.info, cfg, trunk)
     torch.manual_seed(cfg.seed + 1)
-    model = BackboneWithHead(backbone, feature_dim, task.num_classes)
+    model = BackboneWithHead(backbone, feature_dim, task.info.num_classes)
     trainable = effective_trainable(cfg)
     if trainable in ("head", "last"):
         model.freeze_backbone()

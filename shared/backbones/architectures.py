@@ -220,6 +220,8 @@ def build_backbone(architecture: str, arch_params: Mapping[str, Any]) -> nn.Modu
         return IMAGENET_TRUNKS[architecture]()
     if architecture == "heart_mlp":
         return heart_mlp(int(arch_params["in_features"]), list(arch_params["hidden"]))
+    if architecture == "heart_logreg":  # logistic regression: no backbone, the linear head sees the inputs
+        return nn.Identity()
     if architecture == "small_cnn":
         return small_cnn(list(arch_params["channels"]))
     raise ValueError(f"unknown architecture {architecture!r}")

@@ -159,6 +159,17 @@ class Task(ABC):
         """The input pipeline for ``cfg`` (part of the feature-cache key)."""
         return dict(self.info.input_spec)
 
+    def architecture(self, cfg: StudyConfig) -> tuple[str, dict[str, Any], int]:
+        """The architecture trained from a random initialization for ``cfg`` (``scratch``, ``benchmark``).
+
+        Returns
+        -------
+        tuple[str, dict[str, Any], int]
+            The architecture's name (:func:`shared.backbones.architectures.build_backbone`), its
+            constructor arguments and its feature width (the head's input).
+        """
+        return self.info.architecture, dict(self.info.arch_params), self.info.feature_dim
+
     def site_name(self, cfg: StudyConfig, index: int) -> str:
         """The name of site ``index`` (0-based), without loading any data."""
         return f"site-{index + 1}"
