@@ -173,9 +173,9 @@ def serve(site_dir: Path, *, parent_pid: int | None = None, handler: Handler | N
     handler : Handler, optional
         Answers each message (default: :func:`site_handler`, the installed CareFL).
     """
+    answer = handler if handler is not None else site_handler()  # imports first: the socket means ready
     listener, secret = listen(site_dir)
     listener.settimeout(PARENT_CHECK_S)  # wake up to see whether the runtime is still there
-    answer = handler if handler is not None else site_handler()
     log(INFO, "site worker: ready (pid %d) on %s", os.getpid(), socket_path(site_dir))
     try:
         while parent_pid is None or process_exists(parent_pid):
