@@ -135,11 +135,19 @@ class SiteClient(NumPyClient):
         return local_problem(cfg, model, site, backbone_sha256=sha, cache_dir=self.env.site_dir)
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        """Check policy and budget, charge the ledger, train; return the delta and privacy spent."""
+        """Check policy and budget, charge the ledger, train; return the delta and privacy spent.
+
+        When the server asks (:data:`shared.protocol.EVALUATE_INCOMING_KEY`), the site first evaluates
+        the received ``parameters`` exactly as :meth:`evaluate` would, and reports those figures too,
+        named as the received model's (:func:`shared.protocol.incoming_metrics`).
+        """
         cfg, server_round, mu = config_from_message(config)
         name = site_label(cfg, self.env)
+        evaluate_incoming = bool(config.get(wire.EVALUATE_INCOMING_KEY, False))
         try:
-            problem, metrics = self._train(cfg, parameters, server_round=server_round, proximal_mu=mu)
+            problem, metrics = self._train(
+                cfg, parameters, server_round=server_round, proximal_mu=mu, evaluate_incoming=evaluate_incoming
+            )
         except CareFLError as err:
             log(WARNING, "%s declines round %d: %s", name, server_round, err)
             raise SiteRefusal(f"{name}: {err}") from err
@@ -155,19 +163,33 @@ class SiteClient(NumPyClient):
         return delta, len(problem.y_train), {wire.METRIC_SITE: name, **metrics}
 
     def _train(
-        self, cfg: StudyConfig, parameters: NDArrays, *, server_round: int, proximal_mu: float
+        self,
+        cfg: StudyConfig,
+        parameters: NDArrays,
+        *,
+        server_round: int,
+        proximal_mu: float,
+        evaluate_incoming: bool = False,
     ) -> tuple[LocalProblem, dict[str, Scalar]]:
-        """Check the request against the policy, then train (privately when ``cfg.dp``)."""
+        """Check the request against the policy, then train (privately when ``cfg.dp``).
+
+        With ``evaluate_incoming`` the received ``parameters`` are evaluated first (before the
+        ledger is charged, so the epsilon reported with them is that of the model received).
+        """
         policy = self._admit(cfg)
         problem = self._problem(cfg)
         noise = check_request(cfg, policy, num_records=len(problem.y_train), backbone_sha256=cfg.backbone_sha256)
+        incoming: dict[str, Scalar] = {}
+        if evaluate_incoming:
+            incoming = wire.incoming_metrics(*self._evaluate_problem(cfg, problem, parameters))
         set_arrays(problem.model, problem.names, parameters)
         settings = train_settings(cfg, server_round=server_round, proximal_mu=proximal_mu)
         if cfg.dp:
-            return problem, self._train_private(cfg, policy, problem, settings, server_round=server_round, noise=noise)
+            trained = self._train_private(cfg, policy, problem, settings, server_round=server_round, noise=noise)
+            return problem, {**incoming, **trained}
         reference = [p.detach().clone() for p in problem.module.parameters() if p.requires_grad]
         loss = train(problem.module, problem.x_train, problem.y_train, settings, reference=reference)
-        return problem, {wire.METRIC_TRAIN_LOSS: loss}
+        return problem, {**incoming, wire.METRIC_TRAIN_LOSS: loss}
 
     def _train_private(
         self,
@@ -211,6 +233,16 @@ class SiteClient(NumPyClient):
         except CareFLError as err:
             log(WARNING, "%s declines to evaluate round %d: %s", name, server_round, err)
             raise SiteRefusal(f"{name}: {err}") from err
+        return self._evaluate_problem(cfg, problem, parameters)
+
+    def _evaluate_problem(
+        self, cfg: StudyConfig, problem: LocalProblem, parameters: NDArrays
+    ) -> tuple[float, int, dict[str, Scalar]]:
+        """Evaluate ``parameters`` on ``problem``'s validation part (the site already admitted the study).
+
+        Returns an evaluate reply: the loss, the validation records, and the metrics (with the
+        privacy this run has spent at the site so far).
+        """
         set_arrays(problem.model, problem.names, parameters)
         probs = predict_proba(problem.module, problem.x_val) if len(problem.y_val) else None
         loss, accuracy, auc = (math.nan,) * 3 if probs is None else classification_metrics(problem.y_val, probs)

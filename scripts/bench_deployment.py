@@ -9,9 +9,15 @@ Runs the same federation twice (heart-disease, 3 hospitals, DP, SecAgg+ unless `
    the message arrived (SuperLink polling 3 s, SuperNode polling 3 s, the server's own work) and
    the ClientApp's time (a fresh process per message: start-up and imports, data, the work).
 
+By default (``evaluate-in-fit``) a site evaluates the model it receives in the fit message, and only
+the final model gets an evaluate message: rounds 1..R-1 have no evaluate stage, round R has one.
+The ServerApp logs the figures of the model after round ``r - 1`` when round ``r``'s training ends,
+so that line ends round ``r``; round R ends with the final model's line. ``--evaluate-separately``
+runs the old pattern (an evaluate message after every round; each round ends with its own line).
+
 Usage::
 
-    .venv/bin/python scripts/bench_deployment.py --rounds 2 [--no-secagg] [--json out.json]
+    .venv/bin/python scripts/bench_deployment.py --rounds 2 [--no-secagg] [--evaluate-separately] [--json out.json]
 """
 
 from __future__ import annotations
@@ -42,7 +48,12 @@ from shared.processes import read_new_lines
 
 SECAGG_STAGES = ("SecAgg+ setup", "SecAgg+ share keys", "train + mask (fit)", "SecAgg+ unmask", "evaluate")
 PLAIN_STAGES = ("train (fit)", "evaluate")
-_ROUND_END = re.compile(r"carefl: round (\d+)/\d+:")
+IN_FIT_SECAGG_STAGES = (
+    "SecAgg+ setup", "SecAgg+ share keys", "evaluate received + train + mask (fit)", "SecAgg+ unmask",
+    "evaluate (final model)",
+)  # fmt: skip
+IN_FIT_PLAIN_STAGES = ("evaluate received + train (fit)", "evaluate (final model)")
+_ROUND_END = re.compile(r"carefl: round (\d+)/\d+(?: \(initial model\))?:")
 _NODE_ROUND = re.compile(r"\[RUN \d+(?:, ROUND (\d+))?\]")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -110,10 +121,34 @@ def node_messages(lines: list[tuple[float, str]]) -> list[Message]:
     return messages
 
 
+def ended_round(measured: int, cfg: RunConfig) -> int:
+    """The round whose end the figures of the model after round ``measured`` mark.
+
+    With ``evaluate-in-fit`` they arrive with round ``measured + 1``'s training (the final model's with
+    round R's evaluate); otherwise with round ``measured``'s evaluate.
+    """
+    if not cfg.server.evaluate_in_fit:
+        return measured
+    return min(measured + 1, cfg.study.num_rounds)
+
+
+def stage_names(cfg: RunConfig, server_round: int) -> tuple[str, ...]:
+    """The messages of round ``server_round``, in order, as a SuperNode receives them."""
+    if not cfg.server.evaluate_in_fit:
+        return SECAGG_STAGES if cfg.study.secure_aggregation else PLAIN_STAGES
+    names = IN_FIT_SECAGG_STAGES if cfg.study.secure_aggregation else IN_FIT_PLAIN_STAGES
+    return names if server_round == cfg.study.num_rounds else names[:-1]
+
+
+def _mark(ends: dict[int, float], server_round: int, t: float) -> None:
+    """Keep the latest time seen for the end of ``server_round``."""
+    ends[server_round] = max(t, ends.get(server_round, t))
+
+
 def simulation_rounds(cfg: RunConfig, root: Path) -> tuple[dict[int, float], float]:
     """Per-round wall seconds on the simulation engine (round 1 counted from the call)."""
     ends: dict[int, float] = {}
-    recorder = FederationRecorder(listeners=[lambda r, _rows: ends.__setitem__(r, time.monotonic())])
+    recorder = FederationRecorder(listeners=[lambda r, _rows: _mark(ends, ended_round(r, cfg), time.monotonic())])
     start = time.monotonic()
     simulate(cfg, num_sites=3, sites_root=root / "sim-sites", recorder=recorder, policy=SitePolicy(require_dp=cfg.study.dp))
     total = time.monotonic() - start
@@ -131,7 +166,10 @@ def deployment_rounds(cfg: RunConfig, root: Path) -> dict[str, Any]:
             on_line=lambda t, line: server.append((t, line)),
         )  # fmt: skip
     total = time.monotonic() - start
-    ends = {int(m.group(1)): t for t, line in server if (m := _ROUND_END.search(line))}
+    ends: dict[int, float] = {}
+    for t, line in server:
+        if m := _ROUND_END.search(line):
+            _mark(ends, ended_round(int(m.group(1)), cfg), t)
     submitted = min(t for t, _ in server) if server else start
     nodes = {name: node_messages(lines) for name, lines in tail.lines.items() if name.startswith("supernode-")}
     return {
@@ -151,7 +189,6 @@ def _durations(ends: dict[int, float], start: float) -> dict[int, float]:
 
 def _stages(nodes: dict[str, list[Message]], cfg: RunConfig) -> list[dict[str, Any]]:
     """Per (round, stage): mean over nodes of the wait before the message and the ClientApp time."""
-    names = SECAGG_STAGES if cfg.study.secure_aggregation else PLAIN_STAGES
     rows: dict[tuple[int, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for messages in nodes.values():
         previous_sent: float | None = None
@@ -160,6 +197,7 @@ def _stages(nodes: dict[str, list[Message]], cfg: RunConfig) -> list[dict[str, A
             if msg.round == 0:
                 stage = "backbone offer/transfer"
             else:
+                names = stage_names(cfg, msg.round)
                 stage = names[min(position[msg.round], len(names) - 1)]
                 position[msg.round] += 1
             key = (msg.round, stage)
@@ -180,17 +218,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-secagg", action="store_true")
+    parser.add_argument(
+        "--evaluate-separately", action="store_true", help="an evaluate message after every round (evaluate-in-fit off)"
+    )
     parser.add_argument("--registry", type=Path, default=Path(".carefl/registry"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     console = Console()
     cfg = demo_config(
         "heart-disease", num_rounds=args.rounds, local_epochs=1, registry_dir=str(args.registry.resolve()),
-        secure_aggregation=not args.no_secagg,
+        secure_aggregation=not args.no_secagg, evaluate_in_fit=not args.evaluate_separately,
     )  # fmt: skip
     ensure_backbone(cfg, console)
     root = Path(tempfile.mkdtemp(prefix="carefl-bench-deploy-"))
-    console.print(f"Simulation ({args.rounds} rounds, DP, SecAgg+ {'off' if args.no_secagg else 'on'})...")
+    pattern = "an evaluate message per round" if args.evaluate_separately else "evaluation in the fit message"
+    console.print(f"Simulation ({args.rounds} rounds, DP, SecAgg+ {'off' if args.no_secagg else 'on'}, {pattern})...")
     sim, sim_total = simulation_rounds(cfg, root)
     console.print("Deployment (TLS SuperLink, 3 SuperNodes, flwr run)...")
     dep = deployment_rounds(cfg, root)

@@ -3,7 +3,9 @@
 It resolves and verifies the backbone, builds the initial exchanged tensors, distributes the
 backbone once, then runs Flower's legacy ``DefaultWorkflow`` (the path secure aggregation
 needs) with a delta-aware strategy, and at the end sends the final model to the sites still
-connected (:mod:`server.model_delivery`). ``app`` is what ``flwr run`` loads;
+connected (:mod:`server.model_delivery`). By default (``evaluate-in-fit``) each site evaluates the
+model it receives in the fit message that trains on it, and only the final model is sent for
+evaluation on its own (:class:`FinalEvaluation`). ``app`` is what ``flwr run`` loads;
 :func:`create_server_app` lets a local simulation pass its typed config and a recorder.
 """
 
@@ -19,9 +21,9 @@ from flwr.common import Scalar
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.server import Grid, ServerApp, ServerConfig
 from flwr.server.compat import LegacyContext
-from flwr.server.workflow.default_workflows import default_fit_workflow
+from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
 
-from server.checkpoint import RunCheckpoints
+from server.checkpoint import RunCheckpoints, current_round
 from server.distribution import BackboneDistribution, Workflow
 from server.model_delivery import deliver_model
 from server.progress import RoundLog, stop_line
@@ -37,7 +39,7 @@ from shared.log import log
 from shared.offline import configure_flower_env
 from shared.params import exchanged_names, full_model_bytes, get_arrays
 from shared.pipeline import Pretrained, build_model, effective_trainable
-from shared.protocol import ROUND_KEY
+from shared.protocol import EVALUATE_INCOMING_KEY, ROUND_KEY
 
 DISTRIBUTION_TIMEOUT_S = 600.0
 
@@ -83,6 +85,34 @@ def fit_workflow(cfg: RunConfig, recorder: FederationRecorder) -> Workflow:
     return SecureFitWorkflow(cfg.secagg, recorder)
 
 
+class FinalEvaluation:
+    """Evaluate workflow that evaluates only the final model (the sites evaluated the others in their fit messages).
+
+    Parameters
+    ----------
+    last_round : int
+        The federation's last round (``num-rounds``); the rounds before it send no evaluate message.
+    inner : Workflow
+        The evaluate workflow run after the last round.
+    """
+
+    def __init__(self, last_round: int, inner: Workflow = default_evaluate_workflow) -> None:
+        self.last_round = last_round
+        self._inner = inner
+
+    def __call__(self, grid: Grid, context: LegacyContext) -> None:
+        """Run the inner workflow if this is the last round."""
+        if current_round(context) == self.last_round:
+            self._inner(grid, context)
+
+
+def evaluate_workflow(cfg: RunConfig) -> Workflow:
+    """The evaluate workflow of every round: after each round, or (``evaluate-in-fit``) after the last only."""
+    if cfg.server.evaluate_in_fit:
+        return FinalEvaluation(cfg.study.num_rounds)
+    return default_evaluate_workflow
+
+
 def run_federation(
     grid: Grid, context: Context, cfg: RunConfig, recorder: FederationRecorder, stop: threading.Event | None = None
 ) -> FederationResult:
@@ -119,9 +149,11 @@ def run_federation(
     def round_config(server_round: int) -> dict[str, Scalar]:
         return {**sent, ROUND_KEY: server_round}
 
-    strategy = make_strategy(
-        cfg, initial, recorder, fit_config=round_config, evaluate_config=round_config
-    )
+    def train_config(server_round: int) -> dict[str, Scalar]:
+        # With evaluate-in-fit, each site evaluates the model it receives before it trains on it.
+        return {**round_config(server_round), **({EVALUATE_INCOMING_KEY: True} if cfg.server.evaluate_in_fit else {})}
+
+    strategy = make_strategy(cfg, initial, recorder, fit_config=train_config, evaluate_config=round_config)
     checkpoints.restore(strategy, recorder)
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=cfg.study.num_rounds - checkpoints.done), strategy=strategy
@@ -132,7 +164,7 @@ def run_federation(
         timeout=cfg.server.stage_timeout,
         stop=stop,
     )
-    checkpoints.workflow(fit, strategy, recorder)(grid, legacy)
+    checkpoints.workflow(fit, strategy, recorder, evaluate=evaluate_workflow(cfg))(grid, legacy)
     if recorder.dropped_rows:
         dropped = ", ".join(f"{site} {n}" for site, n in sorted(recorder.dropped_rows.items()))
         log(INFO, "rows the sites' preprocessing dropped (a missing value): %s", dropped)

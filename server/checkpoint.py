@@ -1,6 +1,6 @@
 """Server checkpoints: a federation killed mid-run continues from its last completed round.
 
-After every round (training, aggregation, federated evaluation) the ServerApp writes one file,
+After every round (training, aggregation, federated evaluation if the round has one) the ServerApp writes one file,
 ``<checkpoint-dir>/checkpoint.npz``, atomically (temporary file, fsync, rename: a crash while
 writing leaves the previous checkpoint). It holds:
 
@@ -86,6 +86,10 @@ class Checkpoint:
         Per round, why sites failed or declined.
     segments : list[dict[str, int]]
         The Flower runs that produced it: ``{"flower_run_id", "first_round", "last_round"}``.
+    training_privacy : dict[int, dict[str, list[float]]]
+        Per round, per site, the ``[epsilon, delta]`` the site reported when it trained it: with
+        ``evaluate-in-fit`` the model after ``round`` is evaluated in the next run, whose own
+        ledger run has spent nothing yet, so its row takes them from here.
     """
 
     round: int
@@ -99,6 +103,7 @@ class Checkpoint:
     backbone_bytes: dict[int, int] = field(default_factory=dict)
     failures: dict[int, list[str]] = field(default_factory=dict)
     segments: list[dict[str, int]] = field(default_factory=list)
+    training_privacy: dict[int, dict[str, list[float]]] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------ file format
@@ -121,6 +126,7 @@ class _Meta(Document):
     backbone_bytes: dict[int, int]
     failures: dict[int, list[str]]
     segments: list[dict[str, int]]
+    training_privacy: dict[int, dict[str, list[float]]] = Field(default_factory=dict)
 
 
 _STAMP = ((), ("format",), ("version",))
@@ -142,6 +148,7 @@ def checkpoint_bytes(ckpt: Checkpoint) -> bytes:
         "backbone_bytes": {str(k): v for k, v in ckpt.backbone_bytes.items()},
         "failures": {str(k): v for k, v in ckpt.failures.items()},
         "segments": ckpt.segments,
+        "training_privacy": {str(k): v for k, v in ckpt.training_privacy.items()},
     }
     arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
     arrays.update({f"global/{i}": np.asarray(a) for i, a in enumerate(ckpt.arrays)})
@@ -184,6 +191,7 @@ def checkpoint_from_bytes(data: bytes, source: str = "checkpoint") -> Checkpoint
         backbone_bytes=meta.backbone_bytes,
         failures=meta.failures,
         segments=meta.segments,
+        training_privacy=meta.training_privacy,
     )
 
 
@@ -261,6 +269,9 @@ def restore_recorder(recorder: FederationRecorder, ckpt: Checkpoint) -> None:
     for server_round, reasons in ckpt.failures.items():
         recorder.failures.setdefault(server_round, []).extend(reasons)
     recorder.final_parameters = [a.copy() for a in ckpt.arrays]
+    for server_round, sites in ckpt.training_privacy.items():
+        for site, (epsilon, delta) in sites.items():
+            recorder.add_training_privacy(server_round, site, (epsilon, delta))
 
 
 def check_compatible(ckpt: Checkpoint, cfg: RunConfig, names: Sequence[str], backbone_sha256: str, source: str) -> None:
@@ -405,14 +416,16 @@ class RunCheckpoints:
             restore_strategy_state(strategy, self.start.strategy_state)
             restore_recorder(recorder, self.start)
 
-    def workflow(self, fit: Workflow, strategy: Any, recorder: FederationRecorder) -> DefaultWorkflow:
-        """``DefaultWorkflow`` running the remaining rounds and checkpointing after each.
+    def workflow(
+        self, fit: Workflow, strategy: Any, recorder: FederationRecorder, evaluate: Workflow = default_evaluate_workflow
+    ) -> DefaultWorkflow:
+        """``DefaultWorkflow`` running the remaining rounds (``fit``, then ``evaluate``) and checkpointing after each.
 
         ``strategy`` must expose ``global_arrays`` (:class:`server.strategy.DeltaMixin`).
         """
         directory = self.directory
         if directory is None:
-            return DefaultWorkflow(fit_workflow=fit)
+            return DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate)
 
         def save(server_round: int) -> None:
             ckpt = Checkpoint(
@@ -427,13 +440,17 @@ class RunCheckpoints:
                 backbone_bytes=dict(recorder.backbone_bytes),
                 failures={k: list(v) for k, v in recorder.failures.items()},
                 segments=self.segments(server_round),
+                training_privacy={
+                    r: {site: list(values) for site, values in sites.items()}
+                    for r, sites in recorder.training_privacy.items()
+                },
             )
             path = save_checkpoint(directory, ckpt)
             log(INFO, "checkpoint of round %d written: %s", server_round, path)
 
         return DefaultWorkflow(
             fit_workflow=ResumedRounds(fit, self.done, self.cfg.study.num_rounds),
-            evaluate_workflow=CheckpointAfterRound(default_evaluate_workflow, save),
+            evaluate_workflow=CheckpointAfterRound(evaluate, save),
         )
 
     def segments(self, last_round: int) -> list[dict[str, int]]:

@@ -34,13 +34,21 @@ ROUND_LINE_PREFIX = "round "
 
 
 def round_line(server_round: int, total_rounds: int, rows: Sequence[SiteRoundMetrics]) -> str:
-    """One line per finished round: accuracy/AUC per site, their weighted mean, max epsilon."""
+    """One line per evaluated model: accuracy/AUC per site, their weighted mean, max epsilon.
+
+    ``round r/R`` is the global model after round ``r``; ``round 0/R (initial model)`` the model
+    before any training (evaluated when the sites receive it in round 1, see ``evaluate-in-fit``).
+    """
     sites = ", ".join(f"{r.site} {_fmt(r.accuracy)}/{_fmt(r.auc)}" for r in rows)
     mean = f"{_fmt(weighted_mean(rows, 'accuracy'))}/{_fmt(weighted_mean(rows, 'auc'))}"
     return (
-        f"{ROUND_LINE_PREFIX}{server_round}/{total_rounds}: {sites} | mean acc/AUC {mean} "
+        f"{ROUND_LINE_PREFIX}{server_round}/{total_rounds}{_initial(server_round)}: {sites} | mean acc/AUC {mean} "
         f"| max epsilon {_fmt(_max_epsilon(rows))}"
     )
+
+
+def _initial(server_round: int) -> str:
+    return " (initial model)" if server_round == 0 else ""
 
 
 def stop_line(err: CareFLError) -> str:
@@ -86,7 +94,10 @@ def _cell(row: SiteRoundMetrics) -> str:
 
 
 class RoundTable:
-    """Rich live table: one row per round, accuracy, AUC, sensitivity and specificity per site plus the weighted mean.
+    """Rich live table: one row per global model evaluated (the model after round r; 0: the initial model).
+
+    Each row holds accuracy, AUC, sensitivity and specificity per site plus the weighted mean, and
+    the most epsilon a site had spent to produce that model.
 
     On a console that is not a terminal (a log file, CI) each round is printed as one line
     instead, and the whole table once at the end.
@@ -124,7 +135,7 @@ class RoundTable:
             self._console.print(self._render())
 
     def __call__(self, server_round: int, rows: list[SiteRoundMetrics]) -> None:
-        """Add a finished round (a :class:`~server.recorder.FederationRecorder` listener)."""
+        """Add the evaluation of the model after ``server_round`` (a :class:`~server.recorder.FederationRecorder` listener)."""
         self._rounds.append((server_round, rows))
         if self._live is not None:
             self._live.update(self._render())
@@ -135,9 +146,10 @@ class RoundTable:
         return sorted({r.site for _, rows in self._rounds for r in rows})
 
     def _render(self) -> Table:
-        done = len(self._rounds)
-        table = Table(title=self.title, caption=f"round {done} of {self.total_rounds}")
-        table.add_column("round", justify="right")
+        done = max((r for r, _ in self._rounds), default=0)
+        caption = f"model after round {done} of {self.total_rounds}" + ("; 0: the initial model" if self._initial() else "")
+        table = Table(title=self.title, caption=caption)
+        table.add_column("model after\nround", justify="right")
         for site in self._sites():
             table.add_column(f"{site}\nacc / AUC\nsens / spec", justify="right")
         table.add_column("weighted mean\nacc / AUC\nsens / spec", justify="right", style="bold")
@@ -151,3 +163,6 @@ class RoundTable:
             )
             table.add_row(str(server_round), *cells, mean, _fmt(_max_epsilon(rows)))
         return table
+
+    def _initial(self) -> bool:
+        return any(r == 0 for r, _ in self._rounds)

@@ -19,7 +19,9 @@ class FederationRecorder:
     Attributes
     ----------
     rows : list[SiteRoundMetrics]
-        Federated evaluation of each site after each round.
+        Federated evaluation of each site, by the model measured: row ``round`` = ``r`` is the global
+        model after round ``r`` (0: the initial model, measured when sites evaluate what they receive
+        in round 1's fit; see :class:`server.strategy.DeltaMixin`).
     upload_bytes : dict[int, list[int]]
         Per round, the serialized bytes each client uploaded.
     backbone_bytes : dict[int, int]
@@ -32,8 +34,11 @@ class FederationRecorder:
         Per site, the rows of its raw data its preprocessing left out (as the site reports).
     class_balance : dict[str, dict[str, dict[str, int]]]
         Per site, its records per class label in its training and validation parts (as the site reports).
+    training_privacy : dict[int, dict[str, tuple[float, float]]]
+        Per round, per site, the (epsilon, delta) of the run the site reported when it trained that
+        round (DP only).
     listeners : list[RoundListener]
-        Called with the round and its rows after each evaluation.
+        Called with the round of the model measured and its rows after each evaluation.
     """
 
     rows: list[SiteRoundMetrics] = field(default_factory=list)
@@ -43,14 +48,24 @@ class FederationRecorder:
     failures: dict[int, list[str]] = field(default_factory=dict)
     dropped_rows: dict[str, int] = field(default_factory=dict)
     class_balance: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    training_privacy: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)
     listeners: list[RoundListener] = field(default_factory=list)
 
     def add_round(self, server_round: int, rows: list[SiteRoundMetrics]) -> None:
-        """Store the evaluation of one round and notify listeners."""
+        """Store the evaluation of the model after ``server_round`` and notify listeners."""
         ordered = sorted(rows, key=lambda r: r.site)
         self.rows.extend(ordered)
         for listener in self.listeners:
             listener(server_round, ordered)
+
+    def has_round(self, server_round: int) -> bool:
+        """Whether the model after ``server_round`` has rows already."""
+        return any(r.round == server_round for r in self.rows)
+
+    def add_training_privacy(self, server_round: int, site: str, privacy: tuple[float, float] | None) -> None:
+        """Store the (epsilon, delta) ``site`` reported when it trained ``server_round`` (nothing if None)."""
+        if privacy is not None:
+            self.training_privacy.setdefault(server_round, {})[site] = privacy
 
     def add_failures(self, server_round: int, reasons: list[str]) -> None:
         """Store why some clients failed in ``server_round``."""

@@ -4,6 +4,12 @@ Clients upload ``w_local - w_global`` for the exchanged (trainable) tensors only
 :class:`DeltaMixin` turns each delta back into weights before the parent strategy aggregates,
 so FedAvg, FedProx, FedAdam and FedYogi keep their own update rules unchanged. The same holds
 when secure aggregation hands over one already-averaged delta.
+
+Per-site metrics go to a :class:`~server.recorder.FederationRecorder`, each row attributed to the
+global model it measures: row ``r`` is the model after round ``r`` (0: the initial model). With
+``evaluate_in_fit`` the sites evaluate the model they receive in the same fit message that trains
+on it, so round ``r``'s fit replies fill row ``r - 1``, and only the final model gets an evaluate
+message of its own (row ``R``). Otherwise each round's evaluate replies fill row ``r``.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from logging import WARNING
 from typing import Any
 
@@ -47,9 +54,17 @@ class DeltaMixin:
     Must precede a :class:`flwr.server.strategy.FedAvg` subclass in the bases.
     """
 
-    def __init__(self, *args: Any, recorder: FederationRecorder, secure: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        recorder: FederationRecorder,
+        secure: bool = False,
+        evaluate_in_fit: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.secure = secure
+        self.evaluate_in_fit = evaluate_in_fit
         initial = kwargs.get("initial_parameters")
         if initial is None:
             raise ValueError("a delta strategy needs `initial_parameters`")
@@ -83,6 +98,10 @@ class DeltaMixin:
             If fewer sites than ``min_fit_clients`` trained; the global model is unchanged.
         """
         self.recorder.upload_bytes[server_round] = [self._uploaded_bytes(res) for _, res in results]
+        for proxy, res in results:
+            self.recorder.add_training_privacy(server_round, _site_name(proxy, res.metrics), _privacy(res.metrics))
+        if self.evaluate_in_fit:
+            self._record_incoming(server_round, results)
         reasons = [failure_reason(f) for f in failures]
         self.recorder.add_failures(server_round, reasons)
         for reason in reasons:
@@ -110,32 +129,73 @@ class DeltaMixin:
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        """Record each site's metrics, then aggregate with the parent rule."""
-        rows = [
-            SiteRoundMetrics(
-                round=server_round,
-                site=str(res.metrics.get(wire.METRIC_SITE, proxy.cid)),
-                num_examples=int(res.num_examples),
-                loss=float(res.loss),
-                accuracy=float(res.metrics.get(wire.METRIC_ACCURACY, math.nan)),
-                auc=float(res.metrics.get(wire.METRIC_AUC, math.nan)),
-                epsilon=float(res.metrics.get(wire.METRIC_EPSILON, math.nan)),
-                delta=float(res.metrics.get(wire.METRIC_DELTA, math.nan)),
-                **{
-                    name: float(res.metrics.get(key, math.nan))
-                    for name, key in zip(CLINICAL_NAMES, wire.CLINICAL_METRICS, strict=True)
-                },
-            )
-            for proxy, res in results
-        ]
-        for row, (_, res) in zip(rows, results):
-            if wire.METRIC_DROPPED_ROWS in res.metrics:
-                self.recorder.dropped_rows[row.site] = int(res.metrics[wire.METRIC_DROPPED_ROWS])
-            if wire.METRIC_CLASS_COUNTS in res.metrics:
-                self.recorder.class_balance[row.site] = parse_class_counts(res.metrics[wire.METRIC_CLASS_COUNTS])
+        """Record each site's metrics as those of the model after ``server_round``, then aggregate with the parent rule."""
         self.recorder.add_failures(server_round, [failure_reason(f) for f in failures])
-        self.recorder.add_round(server_round, rows)
+        self._record(server_round, [(proxy, float(res.loss), int(res.num_examples), res.metrics) for proxy, res in results])
         return super().aggregate_evaluate(server_round, results, failures)  # type: ignore[misc]
+
+    def _record_incoming(self, server_round: int, results: list[tuple[ClientProxy, FitRes]]) -> None:
+        """Record the evaluations round ``server_round``'s fit replies carry: the model after round ``server_round - 1``.
+
+        A row already recorded (a run resumed from a checkpoint taken without ``evaluate_in_fit``)
+        is kept as it was.
+        """
+        measured = server_round - 1
+        if self.recorder.has_round(measured):
+            return
+        carried = [(proxy, wire.split_incoming(res.metrics)) for proxy, res in results]
+        evaluations = [(proxy, *values) for proxy, values in carried if values is not None]
+        if evaluations:
+            self._record(measured, evaluations)
+
+    def _record(self, measured: int, evaluations: list[tuple[ClientProxy, float, int, dict[str, Scalar]]]) -> None:
+        """Record each site's evaluation of the model after round ``measured``.
+
+        With ``evaluate_in_fit`` a site's epsilon and delta are those it reported when it trained
+        round ``measured`` (what that model cost it; carried across a resume by the checkpoint),
+        else those it read from its ledger when it evaluated.
+        """
+        rows = []
+        for proxy, loss, num_examples, metrics in evaluations:
+            row = site_row(measured, _site_name(proxy, metrics), loss, num_examples, metrics)
+            trained = self.recorder.training_privacy.get(measured, {}).get(row.site)
+            if self.evaluate_in_fit and trained is not None:
+                row = replace(row, epsilon=trained[0], delta=trained[1])
+            rows.append(row)
+            if wire.METRIC_DROPPED_ROWS in metrics:
+                self.recorder.dropped_rows[row.site] = int(metrics[wire.METRIC_DROPPED_ROWS])
+            if wire.METRIC_CLASS_COUNTS in metrics:
+                self.recorder.class_balance[row.site] = parse_class_counts(metrics[wire.METRIC_CLASS_COUNTS])
+        self.recorder.add_round(measured, rows)
+
+
+def site_row(measured: int, site: str, loss: float, num_examples: int, metrics: dict[str, Scalar]) -> SiteRoundMetrics:
+    """One site's evaluation reply (loss, validation records, metrics) as the row of the model after round ``measured``."""
+    return SiteRoundMetrics(
+        round=measured,
+        site=site,
+        num_examples=int(num_examples),
+        loss=float(loss),
+        accuracy=float(metrics.get(wire.METRIC_ACCURACY, math.nan)),
+        auc=float(metrics.get(wire.METRIC_AUC, math.nan)),
+        epsilon=float(metrics.get(wire.METRIC_EPSILON, math.nan)),
+        delta=float(metrics.get(wire.METRIC_DELTA, math.nan)),
+        **{
+            name: float(metrics.get(key, math.nan))
+            for name, key in zip(CLINICAL_NAMES, wire.CLINICAL_METRICS, strict=True)
+        },
+    )
+
+
+def _site_name(proxy: ClientProxy, metrics: dict[str, Scalar]) -> str:
+    return str(metrics.get(wire.METRIC_SITE, proxy.cid))
+
+
+def _privacy(metrics: dict[str, Scalar]) -> tuple[float, float] | None:
+    """The (epsilon, delta) a fit reply reports after its training, or None (no DP)."""
+    if wire.METRIC_EPSILON not in metrics:
+        return None
+    return float(metrics[wire.METRIC_EPSILON]), float(metrics.get(wire.METRIC_DELTA, math.nan))
 
 
 def parse_class_counts(value: Scalar) -> dict[str, dict[str, int]]:
@@ -227,6 +287,7 @@ def make_strategy(
         "evaluate_metrics_aggregation_fn": weighted_metrics,
         "recorder": recorder,
         "secure": cfg.study.secure_aggregation,
+        "evaluate_in_fit": cfg.server.evaluate_in_fit,
     }
     study = cfg.study
     adaptive = {"eta": study.server_learning_rate, "eta_l": study.learning_rate}

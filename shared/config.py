@@ -300,6 +300,12 @@ class ServerSettings(KebabDocument):
     stage_timeout : float
         Seconds the server waits at each SecAgg+ stage before treating a site as dropped, and
         for ``min-sites`` sites to be connected before a round.
+    evaluate_in_fit : bool
+        Sites evaluate the global model they receive in the same message that trains on it (one
+        message fewer per round); only the final model gets an evaluate message of its own. The
+        metrics are the same either way, each attributed to the model it measures (round ``r``:
+        the model after round ``r``; with this on, round 0, the initial model, too). ``false``: a
+        separate evaluate message after every round.
     """
 
     registry_dir: str = Field(default="", json_schema_extra=PATH)
@@ -308,6 +314,7 @@ class ServerSettings(KebabDocument):
     checkpoint_dir: str = Field(default="", json_schema_extra=PATH)
     resume: bool = False
     stage_timeout: float = Field(default=120.0, gt=0, allow_inf_nan=False)
+    evaluate_in_fit: bool = True
 
     @model_validator(mode="after")
     def _resumable(self) -> ServerSettings:

@@ -11,7 +11,11 @@ The run-configuration keys themselves are defined by :mod:`shared.config` (the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
+
+Scalar = bool | bytes | float | int | str
+"""A metric's or config value's type (Flower's ``Scalar``, without importing Flower)."""
 
 # ------------------------------------------------------------------ backbone distribution
 BACKBONE_MESSAGE_TYPE: Final = "query.carefl_backbone"
@@ -53,7 +57,10 @@ PROXIMAL_MU_KEY: Final = "proximal_mu"
 """FedProx's proximal weight, added by Flower's ``FedProx`` to each fit config."""
 ROUND_KEYS: Final = (ROUND_KEY, "server_round")
 """Where a round number can appear in a message (CareFL's key, and SecAgg+'s stage config)."""
-SERVER_KEYS: Final = (ROUND_KEY, PROXIMAL_MU_KEY)
+EVALUATE_INCOMING_KEY: Final = "evaluate-incoming"
+"""Fit config: when true, the site first evaluates the model it receives (as an evaluate message would), then
+trains; it reports those figures under :data:`INCOMING_PREFIX`. Saves the separate evaluate message per round."""
+SERVER_KEYS: Final = (ROUND_KEY, PROXIMAL_MU_KEY, EVALUATE_INCOMING_KEY)
 """Keys of a fit/evaluate config that are not run-configuration keys."""
 
 # ------------------------------------------------------------------ metrics a site reports
@@ -91,6 +98,14 @@ METRIC_CLASS_COUNTS: Final = "class-counts"
 """JSON text: the site's records per class label, ``{"train": {"0": n, ...}, "val": {...}}`` (counts only)."""
 """Rows of the site's raw data its task's preprocessing left out (heart-disease: a missing value)."""
 
+INCOMING_PREFIX: Final = "incoming-"
+"""Prefix of a fit reply's metrics that describe the model the site *received* (before it trained): every
+metric of an evaluate reply, plus :data:`METRIC_INCOMING_LOSS` and :data:`METRIC_INCOMING_NUM_EXAMPLES`."""
+METRIC_INCOMING_LOSS: Final = INCOMING_PREFIX + "loss"
+"""The received model's loss on the site's validation part (an evaluate reply's ``loss``)."""
+METRIC_INCOMING_NUM_EXAMPLES: Final = INCOMING_PREFIX + "num-examples"
+"""The validation records that loss was computed on (an evaluate reply's ``num_examples``)."""
+
 # ------------------------------------------------------------------ error codes of a site's replies
 BACKBONE_REFUSED: Final = 4001
 """The site refused a backbone delivery (its weights did not match their SHA-256)."""
@@ -100,3 +115,44 @@ SITE_REFUSED: Final = 4003
 """The site declined the request (policy, privacy budget, ledger, data); the reason says why."""
 APP_REFUSED: Final = 4005
 """The site refused the Flower app (FAB) itself: its SHA-256 is not approved by the site's policy; nothing ran."""
+
+
+def incoming_metrics(loss: float, num_examples: int, metrics: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    """An evaluate reply's figures, named as the received model's within a fit reply (:data:`INCOMING_PREFIX`).
+
+    Parameters
+    ----------
+    loss, num_examples : float, int
+        The evaluation's loss and its number of validation records.
+    metrics : Mapping[str, Scalar]
+        Its metrics; :data:`METRIC_SITE` is left out (the fit reply names the site itself).
+
+    Returns
+    -------
+    dict[str, Scalar]
+        ``incoming-<key>`` for every metric, plus :data:`METRIC_INCOMING_LOSS` and
+        :data:`METRIC_INCOMING_NUM_EXAMPLES`.
+    """
+    named = {INCOMING_PREFIX + key: value for key, value in metrics.items() if key != METRIC_SITE}
+    return {**named, METRIC_INCOMING_LOSS: float(loss), METRIC_INCOMING_NUM_EXAMPLES: int(num_examples)}
+
+
+def split_incoming(metrics: Mapping[str, Scalar]) -> tuple[float, int, dict[str, Scalar]] | None:
+    """The evaluate reply a fit reply carries (:func:`incoming_metrics` undone), or None if it carries none.
+
+    Returns
+    -------
+    tuple[float, int, dict[str, Scalar]] | None
+        ``(loss, num_examples, metrics)`` as an evaluate reply gives them, ``metrics`` with the fit
+        reply's :data:`METRIC_SITE`.
+    """
+    if METRIC_INCOMING_NUM_EXAMPLES not in metrics:
+        return None
+    values = {
+        key[len(INCOMING_PREFIX) :]: value
+        for key, value in metrics.items()
+        if key.startswith(INCOMING_PREFIX) and key not in (METRIC_INCOMING_LOSS, METRIC_INCOMING_NUM_EXAMPLES)
+    }
+    if METRIC_SITE in metrics:
+        values[METRIC_SITE] = metrics[METRIC_SITE]
+    return float(metrics[METRIC_INCOMING_LOSS]), int(metrics[METRIC_INCOMING_NUM_EXAMPLES]), values

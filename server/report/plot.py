@@ -101,7 +101,7 @@ def _draw_metric(
     ax.plot(rounds, means, linestyle="--", linewidth=3.0, color="black", label="weighted mean")
     values.extend(means)
     values.extend(_draw_baselines(ax, name, baselines))
-    ax.set_xlabel("round")
+    ax.set_xlabel("model after round")
     ax.set_ylabel(name)
     ax.set_title(name)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -251,6 +251,8 @@ def write_metrics(
 
     Notes
     -----
+    ``round`` is the global model a row measures: the model after round ``r`` (0: the initial model,
+    measured when ``evaluate-in-fit`` has the sites evaluate what they receive in round 1).
     The CSV holds one row per site per round, followed in each round by a row with site
     ``"weighted-mean"`` whose ``num_examples`` is the round's total (its ``threshold`` is empty: each
     site has its own operating point). Floats keep full ``repr``

@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
+from flwr.common import Scalar
 
 from client.numpy_client import SiteClient, clinical_metrics
 from client.policy import SitePolicy
@@ -71,3 +73,64 @@ def test_fixed_operating_point_equals_the_half_figures() -> None:
     assert values[wire.METRIC_THRESHOLD] == 0.5
     assert values[wire.METRIC_SENSITIVITY_AT_OP] == values[wire.METRIC_SENSITIVITY] == 2 / 3
     assert values[wire.METRIC_SPECIFICITY_AT_OP] == values[wire.METRIC_SPECIFICITY] == 1 / 2
+
+
+def _site(tmp_path: Path, name: str, policy: SitePolicy) -> SiteEnvironment:
+    site_dir = tmp_path / name
+    prepare_site_dir(site_dir, site="Hungary", policy=policy)
+    return SiteEnvironment(data_path="", site_dir=site_dir, policy_path=site_dir / POLICY_FILE, partition=Partition(0, 3))
+
+
+def _same(a: object, b: object) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def test_fit_asked_to_evaluate_the_incoming_model_reports_what_evaluate_reports(tmp_path: Path) -> None:
+    # Prepare: a real site, a study without DP (training is then deterministic), a fresh head
+    cfg = RunConfig.of(task="heart-disease", setup="scratch", num_rounds=2, secure_aggregation=False, dp=False)
+    policy = SitePolicy(require_dp=False)
+    model = build_model(cfg.study, None)
+    parameters = get_arrays(model, exchanged_names(model, effective_trainable(cfg.study)))
+    config = {**site_config(cfg, None), wire.ROUND_KEY: 1}
+
+    # Execute
+    loss, num_examples, evaluated = SiteClient(_site(tmp_path, "a", policy), "run-1").evaluate(parameters, config)
+    delta, _, fitted = SiteClient(_site(tmp_path, "b", policy), "run-1").fit(
+        parameters, {**config, wire.EVALUATE_INCOMING_KEY: True}
+    )
+    plain_delta, _, plain = SiteClient(_site(tmp_path, "c", policy), "run-1").fit(parameters, config)
+
+    # Assert: the fit reply carries the evaluate reply, every figure under the incoming prefix
+    carried = wire.split_incoming(fitted)
+    assert carried is not None
+    assert carried[0] == loss and carried[1] == num_examples > 0
+    assert set(carried[2]) == set(evaluated)
+    assert all(_same(carried[2][key], value) for key, value in evaluated.items()), (carried[2], evaluated)
+    assert fitted[wire.INCOMING_PREFIX + wire.METRIC_ACCURACY] == evaluated[wire.METRIC_ACCURACY]
+    # ... and the training is the same as without it; a plain fit carries no evaluation
+    assert fitted[wire.METRIC_TRAIN_LOSS] == plain[wire.METRIC_TRAIN_LOSS]
+    for a, b in zip(delta, plain_delta, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert wire.split_incoming(plain) is None and not any(k.startswith(wire.INCOMING_PREFIX) for k in plain)
+
+
+def test_the_incoming_models_epsilon_is_read_before_the_round_is_charged(tmp_path: Path) -> None:
+    # Prepare: DP on; round 1 then round 2 at the same site
+    cfg = RunConfig.of(task="heart-disease", setup="scratch", num_rounds=2, secure_aggregation=False)
+    env = _site(tmp_path, "dp", SitePolicy())
+    model = build_model(cfg.study, None)
+    parameters = get_arrays(model, exchanged_names(model, effective_trainable(cfg.study)))
+    client = SiteClient(env, "run-1")
+
+    def ask(server_round: int) -> dict[str, Scalar]:
+        config = {**site_config(cfg, None), wire.ROUND_KEY: server_round, wire.EVALUATE_INCOMING_KEY: True}
+        return client.fit(parameters, config)[2]
+
+    # Execute
+    first, second = ask(1), ask(2)
+
+    # Assert: the model received in round 2 is the one trained in round 1, at round 1's epsilon
+    spent = wire.INCOMING_PREFIX + wire.METRIC_EPSILON
+    assert first[spent] == 0.0
+    assert second[spent] == pytest.approx(first[wire.METRIC_EPSILON])
+    assert 0.0 < first[wire.METRIC_EPSILON] < second[wire.METRIC_EPSILON]

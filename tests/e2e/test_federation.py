@@ -6,12 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import ndarray_to_bytes
 
 from client.audit import verify
 from client.policy import SitePolicy
 from server.local.simulation import simulate
 from server.report.result import write_run_folder
+from server.report.runfolder import read_metrics_csv
 from shared.backbones import BackboneRegistry
 from shared.config import RunConfig
 from shared.params import get_arrays
@@ -22,22 +25,58 @@ def _head_bytes(model_arrays: list[np.ndarray]) -> int:
     return sum(len(ndarray_to_bytes(a)) for a in model_arrays)
 
 
+def message_counter(out: Path) -> Mod:
+    """A mod that leaves one empty file ``<message type>-r<round>-s<site>-<n>`` per message a site receives."""
+
+    def mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        stem = f"{message.metadata.message_type}-r{message.metadata.group_id}-s{context.node_config['partition-id']}"
+        (out / f"{stem}-{len(list(out.glob(stem + '-*')))}").touch()
+        return call_next(message, context)
+
+    return mod
+
+
+def _evaluate_messages(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name.startswith(f"{MessageType.EVALUATE}-"))
+
+
+SITES = ("Hungary", "Switzerland", "VA Long Beach")
+
+
 def test_heart_transfer_federation(heart_registry: Path, tmp_path: Path) -> None:
-    # Prepare
+    # Prepare: SecAgg+ and DP (the defaults); the first run evaluates in its fit messages (the
+    # default), the second sends an evaluate message after every round
     cfg = RunConfig.of(registry_dir=str(heart_registry), num_rounds=2, local_epochs=1, operating_point="sensitivity:0.9")
     resolved = BackboneRegistry(heart_registry).resolve(cfg.study.backbone)
     initial_model = build_model(cfg.study, Pretrained(resolved.manifest, resolved.path))
     initial_head = get_arrays(initial_model, ["head.weight", "head.bias"])
     sites = tmp_path / "sites"
+    counted = [tmp_path / "messages-1", tmp_path / "messages-2"]
+    for folder in counted:
+        folder.mkdir()
 
     # Execute
-    first = simulate(cfg, num_sites=3, sites_root=sites)
-    second = simulate(cfg, num_sites=3, sites_root=sites)
+    first = simulate(cfg, num_sites=3, sites_root=sites, client_mods=[message_counter(counted[0])])
+    second = simulate(
+        cfg.with_overrides(evaluate_in_fit=False), num_sites=3, sites_root=sites, client_mods=[message_counter(counted[1])]
+    )
+    folder = write_run_folder(tmp_path / "run", first)
 
-    # Assert: every site evaluated every round
-    assert {(r.round, r.site) for r in first.rows} == {
-        (rnd, site) for rnd in (1, 2) for site in ("Hungary", "Switzerland", "VA Long Beach")
-    }
+    # Assert: one evaluate message per site, for the final model; the plain pattern has one per round
+    assert _evaluate_messages(counted[0]) == [f"{MessageType.EVALUATE}-r2-s{i}-0" for i in range(3)]
+    assert _evaluate_messages(counted[1]) == [f"{MessageType.EVALUATE}-r{r}-s{i}-0" for r in (1, 2) for i in range(3)]
+    # ... and every site's figures of every model: the initial one (measured in round 1's fit), the
+    # model after round 1 (in round 2's fit) and the final model; the plain pattern has no initial one
+    assert sorted((r.round, r.site) for r in first.rows) == [(rnd, site) for rnd in (0, 1, 2) for site in SITES]
+    assert sorted((r.round, r.site) for r in second.rows) == [(rnd, site) for rnd in (1, 2) for site in SITES]
+    # ... at the privacy each model cost: none for the initial model, then growing to the final one
+    for site in SITES:
+        spent = [r.epsilon for r in sorted(first.rows, key=lambda r: r.round) if r.site == site]
+        assert spent[0] == 0.0 and 0.0 < spent[1] < spent[2] <= cfg.study.target_epsilon * 1.01, (site, spent)
+    # The CSV holds the same rows (and each model's weighted mean); the card's final figures are the final model's
+    written = read_metrics_csv(folder / "metrics.csv")
+    assert sorted((r.round, r.site) for r in written) == sorted((r.round, r.site) for r in first.rows)
+    assert {r.round for r in first.final_rows()} == {2}
     assert all(0.0 <= r.accuracy <= 1.0 for r in first.rows)
     # ... with its clinical scores at 0.5, and at the operating point it chose on its own data
     assert all(0.0 <= r.sensitivity <= 1.0 and 0.0 <= r.brier <= 1.0 for r in first.rows)

@@ -60,6 +60,7 @@ def _checkpoint(round_: int = 2, cfg: RunConfig | None = None) -> Checkpoint:
         backbone_bytes={12345678901234567890: 8285},
         failures={1: ["node 7: declined"]},
         segments=[{"flower_run_id": 11, "first_round": 1, "last_round": round_}],
+        training_privacy={round_: {"Hungary": [1.5, 1e-5]}},
     )
 
 
@@ -78,6 +79,7 @@ def _same(a: Checkpoint, b: Checkpoint) -> None:
     assert _cells(a.rows[0]) == _cells(b.rows[0])
     assert math.isnan(b.rows[1].auc) and b.rows[1].site == "Switzerland"
     assert (a.upload_bytes, a.backbone_bytes, a.failures, a.segments) == (b.upload_bytes, b.backbone_bytes, b.failures, b.segments)
+    assert a.training_privacy == b.training_privacy
 
 
 def test_round_trip_is_exact(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 from flwr.common import (
     Code,
+    EvaluateRes,
     FitRes,
+    Scalar,
     Status,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
@@ -14,6 +16,7 @@ from flwr.server.client_proxy import ClientProxy
 
 from server.recorder import FederationRecorder
 from server.strategy import make_strategy
+from shared import protocol as wire
 from shared.config import RunConfig
 
 
@@ -138,3 +141,60 @@ def test_each_sites_clinical_scores_and_operating_point_reach_its_row() -> None:
     assert {name: getattr(hungary, name) for name in CLINICAL_NAMES} == dict(zip(CLINICAL_NAMES, clinical.values()))
     assert (hungary.threshold, hungary.sensitivity_at_op) == (clinical["threshold"], clinical["sensitivity-at-op"])
     assert all(np.isnan(getattr(switzerland, name)) for name in CLINICAL_NAMES)
+
+
+def _trained(n: int, site: str, epsilon: float, incoming: tuple[float, int, dict[str, Scalar]] | None) -> FitRes:
+    """A site's fit reply: its (zero) delta, its training epsilon, and the evaluation of the model it received."""
+    metrics: dict[str, Scalar] = {wire.METRIC_SITE: site, wire.METRIC_EPSILON: epsilon, wire.METRIC_DELTA: 1e-5}
+    if incoming is not None:
+        metrics.update(wire.incoming_metrics(*incoming))
+    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.zeros(2, dtype=np.float32)]), n, metrics)
+
+
+def _evaluation(accuracy: float, spent: float) -> dict[str, Scalar]:
+    return {wire.METRIC_ACCURACY: accuracy, wire.METRIC_AUC: 0.5, wire.METRIC_EPSILON: spent, wire.METRIC_DELTA: 1e-5}
+
+
+def test_metrics_of_round_r_plus_1s_fit_land_on_the_model_after_round_r() -> None:
+    # Prepare: two sites, two rounds; each fit reply carries the evaluation of the model received
+    seen: list[tuple[int, list[str]]] = []
+    recorder = FederationRecorder(listeners=[lambda rnd, rows: seen.append((rnd, [r.site for r in rows]))])
+    cfg = RunConfig.of(secure_aggregation=False, evaluate_in_fit=True, num_rounds=2)
+    strategy = make_strategy(
+        cfg, [np.zeros(2, dtype=np.float32)], recorder, fit_config=lambda r: {}, evaluate_config=lambda r: {}
+    )
+    a, b = _Proxy("a"), _Proxy("b")
+
+    # Execute: round 1 (the initial model's evaluation), round 2, then the final evaluate
+    strategy.aggregate_fit(1, [(a, _trained(10, "A", 1.0, (0.7, 5, _evaluation(0.50, 0.0)))),
+                               (b, _trained(30, "B", 1.2, (0.6, 7, _evaluation(0.55, 0.0))))], [])  # fmt: skip
+    strategy.aggregate_fit(2, [(a, _trained(10, "A", 2.0, (0.5, 5, _evaluation(0.60, 1.0)))),
+                               (b, _trained(30, "B", 2.4, (0.4, 7, _evaluation(0.65, 1.2))))], [])  # fmt: skip
+    final = [(p, EvaluateRes(Status(Code.OK, ""), loss, n, {wire.METRIC_SITE: site, **_evaluation(acc, eps)}))
+             for p, site, loss, n, acc, eps in ((a, "A", 0.3, 5, 0.80, 2.0), (b, "B", 0.2, 7, 0.85, 2.4))]  # fmt: skip
+    strategy.aggregate_evaluate(2, final, [])
+
+    # Assert: rows 0 (initial), 1 and 2 (final), each site once, in the order they were measured
+    assert seen == [(0, ["A", "B"]), (1, ["A", "B"]), (2, ["A", "B"])]
+    by = {(r.round, r.site): r for r in recorder.rows}
+    assert (by[0, "A"].accuracy, by[0, "A"].loss, by[0, "A"].num_examples) == (0.50, 0.7, 5)
+    assert (by[1, "B"].accuracy, by[1, "B"].loss, by[1, "B"].num_examples) == (0.65, 0.4, 7)
+    assert (by[2, "A"].accuracy, by[2, "B"].accuracy) == (0.80, 0.85)
+    # ... each with the epsilon its model cost: the initial model none, round r's the one trained in round r
+    assert [by[r, "B"].epsilon for r in (0, 1, 2)] == [0.0, 1.2, 2.4]
+    assert recorder.training_privacy == {1: {"A": (1.0, 1e-5), "B": (1.2, 1e-5)}, 2: {"A": (2.0, 1e-5), "B": (2.4, 1e-5)}}
+
+
+def test_a_fit_without_carried_evaluations_records_no_row() -> None:
+    # Prepare: evaluate-in-fit off (a separate evaluate message each round)
+    recorder = FederationRecorder()
+    cfg = RunConfig.of(secure_aggregation=False, evaluate_in_fit=False)
+    strategy = make_strategy(
+        cfg, [np.zeros(2, dtype=np.float32)], recorder, fit_config=lambda r: {}, evaluate_config=lambda r: {}
+    )
+
+    # Execute
+    strategy.aggregate_fit(1, [(_Proxy(s), _trained(10, s, 1.0, (0.7, 5, _evaluation(0.5, 0.0)))) for s in "AB"], [])
+
+    # Assert
+    assert recorder.rows == []
