@@ -1,13 +1,14 @@
 """Benchmark: wall time per round as real Flower processes vs on the simulation engine.
 
-Runs the same federation twice (heart-disease, 3 hospitals, DP, SecAgg+ unless ``--no-secagg``):
+Runs the same federation twice (heart-disease or, with ``--task chest-xray``, MobileNetV2 + head;
+3 hospitals, DP, SecAgg+ unless ``--no-secagg``):
 
 1. on Flower's simulation engine (``server.local.simulation.simulate``), timing each round's end;
 2. as ``carefl demo --deployment`` (TLS SuperLink, 3 SuperNodes, ``flwr run``), timestamping
    every line of the ServerApp's log and of each SuperNode's log as it appears (polled every
    0.1 s), then splitting each round into its messages: per stage, the SuperNodes' wait before
    the message arrived (SuperLink polling 3 s, SuperNode polling 3 s, the server's own work) and
-   the ClientApp's time (a fresh process per message: start-up and imports, data, the work).
+   the ClientApp's time (a thin process per message, and the site worker's work).
 
 By default (``evaluate-in-fit``) a site evaluates the model it receives in the fit message, and only
 the final model gets an evaluate message: rounds 1..R-1 have no evaluate stage, round R has one.
@@ -17,7 +18,12 @@ runs the old pattern (an evaluate message after every round; each round ends wit
 
 Usage::
 
-    .venv/bin/python scripts/bench_deployment.py --rounds 2 [--no-secagg] [--evaluate-separately] [--json out.json]
+    .venv/bin/python scripts/bench_deployment.py --rounds 3 [--task chest-xray] [--compare-per-message]
+        [--no-secagg] [--evaluate-separately] [--json out.json]
+
+Training and evaluation run in each hospital's long-lived site worker (:mod:`client.worker`);
+``--compare-per-message`` deploys once more without it, each message training in a fresh
+process as plain Flower does, and prints the speed-up.
 """
 
 from __future__ import annotations
@@ -155,14 +161,14 @@ def simulation_rounds(cfg: RunConfig, root: Path) -> tuple[dict[int, float], flo
     return _durations(ends, start), total
 
 
-def deployment_rounds(cfg: RunConfig, root: Path) -> dict[str, Any]:
+def deployment_rounds(cfg: RunConfig, root: Path, *, site_worker: bool = True) -> dict[str, Any]:
     """Run the deployment demo; per-round wall seconds and the per-stage breakdown."""
     server: list[tuple[float, str]] = []
     work = root / "work"
     start = time.monotonic()
     with LogTail(work / "logs") as tail:
         run_local_deployment(
-            DeploymentDemoOptions(cfg, root / "run", work), Console(file=io.StringIO()),
+            DeploymentDemoOptions(cfg, root / "run", work, site_worker=site_worker), Console(file=io.StringIO()),
             on_line=lambda t, line: server.append((t, line)),
         )  # fmt: skip
     total = time.monotonic() - start
@@ -222,27 +228,51 @@ def main() -> None:
         "--evaluate-separately", action="store_true", help="an evaluate message after every round (evaluate-in-fit off)"
     )
     parser.add_argument("--registry", type=Path, default=Path(".carefl/registry"))
+    parser.add_argument("--task", choices=("heart-disease", "chest-xray"), default="heart-disease")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/pneumoniamnist.npz"), help="chest-xray's data")
+    parser.add_argument(
+        "--compare-per-message", action="store_true",
+        help="also deploy without the site worker (a fresh training process per message, as plain Flower)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     console = Console()
+    chest = {"data_path": str(args.data.resolve()), "num_sites": 3} if args.task == "chest-xray" else {}
     cfg = demo_config(
-        "heart-disease", num_rounds=args.rounds, local_epochs=1, registry_dir=str(args.registry.resolve()),
-        secure_aggregation=not args.no_secagg, evaluate_in_fit=not args.evaluate_separately,
+        args.task, num_rounds=args.rounds, local_epochs=1, registry_dir=str(args.registry.resolve()),
+        secure_aggregation=not args.no_secagg, evaluate_in_fit=not args.evaluate_separately, **chest,
     )  # fmt: skip
     ensure_backbone(cfg, console)
     root = Path(tempfile.mkdtemp(prefix="carefl-bench-deploy-"))
     pattern = "an evaluate message per round" if args.evaluate_separately else "evaluation in the fit message"
-    console.print(f"Simulation ({args.rounds} rounds, DP, SecAgg+ {'off' if args.no_secagg else 'on'}, {pattern})...")
-    sim, sim_total = simulation_rounds(cfg, root)
-    console.print("Deployment (TLS SuperLink, 3 SuperNodes, flwr run)...")
-    dep = deployment_rounds(cfg, root)
+    console.print(
+        f"{args.task}: simulation ({args.rounds} rounds, DP, SecAgg+ {'off' if args.no_secagg else 'on'}, {pattern})..."
+    )
+    sim, sim_total = simulation_rounds(cfg, root / "sim")
+    console.print("Deployment (TLS SuperLink, 3 SuperNodes, flwr run), training in each site's worker...")
+    dep = deployment_rounds(cfg, root / "worker")
+    per_message = None
+    if args.compare_per_message:
+        console.print("Deployment again, a fresh training process per message (no site worker)...")
+        per_message = deployment_rounds(cfg, root / "per-message", site_worker=False)
 
-    table = Table(title="Wall time per round (s)")
-    for column in ("round", "simulation", "deployment"):
+    table = Table(title=f"{args.task}: wall time per round (s), and deployment / simulation")
+    columns = ["round", "simulation", "deployment", "ratio"]
+    if per_message is not None:
+        columns += ["per-message deployment", "ratio", "worker speed-up"]
+    for column in columns:
         table.add_column(column, justify="right")
     for rnd in sorted(sim):
-        table.add_row(str(rnd), f"{sim[rnd]:.1f}", f"{dep['rounds'].get(rnd, float('nan')):.1f}")
-    table.add_row("total", f"{sim_total:.1f}", f"{dep['total_s']:.1f}")
+        worker = dep["rounds"].get(rnd, float("nan"))
+        cells = [str(rnd), f"{sim[rnd]:.1f}", f"{worker:.1f}", f"{worker / sim[rnd]:.1f}x"]
+        if per_message is not None:
+            plain = per_message["rounds"].get(rnd, float("nan"))
+            cells += [f"{plain:.1f}", f"{plain / sim[rnd]:.1f}x", f"{plain / worker:.1f}x"]
+        table.add_row(*cells)
+    totals = ["total", f"{sim_total:.1f}", f"{dep['total_s']:.1f}", ""]
+    if per_message is not None:
+        totals += [f"{per_message['total_s']:.1f}", "", f"{per_message['total_s'] / dep['total_s']:.1f}x"]
+    table.add_row(*totals)
     console.print(table)
     console.print(
         f"Deployment start-up (SuperLink, registration, SuperNodes, flwr run) until the first ServerApp line: "
@@ -258,7 +288,8 @@ def main() -> None:
         )  # fmt: skip
     console.print(stages)
     if args.json:
-        args.json.write_text(json.dumps({"simulation": {"rounds": sim, "total_s": sim_total}, "deployment": dep}, indent=2))
+        out = {"task": args.task, "simulation": {"rounds": sim, "total_s": sim_total}, "deployment": dep}
+        args.json.write_text(json.dumps({**out, "per_message_deployment": per_message}, indent=2))
 
 
 if __name__ == "__main__":

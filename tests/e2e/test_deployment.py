@@ -185,7 +185,8 @@ def test_secure_federation_survives_a_server_crash(
     across = card["resumed"]["privacy_per_site_all_runs"]
     assert set(across) == set(own)
     assert all(across[site]["epsilon"] > card["privacy"]["per_site"][site]["epsilon"] > 0 for site in across)
-    assert {row["round"] for row in json.loads((out / "metrics.json").read_text())["rounds"]} == {1, 2}
+    # Each row is the model it measures (0: the initial one, carried by round 1's fit before the crash)
+    assert {1, 2} <= {row["round"] for row in json.loads((out / "metrics.json").read_text())["rounds"]} <= {0, 1, 2}
     # The killed site worker lost nothing: a new one trained round 2, both rounds charged and audited
     first_site = deployment.paths.site_dir(deployment.hospitals[0])
     assert int(worker_pid_file.read_text()) != killed_workers[0]
