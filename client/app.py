@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from logging import INFO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message
 from flwr.client import Client
@@ -29,14 +30,21 @@ from shared.log import log
 from shared.masks import install_secure_masks
 from shared.offline import configure_flower_env
 
+if TYPE_CHECKING:
+    from client.numpy_client import ModelBuilder
 
-def make_client_fn(defaults: Mapping[str, str] | None = None) -> Callable[[Context], Client]:
+
+def make_client_fn(
+    defaults: Mapping[str, str] | None = None, models: ModelBuilder | None = None
+) -> Callable[[Context], Client]:
     """The innermost call of the site's ClientApp: the site's Flower client (training, evaluation).
 
     Parameters
     ----------
     defaults : Mapping[str, str], optional
         Fallbacks for node-config keys (``data-path``, ``sites-root``).
+    models : ModelBuilder, optional
+        Builds each study's model (the site worker's kept models; default: built per message).
     """
     site_defaults = dict(defaults or {})
 
@@ -45,7 +53,8 @@ def make_client_fn(defaults: Mapping[str, str] | None = None) -> Callable[[Conte
         # nor the model, so a task process that only runs them stays thin.
         from client.numpy_client import SiteClient
 
-        return SiteClient(simulated_site_ready(site_environment(context, site_defaults)), str(context.run_id)).to_client()
+        env = simulated_site_ready(site_environment(context, site_defaults))
+        return SiteClient(env, str(context.run_id), models).to_client()
 
     return client_fn
 
@@ -67,7 +76,13 @@ def site_mods(defaults: Mapping[str, str] | None = None) -> list[Mod]:
         return environment(context).policy_path
 
     backbone_mod = make_backbone_mod(site_dir_of, policy_of)
-    return [make_audit_mod(site_dir_of), refusal_mod, backbone_mod, make_model_mod(environment), secure_aggregation_mod]
+    return [
+        make_audit_mod(site_dir_of),
+        refusal_mod,
+        backbone_mod,
+        make_model_mod(environment),
+        secure_aggregation_mod,
+    ]
 
 
 def create_client_app(defaults: Mapping[str, str] | None = None, outer_mods: Sequence[Mod] = ()) -> ClientApp:
@@ -122,7 +137,12 @@ def simulated_site_ready(env: SiteEnvironment) -> SiteEnvironment:
     files = [env.site_dir / name for name in (LEDGER_FILE, KEY_FILE, POLICY_FILE)]
     if env.simulated and not all(path.exists() for path in files):
         prepare_site_dir(env.site_dir, site=env.site_dir.name)
-        log(INFO, "simulated hospital %s: privacy ledger and default policy in %s", env.site_dir.name, env.site_dir)
+        log(
+            INFO,
+            "simulated hospital %s: privacy ledger and default policy in %s",
+            env.site_dir.name,
+            env.site_dir,
+        )
     return env
 
 

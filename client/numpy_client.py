@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from logging import INFO, WARNING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,10 +27,17 @@ from shared.dp import same_schedule, train_dp
 from shared.errors import CareFLError, RefusalError
 from shared.log import log
 from shared.params import get_arrays, set_arrays, subtract
-from shared.pipeline import LocalProblem, build_model, local_problem, train_settings
+from shared.pipeline import LocalProblem, Pretrained, build_model, local_problem, train_settings
 from shared.scores import binary_metrics, choose_threshold, classification_metrics
 from shared.tasks import SiteData
 from shared.training import TrainSettings, predict_proba, train
+
+
+class ModelBuilder(Protocol):
+    """Builds a study's model as :func:`shared.pipeline.build_model` does."""
+
+    def build(self, cfg: StudyConfig, pretrained: Pretrained | None) -> torch.nn.Module:
+        """The model of ``cfg``, with ``pretrained``'s backbone in the transfer setup."""
 
 
 class SiteRefusal(RefusalError):
@@ -99,11 +107,15 @@ class SiteClient(NumPyClient):
         The site's data, private directory and policy.
     run_id : str
         Flower's run id (the privacy ledger's run key).
+    models : ModelBuilder, optional
+        Builds the study's model (default: :func:`shared.pipeline.build_model`); the site
+        worker passes its kept models (:class:`client.worker.templates.ModelTemplates`).
     """
 
-    def __init__(self, env: SiteEnvironment, run_id: str) -> None:
+    def __init__(self, env: SiteEnvironment, run_id: str, models: ModelBuilder | None = None) -> None:
         self.env = env
         self.run_id = run_id
+        self.build_model = models.build if models is not None else build_model
         torch.set_num_threads(1)
 
     def _admit(self, cfg: StudyConfig) -> SitePolicy:
@@ -129,7 +141,7 @@ class SiteClient(NumPyClient):
         if cfg.setup == "transfer":
             pretrained = BackboneStore(self.env.site_dir).get(cfg.backbone_sha256)
             sha = pretrained.manifest.sha256
-        model = build_model(cfg, pretrained)
+        model = self.build_model(cfg, pretrained)
         if site is None:
             site = site_data(cfg, self.env)
         return local_problem(cfg, model, site, backbone_sha256=sha, cache_dir=self.env.site_dir)

@@ -68,14 +68,18 @@ Handler = Callable[[Message, Context], Message]
 
 
 def site_handler() -> Handler:
-    """The installed CareFL's training and evaluation (no mods: the task process runs them)."""
+    """The installed CareFL's training and evaluation (no mods: the task process runs them).
+
+    Built models are kept across messages (:class:`~client.worker.templates.ModelTemplates`).
+    """
     from flwr.client.message_handler.message_handler import handle_legacy_message_from_msgtype
 
     from client.app import make_client_fn
+    from client.worker.templates import ModelTemplates
 
     warm_up()
 
-    client_fn = make_client_fn()
+    client_fn = make_client_fn(models=ModelTemplates())
 
     def handle(message: Message, context: Context) -> Message:
         return handle_legacy_message_from_msgtype(client_fn=client_fn, message=message, context=context)

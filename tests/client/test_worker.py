@@ -99,26 +99,26 @@ def _evaluate(cfg: RunConfig, params: list[np.ndarray]) -> Message:
 
 
 def test_training_in_the_worker_equals_training_in_process(site: Path) -> None:
-    # Prepare: the same fit message (no DP, fixed seeds) for both paths
+    # Prepare: the same fit messages (no DP, fixed seeds) for both paths; round 2 in the
+    # worker trains a copy of the model it kept from round 1
     cfg, params = _study(dp=False)
-    message = _fit(cfg, params, 1)
+    worker_app, process_app = create_worker_app(parent_pid=os.getpid()), create_client_app()
 
-    # Execute
-    in_worker = create_worker_app(parent_pid=os.getpid())(message, _context(site))
-    in_process = create_client_app()(message, _context(site))
+    for server_round in (1, 2):
+        # Execute
+        in_worker = worker_app(_fit(cfg, params, server_round), _context(site))
+        in_process = process_app(_fit(cfg, params, server_round), _context(site))
 
-    # Assert: bit-identical update and the same metrics
-    assert not in_worker.has_error() and not in_process.has_error()
-    worker_res = recorddict_to_fitres(in_worker.content, keep_input=False)
-    process_res = recorddict_to_fitres(in_process.content, keep_input=False)
-    for a, b in zip(
-        parameters_to_ndarrays(worker_res.parameters),
-        parameters_to_ndarrays(process_res.parameters),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(a, b)
-    assert worker_res.num_examples == process_res.num_examples > 0
-    assert worker_res.metrics == process_res.metrics
+        # Assert: bit-identical update and the same metrics
+        assert not in_worker.has_error() and not in_process.has_error()
+        worker_res = recorddict_to_fitres(in_worker.content, keep_input=False)
+        process_res = recorddict_to_fitres(in_process.content, keep_input=False)
+        worker_arrays = parameters_to_ndarrays(worker_res.parameters)
+        for a, b in zip(worker_arrays, parameters_to_ndarrays(process_res.parameters), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert worker_res.num_examples == process_res.num_examples > 0
+        assert worker_res.metrics == process_res.metrics
+        params = [p + d for p, d in zip(params, worker_arrays, strict=True)]  # the next round's global model
     assert _worker_pid(site) != os.getpid()
 
 
