@@ -1,0 +1,73 @@
+"""Flower's SuperNode, unchanged but for how long it idles between two pulls from the SuperLink.
+
+``flower-supernode`` sleeps a hard-coded 3 s whenever a pull from the SuperLink finds no
+message (``flwr/supernode/start_client_internal.py``), so every message of a round waits 1.5 s
+on average before a hospital even sees it, five times per SecAgg+ round. This entry point runs
+Flower's own ``flower_supernode()`` with that one sleep capped at ``--idle-poll`` seconds
+(default :data:`IDLE_POLL_S`): the same protocol, the same requests, only sooner. Shorter
+sleeps Flower takes elsewhere are untouched. If a Flower upgrade moves the sleep, the node
+refuses to start rather than silently keep the old latency.
+
+Run as ``python -P -m client.runtime.supernode [--idle-poll S] FLOWER_SUPERNODE_ARGS...``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+IDLE_POLL_S = 0.5
+"""Seconds a SuperNode waits after a pull that found no message (Flower: 3 s)."""
+
+
+class CappedSleep:
+    """The :mod:`time` module as one module sees it, with every ``sleep`` capped at ``cap`` seconds."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep ``min(seconds, cap)``."""
+        time.sleep(min(seconds, self.cap))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def cap_idle_poll(module: ModuleType, cap: float) -> None:
+    """Make ``module``'s ``time.sleep`` calls wait at most ``cap`` seconds.
+
+    Raises
+    ------
+    RuntimeError
+        If ``module`` does not use the :mod:`time` module as ``time`` (Flower changed).
+    """
+    if getattr(module, "time", None) is not time:
+        raise RuntimeError(f"{module.__name__} has no `time` module to shorten its idle poll; check the Flower version")
+    module.time = CappedSleep(cap)  # type: ignore[attr-defined]
+
+
+def supernode_command(flower_args: Sequence[str], *, idle_poll: float = IDLE_POLL_S) -> list[str]:
+    """The command line running ``flower-supernode FLOWER_ARGS`` with its idle poll capped."""
+    return [sys.executable, "-P", "-m", "client.runtime.supernode", "--idle-poll", f"{idle_poll:g}", *flower_args]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: ``python -P -m client.runtime.supernode [--idle-poll S] FLOWER_SUPERNODE_ARGS...``."""
+    import flwr.supernode.start_client_internal as internal
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    idle_poll = IDLE_POLL_S
+    if args[:1] == ["--idle-poll"]:
+        idle_poll, args = float(args[1]), args[2:]
+    cap_idle_poll(internal, idle_poll)
+    sys.argv = ["flower-supernode", *args]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()
