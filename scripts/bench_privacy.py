@@ -126,6 +126,14 @@ def _cell(figure: dict[str, float]) -> str:
     return "-" if math.isnan(figure["mean"]) else f"{figure['mean']:.3f} ± {figure['sd']:.3f}"
 
 
+def _overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (kebab-case keys, TOML values) as snake-case overrides."""
+    import tomllib
+
+    pairs = [item.split("=", 1) for item in items]
+    return {key.strip().replace("-", "_"): tomllib.loads(f"v = {value}")["v"] for key, value in pairs}
+
+
 def main() -> None:
     """Run the benchmark and print its tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -136,13 +144,17 @@ def main() -> None:
     parser.add_argument("--epsilons", type=str, default="0.5,1,3,8,none", help="comma-separated; 'none' = no DP")
     parser.add_argument("--tasks", type=str, default="heart-disease,chest-xray", help="comma-separated")
     parser.add_argument("--no-step-times", action="store_true", help="skip the per-step timing")
+    parser.add_argument(
+        "--chest-set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a chest-xray run-config key (kebab case, TOML value), e.g. feature-blocks='\"-2\"'",
+    )  # fmt: skip
     args = parser.parse_args()
     epsilons = [None if e.strip() == "none" else float(e) for e in args.epsilons.split(",")]
     tasks = {t.strip() for t in args.tasks.split(",")}
     torch.set_num_threads(1)
     console = Console()
     registry = str(args.state_dir / "registry")
-    chest = demo_config("chest-xray", registry_dir=registry, data_path=str(args.data))
+    chest = demo_config("chest-xray", registry_dir=registry, data_path=str(args.data), **_overrides(args.chest_set))
     pretrained = ensure_backbone(chest, console)
     report: dict[str, Any] = {"step_time": {}, "utility": {}}
     if not args.no_step_times:
