@@ -92,11 +92,13 @@ class StudyConfig(KebabDocument):
         comma-separated block indices (negative ones count from the end; MobileNetV2 has 19
         blocks, ``-2`` its 320-channel block before the last 1x1 convolution), whose global
         average pooled outputs are concatenated. Empty: the backbone's own features (its last
-        block, pooled). Image tasks, ``setup`` transfer and ``trainable`` head only.
+        block, pooled). Image tasks; applies with ``setup`` transfer and ``trainable`` head
+        (a frozen backbone) and is ignored otherwise (the from-scratch and ``last`` models).
     standardize_features : bool
         Standardize each backbone feature by the mean and standard deviation of the site's own
         training rows (the statistics never leave the site; validation rows are scaled by the
-        training rows' figures). Image tasks, ``setup`` transfer and ``trainable`` head only.
+        training rows' figures). Image tasks; like ``feature_blocks``, ignored unless ``setup``
+        is transfer and ``trainable`` head.
     val_fraction : float
         Validation fraction for image folders without a validation split.
     operating_point : str
@@ -275,11 +277,10 @@ class StudyConfig(KebabDocument):
 
         if TASKS[self.task].info.input_spec.get("kind") != "grayscale-image":
             raise ConfigError(f"{' and '.join(chosen)} apply to image tasks, not {self.task}.")
-        if self.setup != "transfer" or self.trainable != "head":
-            raise ConfigError(
-                f"{' and '.join(chosen)} shape the cached features of a frozen backbone: "
-                "they need `setup` transfer and `trainable` head."
-            )
+
+    def shapes_features(self) -> bool:
+        """Whether ``feature-blocks`` and ``standardize-features`` apply: a frozen backbone's cached features."""
+        return self.setup == "transfer" and self.trainable == "head"
 
     def secagg_settings(self, *, timeout: float) -> SecAggSettings:
         """The SecAgg+ parameters of this study, with the server's stage ``timeout``."""

@@ -65,7 +65,7 @@ def build_model(cfg: StudyConfig, pretrained: Pretrained | None) -> BackboneWith
         trunk = build_backbone(pretrained.manifest.architecture, pretrained.manifest.arch_params)
         load_backbone_weights(trunk, pretrained.manifest, pretrained.path)
         feature_dim = pretrained.manifest.feature_dim
-        if cfg.feature_blocks:
+        if cfg.feature_blocks and cfg.shapes_features():
             feature_dim = _pool_blocks(cfg, pretrained.manifest, trunk)
     else:
         trunk = build_backbone(task.architecture, task.arch_params)
@@ -173,13 +173,13 @@ def local_problem(
             frozen, suffix = split_backbone(model.backbone, cfg.last_blocks)
             module = TrainableStack(suffix, model.head)
             spec = {**spec, "frozen_prefix": f"all but the last {cfg.last_blocks} block(s)"}
-        if cfg.feature_blocks:
+        if cfg.feature_blocks and cfg.shapes_features():
             spec = {**spec, "feature_blocks": list(cfg.feature_block_indices())}
         features = site_features(
             frozen, site, backbone_sha256=backbone_sha256, preprocessing=spec, cache_dir=cache_dir,
             augmentation=augmentation_of(cfg),
         )  # fmt: skip
-        if cfg.standardize_features:
+        if cfg.standardize_features and cfg.shapes_features():
             features = standardized(features)
         return LocalProblem(
             model, names, module, features.train, site.y_train, features.val, site.y_val, site.name, site.dropped

@@ -73,6 +73,14 @@ def test_build_model_declares_the_pooled_width(pretrained: Pretrained) -> None:
     assert model(torch.zeros(2, 28, 28)).shape == (2, 2)
 
 
+@pytest.mark.parametrize("other", [{"trainable": "last"}, {"setup": "scratch"}])
+def test_feature_options_leave_scratch_and_last_models_alone(pretrained: Pretrained, other: dict[str, str]) -> None:
+    cfg = StudyConfig(**CHEST, feature_blocks="-2", standardize_features=True, **other)  # type: ignore[arg-type]
+    plain = StudyConfig(**CHEST, **other)  # type: ignore[arg-type]
+    assert not cfg.shapes_features()
+    assert build_model(cfg, pretrained).head.in_features == build_model(plain, pretrained).head.in_features
+
+
 @pytest.mark.parametrize("blocks", ["19", "-20"])
 def test_out_of_range_block_is_config_error_naming_the_key(pretrained: Pretrained, blocks: str) -> None:
     with pytest.raises(ConfigError, match=r"`feature-blocks` .*in \[-19, 18\]"):
@@ -84,8 +92,6 @@ def test_out_of_range_block_is_config_error_naming_the_key(pretrained: Pretraine
     [
         ({**CHEST, "feature_blocks": "17,x"}, "feature-blocks"),
         ({**CHEST, "feature_blocks": "17,17"}, "twice"),
-        ({**CHEST, "feature_blocks": "-2", "trainable": "last"}, "trainable` head"),
-        ({**CHEST, "standardize_features": True, "setup": "scratch"}, "setup` transfer"),
         ({"task": "heart-disease", "feature_blocks": "-2"}, "image tasks"),
         ({"task": "heart-disease", "standardize_features": True}, "image tasks"),
     ],
