@@ -316,6 +316,11 @@ def _rebuild(study: StudyConfig, pretrained: Pretrained | None, payload: Mapping
 
     from shared.pipeline import build_model
 
+    if study.standardize_features and study.shapes_features():
+        raise InputError(
+            f"{origin} was trained on standardized features (`standardize-features`); the site's feature "
+            "statistics are not stored with the model yet, so it cannot be applied to new images."
+        )
     model = build_model(study, pretrained)
     state = payload.get("state_dict")
     if not isinstance(state, Mapping) or not state:

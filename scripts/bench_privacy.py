@@ -134,6 +134,14 @@ def _cell(figure: dict[str, float]) -> str:
     return "-" if math.isnan(figure["mean"]) else f"{figure['mean']:.3f} ± {figure['sd']:.3f}"
 
 
+def _overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (kebab-case keys, TOML values) as snake-case overrides."""
+    import tomllib
+
+    pairs = [item.split("=", 1) for item in items]
+    return {key.strip().replace("-", "_"): tomllib.loads(f"v = {value}")["v"] for key, value in pairs}
+
+
 def main() -> None:
     """Run the benchmark and print its tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -150,13 +158,17 @@ def main() -> None:
         "--heart-schedule", choices=("tuned", "previous"), default="tuned",
         help="heart-disease: the benchmark's DP defaults (tuned) or the MLP at batch 32, 5 x 5, lr 0.05 (previous)",
     )  # fmt: skip
+    parser.add_argument(
+        "--chest-set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a chest-xray run-config key (kebab case, TOML value), e.g. feature-blocks='\"-2\"'",
+    )  # fmt: skip
     args = parser.parse_args()
     epsilons = [None if e.strip() == "none" else float(e) for e in args.epsilons.split(",")]
     tasks = {t.strip() for t in args.tasks.split(",")}
     torch.set_num_threads(1)
     console = Console()
     registry = str(args.state_dir / "registry")
-    chest = demo_config("chest-xray", registry_dir=registry, data_path=str(args.data))
+    chest = demo_config("chest-xray", registry_dir=registry, data_path=str(args.data), **_overrides(args.chest_set))
     pretrained = ensure_backbone(chest, console)
     report: dict[str, Any] = {"step_time": {}, "utility": {}}
     if not args.no_step_times:

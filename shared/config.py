@@ -94,6 +94,18 @@ class StudyConfig(KebabDocument):
         Label-skew concentration of the chest-xray split (smaller: more skewed).
     image_size : int
         Side of the images fed to the backbone (chest-xray).
+    feature_blocks : str
+        Which blocks of a frozen ImageNet backbone give the features the head trains on:
+        comma-separated block indices (negative ones count from the end; MobileNetV2 has 19
+        blocks, ``-2`` its 320-channel block before the last 1x1 convolution), whose global
+        average pooled outputs are concatenated. Empty: the backbone's own features (its last
+        block, pooled). Image tasks; applies with ``setup`` transfer and ``trainable`` head
+        (a frozen backbone) and is ignored otherwise (the from-scratch and ``last`` models).
+    standardize_features : bool
+        Standardize each backbone feature by the mean and standard deviation of the site's own
+        training rows (the statistics never leave the site; validation rows are scaled by the
+        training rows' figures). Image tasks; like ``feature_blocks``, ignored unless ``setup``
+        is transfer and ``trainable`` head.
     val_fraction : float
         Validation fraction for image folders without a validation split.
     operating_point : str
@@ -180,6 +192,8 @@ class StudyConfig(KebabDocument):
     num_sites: int = Field(default=4, ge=1)
     dirichlet_alpha: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     image_size: int = Field(default=64, ge=8)
+    feature_blocks: str = ""
+    standardize_features: bool = False
     val_fraction: float = Field(default=0.2, gt=0, lt=1)
     operating_point: str = "0.5"
     class_weighting: ClassWeighting = "none"
@@ -216,6 +230,16 @@ class StudyConfig(KebabDocument):
         parse_operating_point(value)
         return value
 
+    @field_validator("feature_blocks")
+    @classmethod
+    def _block_list(cls, value: str) -> str:
+        parse_blocks(value)
+        return value.replace(" ", "")
+
+    def feature_block_indices(self) -> tuple[int, ...]:
+        """The block indices of :attr:`feature_blocks` (empty: the backbone's own features)."""
+        return parse_blocks(self.feature_blocks)
+
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:
         if self.dp and self.strategy == "fedprox":
@@ -224,6 +248,7 @@ class StudyConfig(KebabDocument):
             )
         self._augmentable()
         self._model_fits()
+        self._feature_options()
         if self.secure_aggregation:
             self.secagg_settings(timeout=math.inf).check(self.num_sites)
         return self
@@ -255,6 +280,26 @@ class StudyConfig(KebabDocument):
                 f"`augment` {self.augment} augments the cached features of a frozen backbone: it needs "
                 "`setup` transfer and `trainable` head."
             )
+
+    def _feature_options(self) -> None:
+        chosen = [
+            f"`{key}` {value}"
+            for key, value, on in (
+                ("feature-blocks", self.feature_blocks, bool(self.feature_blocks)),
+                ("standardize-features", "true", self.standardize_features),
+            )
+            if on
+        ]
+        if not chosen:
+            return
+        from shared.tasks.registry import TASKS
+
+        if TASKS[self.task].info.input_spec.get("kind") != "grayscale-image":
+            raise ConfigError(f"{' and '.join(chosen)} apply to image tasks, not {self.task}.")
+
+    def shapes_features(self) -> bool:
+        """Whether ``feature-blocks`` and ``standardize-features`` apply: a frozen backbone's cached features."""
+        return self.setup == "transfer" and self.trainable == "head"
 
     def secagg_settings(self, *, timeout: float) -> SecAggSettings:
         """The SecAgg+ parameters of this study, with the server's stage ``timeout``."""
@@ -334,6 +379,26 @@ class SimulationSettings(KebabDocument):
     """
 
     data_path: str = Field(default="", json_schema_extra=PATH)
+
+
+def parse_blocks(value: str) -> tuple[int, ...]:
+    """Parse a ``feature-blocks`` value: comma-separated distinct integers, or empty.
+
+    Raises
+    ------
+    ValueError
+        Naming the item that is not an integer, or the index named twice.
+    """
+    items = [item.strip() for item in value.split(",")] if value.strip() else []
+    blocks = []
+    for item in items:
+        try:
+            blocks.append(int(item))
+        except ValueError:
+            raise ValueError(f"must be comma-separated block indices such as '-2' or '15,16,17'; got {item!r}") from None
+    if len(set(blocks)) != len(blocks):
+        raise ValueError(f"names a block twice: {value!r}")
+    return tuple(blocks)
 
 
 PARTS: tuple[type[KebabDocument], ...] = (StudyConfig, ServerSettings, SimulationSettings)

@@ -17,6 +17,7 @@ from shared.augment import Augmentation
 from shared.backbones.architectures import (
     BackboneWithHead,
     ImageNetInput,
+    ImageNetTrunk,
     TrainableStack,
     build_backbone,
     load_backbone_weights,
@@ -26,7 +27,7 @@ from shared.backbones.architectures import (
 from shared.backbones.manifest import BackboneManifest
 from shared.config import StudyConfig
 from shared.errors import ConfigError
-from shared.features import site_features
+from shared.features import SiteFeatures, site_features
 from shared.params import exchanged_names
 from shared.tasks import TaskInfo, get_task, input_spec
 from shared.tasks.base import SiteData
@@ -65,6 +66,8 @@ def build_model(cfg: StudyConfig, pretrained: Pretrained | None) -> BackboneWith
         trunk = build_backbone(pretrained.manifest.architecture, pretrained.manifest.arch_params)
         load_backbone_weights(trunk, pretrained.manifest, pretrained.path)
         feature_dim = pretrained.manifest.feature_dim
+        if cfg.feature_blocks and cfg.shapes_features():
+            feature_dim = _pool_blocks(cfg, pretrained.manifest, trunk)
     else:
         architecture, arch_params, feature_dim = task.architecture(cfg)
         trunk = build_backbone(architecture, arch_params)
@@ -77,6 +80,20 @@ def build_model(cfg: StudyConfig, pretrained: Pretrained | None) -> BackboneWith
     if trainable == "last":
         unfreeze(split_backbone(model.backbone, cfg.last_blocks)[1])
     return model
+
+
+def _pool_blocks(cfg: StudyConfig, manifest: BackboneManifest, trunk: nn.Module) -> int:
+    """Make ``trunk``'s features the pooled blocks of ``cfg.feature_blocks``; return their width."""
+    if not isinstance(trunk, ImageNetTrunk):
+        raise ConfigError(
+            f"`feature-blocks` {cfg.feature_blocks} needs an ImageNet backbone; {manifest.name!r} is a "
+            f"{manifest.architecture}."
+        )
+    try:
+        trunk.pool_blocks(cfg.feature_block_indices())
+    except ValueError as err:
+        raise ConfigError(f"`feature-blocks` {cfg.feature_blocks} for backbone {manifest.name!r}: {err}.") from None
+    return trunk.feature_dim()
 
 
 def _with_input_module(task: TaskInfo, cfg: StudyConfig, trunk: nn.Module) -> nn.Module:
@@ -157,15 +174,35 @@ def local_problem(
             frozen, suffix = split_backbone(model.backbone, cfg.last_blocks)
             module = TrainableStack(suffix, model.head)
             spec = {**spec, "frozen_prefix": f"all but the last {cfg.last_blocks} block(s)"}
+        if cfg.feature_blocks and cfg.shapes_features():
+            spec = {**spec, "feature_blocks": list(cfg.feature_block_indices())}
         features = site_features(
             frozen, site, backbone_sha256=backbone_sha256, preprocessing=spec, cache_dir=cache_dir,
             augmentation=augmentation_of(cfg),
         )  # fmt: skip
+        if cfg.standardize_features and cfg.shapes_features():
+            features = standardized(features)
         return LocalProblem(
             model, names, module, features.train, site.y_train, features.val, site.y_val, site.name, site.dropped
         )
     return LocalProblem(
         model, names, model, site.x_train, site.y_train, site.x_val, site.y_val, site.name, site.dropped
+    )
+
+
+def standardized(features: SiteFeatures) -> SiteFeatures:
+    """Scale every feature by the mean and standard deviation of the training rows only.
+
+    With augmented views (``(N, K, F)``) the statistics are over every view of every training
+    record; a constant feature keeps scale 1. Validation rows never influence the figures.
+    """
+    train = features.train.reshape(-1, features.train.shape[-1])
+    mean = train.mean(axis=0)
+    scale = train.std(axis=0)
+    scale[scale == 0] = 1.0
+    return SiteFeatures(
+        train=((features.train - mean) / scale).astype(np.float32),
+        val=((features.val - mean) / scale).astype(np.float32),
     )
 
 

@@ -35,10 +35,47 @@ class ImageNetTrunk(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_blocks: tuple[int, ...] = ()
 
     def stages(self) -> list[nn.Module]:
         """Return the trunk's blocks before pooling, in order."""
         raise NotImplementedError
+
+    def pool_blocks(self, blocks: Sequence[int]) -> None:
+        """Make the features the pooled outputs of ``blocks`` (indices of :meth:`stages`), concatenated.
+
+        Negative indices count from the end (``-1`` is the last block). An empty ``blocks``
+        restores the trunk's own features (the last block, pooled). The weights are unchanged.
+
+        Raises
+        ------
+        ValueError
+            If an index is out of range or named twice.
+        """
+        count = len(self.stages())
+        resolved = [b + count if b < 0 else b for b in blocks]
+        if any(not 0 <= b < count for b in resolved) or len(set(resolved)) != len(resolved):
+            raise ValueError(f"block indices must be distinct, in [{-count}, {count - 1}]; got {list(blocks)}")
+        self.feature_blocks = tuple(sorted(resolved))
+
+    def multi_block_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the pooled outputs of :attr:`feature_blocks`, concatenated (later blocks not run)."""
+        pooled = []
+        for index, stage in enumerate(self.stages()[: self.feature_blocks[-1] + 1]):
+            x = stage(x)
+            if index in self.feature_blocks:
+                pooled.append(torch.flatten(self.pool(x), 1))
+        return torch.cat(pooled, 1)
+
+    @torch.no_grad()
+    def feature_dim(self, side: int = 32) -> int:
+        """Return the width of :meth:`forward`'s output (measured on one ``side`` px probe image)."""
+        training = self.training
+        self.eval()
+        try:
+            return int(self(torch.zeros(1, 3, side, side)).shape[1])
+        finally:
+            self.train(training)
 
     def blocks(self) -> list[nn.Module]:
         """Return :meth:`stages` followed by the pooling block."""
@@ -50,6 +87,8 @@ class ImageNetTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``(batch, feature_dim)`` pooled features."""
+        if self.feature_blocks:
+            return self.multi_block_features(x)
         for stage in self.stages():
             x = stage(x)
         return torch.flatten(self.pool(x), 1)
@@ -67,7 +106,9 @@ class MobileNetV2Features(ImageNetTrunk):
         return list(self.features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``(batch, 1280)`` pooled features."""
+        """Return ``(batch, 1280)`` pooled features (or those of :attr:`feature_blocks`)."""
+        if self.feature_blocks:
+            return self.multi_block_features(x)
         return torch.flatten(self.pool(self.features(x)), 1)
 
 
@@ -96,6 +137,8 @@ class VGG16Features(ImageNetTrunk):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``(batch, 512)`` pooled features."""
+        if self.feature_blocks:
+            return self.multi_block_features(x)
         return torch.flatten(self.pool(self.features(x)), 1)
 
 
@@ -159,6 +202,8 @@ class DenseNet121Features(ImageNetTrunk):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``(batch, 1024)`` pooled features."""
+        if self.feature_blocks:
+            return self.multi_block_features(x)
         return torch.flatten(self.pool(nn.functional.relu(self.features(x))), 1)
 
 
@@ -175,7 +220,9 @@ class EfficientNetB0Features(ImageNetTrunk):
         return [stem, *(block for stage in stages for block in stage), head]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``(batch, 1280)`` pooled features."""
+        """Return ``(batch, 1280)`` pooled features (or those of :attr:`feature_blocks`)."""
+        if self.feature_blocks:
+            return self.multi_block_features(x)
         return torch.flatten(self.pool(self.features(x)), 1)
 
 
