@@ -75,6 +75,10 @@ def node(
             "or in a fresh process per message as plain Flower does."
         ),
     ] = True,
+    idle_poll: Annotated[
+        float,
+        typer.Option(help="Seconds the SuperNode waits after a pull that found no message (Flower's own: 3)."),
+    ] = 0.5,
     connect_timeout: Annotated[
         float,
         typer.Option(help="Seconds the SuperLink may take to accept the node; then it stops and says why."),
@@ -86,7 +90,7 @@ def node(
     options = node_options(
         superlink=superlink, site_dir=site_dir, credentials=credentials, insecure=insecure, data_path=data,
         partition=partition_of(partition_id, num_partitions), site_name=site_name, val_fraction=val_fraction,
-        split_seed=split_seed, policy=policy, port=port, site_worker=site_worker,
+        split_seed=split_seed, policy=policy, port=port, site_worker=site_worker, idle_poll=idle_poll,
     )  # fmt: skip
     serve_node(options, Console(), connect_timeout=connect_timeout)
 

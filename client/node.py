@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.runtime.supernode import IDLE_POLL_S, capped_supernode_command
 from shared.errors import ConfigError, InputError
-from shared.executables import executable
 
 DEFAULT_RUNTIME_PORT = 9094  # flwr.supercore.constant.SUPERNODE_UVICORN_DEFAULT_PORT
 CONNECTED_PATTERN = r"SuperNode ID: \d+"
@@ -86,6 +86,9 @@ class NodeOptions:
     site_worker : bool
         Train and evaluate in the site's long-lived worker (:mod:`client.worker`; default), or
         in a fresh process per message as Flower does.
+    idle_poll : float
+        Seconds the SuperNode waits after a pull from the SuperLink that found no message
+        (Flower's own: 3 s).
     """
 
     superlink: str
@@ -101,6 +104,7 @@ class NodeOptions:
     port: int = DEFAULT_RUNTIME_PORT
     max_wait_time: float | None = None
     site_worker: bool = True
+    idle_poll: float = IDLE_POLL_S
 
     def __post_init__(self) -> None:
         if self.partition is not None and not 0 <= self.partition[0] < self.partition[1]:
@@ -113,6 +117,8 @@ class NodeOptions:
             raise ConfigError(f"`val-fraction` must be in (0, 1), got {self.val_fraction!r}.")
         if not 0 < self.port < 65536:
             raise ConfigError(f"`port` must be in 1..65535, got {self.port!r}.")
+        if not 0 < self.idle_poll <= 3:
+            raise ConfigError(f"`idle-poll` must be in (0, 3] seconds, got {self.idle_poll!r}.")
 
     @property
     def insecure(self) -> bool:
@@ -159,12 +165,15 @@ def node_config_arg(values: Mapping[str, str | int | float]) -> str:
 
 
 def supernode_command(options: NodeOptions, auth_secret_file: Path | None = None) -> list[str]:
-    """Return the ``flower-supernode`` command line for ``options``.
+    """Return the command line of Flower's SuperNode for ``options``.
+
+    It is ``flower-supernode`` with its idle poll capped at ``options.idle_poll`` seconds
+    (:mod:`client.runtime.supernode`; Flower waits 3 s after every pull that found nothing).
 
     ``auth_secret_file``: the secret its task runtime signs ``AcquireTask`` with (only that
     runtime takes its tasks).
     """
-    argv = [executable("flower-supernode"), "--superlink", options.superlink]
+    argv = ["--superlink", options.superlink]
     if options.credentials is None:
         argv.append("--insecure")
     else:
@@ -179,4 +188,4 @@ def supernode_command(options: NodeOptions, auth_secret_file: Path | None = None
         argv += ["--superexec-auth-secret-file", str(auth_secret_file)]
     if options.max_wait_time is not None:
         argv += ["--max-wait-time", f"{options.max_wait_time:g}"]
-    return argv
+    return capped_supernode_command(argv, idle_poll=options.idle_poll)

@@ -25,6 +25,7 @@ from client.ledger import LEDGER_FILE
 from client.node import ACTIVATION_FAILED, CONNECTED_PATTERN, NodeCredentials, NodeOptions, supernode_command
 from client.policy import SitePolicy
 from client.runtime.superexec import runtime_command
+from client.runtime.supernode import IDLE_POLL_S
 from client.site import POLICY_FILE
 from shared.errors import ConfigError, DeploymentError, InputError
 from shared.executables import INSECURE_WARNING, Announce, command_line, console_announcer, flower_env
@@ -305,6 +306,7 @@ def node_options(
     policy: Path | None = None,
     port: int,
     site_worker: bool = True,
+    idle_poll: float = IDLE_POLL_S,
 ) -> NodeOptions:
     """Build the node options from the command line's values (credentials or ``--insecure``).
 
@@ -329,4 +331,5 @@ def node_options(
         policy=policy,
         port=port,
         site_worker=site_worker,
+        idle_poll=idle_poll,
     )

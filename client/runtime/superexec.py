@@ -24,8 +24,8 @@ from typing import Any
 from shared.errors import CareFLError
 from shared.log import log
 
-POLL_INTERVAL_S = 1.0
-"""Seconds between two ``AcquireTask`` polls (Flower's SuperExec default)."""
+POLL_INTERVAL_S = 0.2
+"""Seconds between two ``AcquireTask`` polls (Flower's SuperExec: 1 s; a local HTTP call)."""
 _SIGNED = frozenset({"/flwr.proto.Runtime/AcquireTask"})  # as flwr.supercore.superexec.run_superexec
 
 

@@ -50,9 +50,23 @@ def cap_idle_poll(module: ModuleType, cap: float) -> None:
     module.time = CappedSleep(cap)  # type: ignore[attr-defined]
 
 
-def supernode_command(flower_args: Sequence[str], *, idle_poll: float = IDLE_POLL_S) -> list[str]:
+def capped_supernode_command(flower_args: Sequence[str], *, idle_poll: float = IDLE_POLL_S) -> list[str]:
     """The command line running ``flower-supernode FLOWER_ARGS`` with its idle poll capped."""
     return [sys.executable, "-P", "-m", "client.runtime.supernode", "--idle-poll", f"{idle_poll:g}", *flower_args]
+
+
+def flower_arguments(argv: Sequence[str]) -> list[str]:
+    """The ``flower-supernode`` arguments of a command line made by :func:`capped_supernode_command`.
+
+    Raises
+    ------
+    ValueError
+        If ``argv`` is not such a command line.
+    """
+    prefix = [sys.executable, "-P", "-m", "client.runtime.supernode", "--idle-poll"]
+    if list(argv[: len(prefix)]) != prefix:
+        raise ValueError(f"not a capped SuperNode command line: {' '.join(argv[:6])}")
+    return list(argv[len(prefix) + 1 :])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -250,6 +250,7 @@ def test_node_runs_its_supernode_in_process_isolation_with_its_own_runtime(tmp_p
     # Assert: no FAB runner of Flower's is started; the runtime and each task run this Python's CareFL
     assert node[node.index("--isolation") + 1] == "process"
     assert node[node.index("--superexec-auth-secret-file") + 1] == str(secret) == runtime[runtime.index("--auth-secret-file") + 1]
+    assert node[:4] == [sys.executable, "-P", "-m", "client.runtime.supernode"]  # Flower's, idle poll capped
     assert runtime[:4] == [sys.executable, "-P", "-m", "client.runtime.superexec"]
     assert task[:4] == [sys.executable, "-P", "-m", "client.runtime.task"] and "TOKEN" in task
     assert len(secret.read_bytes()) == 32 and secret.stat().st_mode & 0o777 == 0o600

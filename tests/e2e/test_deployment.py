@@ -155,7 +155,8 @@ def test_secure_federation_survives_a_server_crash(
     text = shown.getvalue()
     assert "flower-superlink --ssl-certfile" in text and "--enable-supernode-auth" in text
     assert (
-        text.count("flower-supernode --superlink 127.0.0.1:") == 3 and "--auth-supernode-private-key" in text
+        text.count("client.runtime.supernode --idle-poll 0.5 --superlink 127.0.0.1:") == 3
+        and "--auth-supernode-private-key" in text
     )
     assert "--insecure" not in text
     # SecAgg+ aggregated round 1 before the crash and round 2 after it
@@ -330,7 +331,7 @@ def test_carefl_server_and_node_commands_stop_their_processes(
     assert "error: " in refused.output() and "carefl budget" in refused.output()
     assert executable("flower-superlink") in server.output() and "--enable-supernode-auth" in server.output()
     assert "Node keys: hungary registered, intruder registered" in server.output()
-    assert "flower-supernode --superlink" in node.output()
+    assert "client.runtime.supernode --idle-poll 0.5 --superlink" in node.output()
     # A second server on the same state folder was refused, and left the live one alone
     refusal = [line for line in second.output().splitlines() if line.startswith("error:")]
     assert (

@@ -26,6 +26,7 @@ from cryptography import x509
 
 from client.node import CA_FILE, NODE_KEY_FILE, NodeCredentials, supernode_command
 from client.policy import SitePolicy
+from client.runtime.supernode import flower_arguments
 from client.service import check_site_dir, node_options
 from client.setup import prepare_site_dir
 from server.local.cli import build_app
@@ -294,7 +295,7 @@ def test_node_runs_a_process_isolated_supernode_with_the_site_config(
 
         # Assert: its SuperNode leaves every task to CareFL's runtime, with flags this Flower knows
         assert supernode[supernode.index("--isolation") + 1] == "process"
-        unknown = {token for token in supernode[1:] if token.startswith("--")} - set(
+        unknown = {token for token in flower_arguments(supernode) if token.startswith("--")} - set(
             flower_help["flower-supernode"]
         )
         assert not unknown, unknown

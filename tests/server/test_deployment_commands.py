@@ -14,6 +14,7 @@ from flwr.cli.flower_config import parse_superlink_connection
 from flwr.common.config import parse_config_args
 
 from client.node import NodeCredentials, NodeOptions, node_config_arg, supernode_command
+from client.runtime.supernode import flower_arguments
 from server.flwr_cli import (
     Connection,
     list_command,
@@ -53,6 +54,10 @@ def supernode_help() -> str:
 
 def _flags(argv: list[str]) -> list[str]:
     return [a for a in argv if a.startswith("--")]
+
+
+def _supernode_flags(argv: list[str]) -> list[str]:
+    return _flags(flower_arguments(argv))
 
 
 def test_superlink_command_uses_tls_node_auth_and_database(superlink_help: str) -> None:
@@ -103,7 +108,7 @@ def test_supernode_command_authenticates_and_passes_the_site(supernode_help: str
     assert argv[argv.index("--auth-supernode-private-key") + 1] == "/h/node.key"
     assert argv[argv.index("--port") + 1] == "9101" and argv[argv.index("--host") + 1] == "127.0.0.1"
     assert "--insecure" not in argv
-    for flag in _flags(argv):
+    for flag in _supernode_flags(argv):
         assert flag in supernode_help, flag
     # The node config reaches the ClientApp as client.site reads it, spaces in paths included
     parsed = parse_config_args([argv[argv.index("--node-config") + 1]])
@@ -119,7 +124,7 @@ def test_insecure_supernode_sends_no_key(supernode_help: str, tmp_path: Path) ->
     argv = supernode_command(NodeOptions(superlink="127.0.0.1:8000", site_dir=tmp_path, credentials=None, partition=(0, 3)))
     assert "--insecure" in argv
     assert "--auth-supernode-private-key" not in argv and "--root-certificates" not in argv
-    for flag in _flags(argv):
+    for flag in _supernode_flags(argv):
         assert flag in supernode_help, flag
 
 
