@@ -92,10 +92,10 @@ class WorkerLink:
         """
         sock = self._open()
         with sock:
-            send_frames(sock, KIND_HANDLE, message_bytes(message), context_bytes(context))
             try:
+                send_frames(sock, KIND_HANDLE, message_bytes(message), context_bytes(context))
                 status = recv_frame(sock)
-            except ChannelError:
+            except (ChannelError, OSError):
                 raise ChannelError(
                     f"the site worker stopped while it handled a {message.metadata.message_type} message; "
                     "this message fails, the next one starts a new worker"
