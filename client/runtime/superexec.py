@@ -1,9 +1,13 @@
-"""The site's task launcher: Flower's ``flower-superexec`` loop, launching CareFL's task runner.
+"""The site runtime: Flower's ``flower-superexec`` loop, answering tasks with CareFL's task runner.
 
-It polls the SuperNode's Runtime API for ClientApp tasks (``AcquireTask``) and starts one
-:mod:`client.runtime.task` process per task, from this Python and its installed CareFL; it ends
-when the SuperNode it serves ends. Given the site directory, it first starts the site's
-long-lived worker (:mod:`client.worker`), which then trains and evaluates for every task. ``carefl node`` starts it next to its SuperNode
+It polls the SuperNode's Runtime API for ClientApp tasks (``AcquireTask``) and answers each
+with :func:`client.runtime.task.run_task` (the app's hash checked, the installed CareFL run,
+never the FAB's code); it ends when the SuperNode it serves ends. Given the site directory, it
+first starts the site's long-lived worker (:mod:`client.worker`). Each task then runs in this
+process, one at a time: CareFL's mods (audit, refusal, backbone offer, model delivery, SecAgg+)
+run here, and training and evaluation in the worker, so no message starts a process. Without
+the worker, each task runs in a fresh :mod:`client.runtime.task` process that also trains, as
+with plain Flower. ``carefl node`` starts it next to its SuperNode
 (:func:`client.service.start_supernode`); it is run as
 ``python -P -m client.runtime.superexec --runtime-api-address HOST:PORT --supernode-pid PID``
 (``-P``: the working directory is not searched for modules).
@@ -19,10 +23,14 @@ import time
 from collections.abc import Callable, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from client.runtime.task import run_task
 from shared.errors import CareFLError
 from shared.log import log
+
+if TYPE_CHECKING:
+    from flwr.clientapp.typing import ClientAppCallable
 
 POLL_INTERVAL_S = 0.2
 """Seconds between two ``AcquireTask`` polls (Flower's SuperExec: 1 s; a local HTTP call)."""
@@ -98,7 +106,10 @@ def serve(
     site_dir : Path, optional
         The hospital's site directory: its worker is started now (else by the first task).
     site_worker : bool
-        Train and evaluate in the site worker (default); else in each task's own process.
+        The default: each task runs in this process, one at a time (its mods: audit, refusal,
+        backbone offer, model delivery, SecAgg+), and hands training and evaluation to the
+        site worker. Without it, each task runs in a fresh process that also trains, as with
+        plain Flower.
     """
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.app_utils import start_parent_process_monitor
@@ -128,18 +139,34 @@ def serve(
             WorkerLink(site_dir, parent_pid=os.getpid(), launch=launch).ensure()
         except CareFLError as err:  # the first task tries again, and fails its message if it cannot
             log(WARNING, "CareFL site runtime: the site worker did not start: %s", err)
+    in_runtime = in_runtime_app() if site_worker else None
     try:
         while True:
             running = [task for task in running if task.poll() is None]  # reap finished tasks
             reply = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             if reply.HasField("task") and reply.token:
                 log(INFO, "CareFL site runtime: task %d of run %d", reply.task.task_id, reply.task.run_id)
-                running.append(launch(task_command(runtime_api_address, reply.token, os.getpid(), in_process=not site_worker)))
+                if in_runtime is not None:  # the mods run here, one task at a time; training in the worker
+                    run_task(runtime_api_address, reply.token, installed=in_runtime)
+                    continue
+                running.append(launch(task_command(runtime_api_address, reply.token, os.getpid(), in_process=True)))
             time.sleep(poll_interval)
     except KeyboardInterrupt:
         log(INFO, "CareFL site runtime: the SuperNode is gone; stopping")
     finally:
         client.close()
+
+
+def in_runtime_app() -> Callable[[], ClientAppCallable]:
+    """The installed ClientApp for tasks run inside this runtime: CareFL's mods, training in the worker.
+
+    Built once: the mods need no torch, and the worker (started with this process as its
+    parent) keeps the model and the data.
+    """
+    from client.app import create_worker_app
+
+    app = create_worker_app(parent_pid=os.getpid())
+    return lambda: app
 
 
 def _append_output_to(path: Path) -> None:
