@@ -14,12 +14,16 @@ The site
    evaluation (:class:`client.numpy_client.SiteClient`), and picks its operating point by the
    study's ``operating-point`` rule;
 5. stores model, card and its own facts in ``models/<run-id>/`` (:mod:`client.models`),
-   completely or not at all.
+   completely or not at all; for a study with ``standardize-features``, with the feature
+   statistics its training rows give (``feature_stats.npz``: the very figures step 4 and every
+   round standardized by, :attr:`shared.pipeline.LocalProblem.feature_stats`), so that the
+   model can be applied to new images at the site.
 
 A mismatch at 1, 3 or on the exchanged tensors' names is an
 :class:`~shared.errors.IntegrityError`: the reply is an error (``MODEL_REFUSED``) and nothing is
 stored. The reply to a stored model names the site and the model's SHA-256; the audit mod
-records it (it is what leaves the site). Nothing of the site's evaluation leaves it.
+records it (it is what leaves the site). Nothing of the site's evaluation, and none of its
+feature statistics, leaves it.
 Every other message passes through to the ClientApp unchanged.
 """
 
@@ -172,7 +176,7 @@ def receive_model(
         "validation_records": int(len(problem.y_val)),
         "preprocessing": preprocessing,
     }
-    folder = store_site_model(env.site_dir, run_id, model, card, facts)
+    folder = store_site_model(env.site_dir, run_id, model, card, facts, feature_stats=problem.feature_stats)
     log(
         INFO,
         "%s: final model of run %s stored in %s (sha256 %s...)",

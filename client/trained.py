@@ -6,7 +6,10 @@ folder (model.pt and model_card.json only). A site's copy carries the site's own
 and the preprocessing its training rows taught it; a server run folder carries neither, so its
 threshold is 0.5 and a tabular model is refused (its standardization was learned at a site and
 never left it: applying the data's own statistics instead would silently change every
-prediction).
+prediction). For the same reason an image model trained on standardized features
+(``standardize-features``) needs the site's ``feature_stats.npz``: it is applied by a
+:class:`~shared.pipeline.FeatureStandardization` between backbone and head, in the one forward
+pass that predictions and Grad-CAM's gradients go through; a folder without it is refused.
 
 Before anything is applied, the payload, the model card and site.json must name the same task
 and backbone, the backbone's weights must hash to that SHA-256 (the site's backbone store, else
@@ -30,7 +33,7 @@ from shared.log import log
 if TYPE_CHECKING:
     from shared.backbones.architectures import BackboneWithHead
     from shared.config import StudyConfig
-    from shared.pipeline import Pretrained
+    from shared.pipeline import FeatureStats, Pretrained
     from shared.tasks.base import Records
 
 SERVER_THRESHOLD = 0.5
@@ -124,23 +127,26 @@ def load_trained_model(model_dir: Path, *, registry_dir: Path | None = None) -> 
     ------
     InputError
         If the folder or a file is missing or unreadable, the backbone is nowhere to be found,
-        or a tabular server run folder is given (no stored preprocessing).
+        a tabular server run folder is given (no stored preprocessing), or the study
+        standardizes features and the folder holds no site's feature statistics.
     IntegrityError
-        If model.pt does not hash to what the JSON files record, they name different backbones
-        or tasks, the backbone's weights do not hash to that SHA-256, or model.pt does not fit
-        the study's model.
+        If model.pt or feature_stats.npz does not hash to what the JSON files record, they name
+        different backbones or tasks, the backbone's weights do not hash to that SHA-256, or
+        model.pt or the statistics do not fit the study's model.
     """
     from client.models import CARD_FILE, MODEL_FILE, SITE_FILE, load_site_model
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise InputError(f"model folder {model_dir} not found.")
+    stats = None
     if (model_dir / SITE_FILE).is_file():
         held = load_site_model(model_dir)
         payload, card, site = held.payload, held.card, held.site
         study = held.study
         threshold, rule = _site_threshold(site, model_dir / SITE_FILE)
         preprocessing = dict(site.get("preprocessing") or {})
+        stats = held.feature_stats
     else:
         payload, card = _server_folder(model_dir, MODEL_FILE, CARD_FILE)
         site = None
@@ -148,8 +154,9 @@ def load_trained_model(model_dir: Path, *, registry_dir: Path | None = None) -> 
         threshold, rule = SERVER_THRESHOLD, SERVER_RULE
         preprocessing = {}
     _check_agreement(model_dir, payload, card, site, study)
+    _check_stats_present(model_dir, study, stats, site is not None)
     pretrained = _backbone(model_dir, payload, study, site is not None, registry_dir)
-    module = _rebuild(study, pretrained, payload, model_dir / MODEL_FILE)
+    module = _rebuild(study, pretrained, payload, model_dir / MODEL_FILE, stats)
     trained = TrainedModel(model_dir, payload, card, site, study, module, threshold, rule, preprocessing)
     if site is None and not trained.is_image:
         raise InputError(
@@ -310,17 +317,36 @@ def _backbone(
     return Pretrained(manifest=resolved.manifest, path=resolved.path)
 
 
-def _rebuild(study: StudyConfig, pretrained: Pretrained | None, payload: Mapping[str, Any], origin: Path) -> BackboneWithHead:
-    """Build the study's model and load the payload's exchanged tensors into it."""
+def _check_stats_present(model_dir: Path, study: StudyConfig, stats: FeatureStats | None, site_copy: bool) -> None:
+    """Refuse a model trained on standardized features whose folder holds no site's statistics."""
+    from client.models import FEATURE_STATS_FILE
+
+    if stats is not None or not (study.standardize_features and study.shapes_features()):
+        return
+    where = (
+        "a server run folder holds none (they never leave the sites)"
+        if not site_copy
+        else f"this site's copy has no {FEATURE_STATS_FILE} (stored before deliveries kept them)"
+    )
+    raise InputError(
+        f"{model_dir} was trained on standardized features (`standardize-features`) and needs the site's "
+        f"feature statistics, but {where}: apply a site's copy <site-dir>/models/<run-id>/ holding "
+        f"{FEATURE_STATS_FILE} (delivered at the end of a run)."
+    )
+
+
+def _rebuild(
+    study: StudyConfig,
+    pretrained: Pretrained | None,
+    payload: Mapping[str, Any],
+    origin: Path,
+    stats: FeatureStats | None = None,
+) -> BackboneWithHead:
+    """Build the study's model, load the payload's exchanged tensors and, if the study standardizes, the statistics."""
     import torch
 
-    from shared.pipeline import build_model
+    from shared.pipeline import build_model, with_standardization
 
-    if study.standardize_features and study.shapes_features():
-        raise InputError(
-            f"{origin} was trained on standardized features (`standardize-features`); the site's feature "
-            "statistics are not stored with the model yet, so it cannot be applied to new images."
-        )
     model = build_model(study, pretrained)
     state = payload.get("state_dict")
     if not isinstance(state, Mapping) or not state:
@@ -333,5 +359,10 @@ def _rebuild(study: StudyConfig, pretrained: Pretrained | None, payload: Mapping
                 f"{origin}: tensor {key!r} ({shape}) does not fit the {study.task} model the study builds; refused."
             )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
+    if stats is not None and study.standardize_features and study.shapes_features():
+        try:
+            with_standardization(model, stats)
+        except ValueError as err:
+            raise IntegrityError(f"{origin.parent}: the site's feature statistics do not fit the model ({err}); refused.") from None
     model.eval()
     return model

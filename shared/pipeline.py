@@ -133,6 +133,7 @@ class LocalProblem:
     y_val: np.ndarray
     site_name: str
     dropped: int = 0
+    feature_stats: FeatureStats | None = None
 
 
 def local_problem(
@@ -180,30 +181,104 @@ def local_problem(
             frozen, site, backbone_sha256=backbone_sha256, preprocessing=spec, cache_dir=cache_dir,
             augmentation=augmentation_of(cfg),
         )  # fmt: skip
-        if cfg.standardize_features and cfg.shapes_features():
-            features = standardized(features)
+        stats = feature_stats(features.train) if cfg.standardize_features and cfg.shapes_features() else None
+        if stats is not None:
+            features = standardized(features, stats)
         return LocalProblem(
-            model, names, module, features.train, site.y_train, features.val, site.y_val, site.name, site.dropped
-        )
+            model, names, module, features.train, site.y_train, features.val, site.y_val, site.name, site.dropped,
+            stats,
+        )  # fmt: skip
     return LocalProblem(
         model, names, model, site.x_train, site.y_train, site.x_val, site.y_val, site.name, site.dropped
     )
 
 
-def standardized(features: SiteFeatures) -> SiteFeatures:
-    """Scale every feature by the mean and standard deviation of the training rows only.
+@dataclass(frozen=True)
+class FeatureStats:
+    """The per-feature mean and scale a site's training features are standardized by.
+
+    Attributes
+    ----------
+    mean, scale : np.ndarray
+        Shape ``(F,)``, float32; ``scale`` is the population standard deviation, 1 where a
+        feature is constant.
+    """
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @property
+    def width(self) -> int:
+        """``F``, the number of features."""
+        return int(self.mean.shape[0])
+
+
+def feature_stats(train: np.ndarray) -> FeatureStats:
+    """The mean and standard deviation of every feature over the training rows ``train``.
 
     With augmented views (``(N, K, F)``) the statistics are over every view of every training
-    record; a constant feature keeps scale 1. Validation rows never influence the figures.
+    record; a constant feature keeps scale 1.
     """
-    train = features.train.reshape(-1, features.train.shape[-1])
-    mean = train.mean(axis=0)
-    scale = train.std(axis=0)
+    rows = train.reshape(-1, train.shape[-1])
+    mean = rows.mean(axis=0)
+    scale = rows.std(axis=0)
     scale[scale == 0] = 1.0
+    return FeatureStats(mean=mean.astype(np.float32), scale=scale.astype(np.float32))
+
+
+def standardized(features: SiteFeatures, stats: FeatureStats | None = None) -> SiteFeatures:
+    """Scale every feature by the mean and standard deviation of the training rows only.
+
+    ``stats`` defaults to :func:`feature_stats` of ``features.train``: validation rows never
+    influence the figures.
+    """
+    stats = stats if stats is not None else feature_stats(features.train)
     return SiteFeatures(
-        train=((features.train - mean) / scale).astype(np.float32),
-        val=((features.val - mean) / scale).astype(np.float32),
+        train=((features.train - stats.mean) / stats.scale).astype(np.float32),
+        val=((features.val - stats.mean) / stats.scale).astype(np.float32),
     )
+
+
+class FeatureStandardization(nn.Module):
+    """``(x - mean) / scale`` per feature, between a frozen backbone and the head of a site's model.
+
+    What :func:`standardized` does to cached features, as a module, so that a model applied to
+    new images (and its gradients, for Grad-CAM) runs backbone, standardization and head in one
+    forward pass. ``mean`` and ``scale`` are buffers (never trained).
+    """
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, stats: FeatureStats) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.from_numpy(np.asarray(stats.mean, dtype=np.float32).copy()))
+        self.register_buffer("scale", torch.from_numpy(np.asarray(stats.scale, dtype=np.float32).copy()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the standardized features."""
+        return (x - self.mean) / self.scale
+
+
+def with_standardization(model: BackboneWithHead, stats: FeatureStats) -> BackboneWithHead:
+    """Append :class:`FeatureStandardization` of ``stats`` to ``model``'s backbone (in place); return it.
+
+    The backbone's blocks keep their places (Grad-CAM's layer lookup and the state dict's
+    backbone keys are unchanged); the standardization adds buffers ``backbone.<last>.mean`` and
+    ``.scale``.
+
+    Raises
+    ------
+    ValueError
+        If the statistics' width is not the head's input width, or the backbone is not a
+        ``nn.Sequential`` (an image model's input module and trunk).
+    """
+    if stats.width != model.head.in_features:
+        raise ValueError(f"{stats.width} feature statistics for a head on {model.head.in_features} features")
+    if not isinstance(model.backbone, nn.Sequential):
+        raise ValueError(f"a {type(model.backbone).__name__} backbone takes no feature standardization")
+    model.backbone.append(FeatureStandardization(stats))
+    return model
 
 
 def augmentation_of(cfg: StudyConfig) -> Augmentation:

@@ -27,7 +27,13 @@ from server.local.cli import main
 from shared.errors import EXIT_USAGE
 from shared.scores import choose_threshold
 from shared.tasks import heart
-from tests.client.trained_models import Built, chest_model, heart_model
+from tests.client.trained_models import (
+    Built,
+    chest_model,
+    heart_model,
+    numpy_standardized_probabilities,
+    standardized_chest_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +182,30 @@ def test_evaluate_on_a_labelled_image_npz(
     assert report["records"] == 120 and report["positives"] == int(labels.sum())
     assert report["operating_points"]["stored"]["metrics"]["auc"] == pytest.approx(roc_auc_score(y, p))
     assert report["operating_points"]["re-chosen"]["threshold"] == pytest.approx(choose_threshold(y, p, "youden"))
+
+
+def test_evaluate_a_standardized_chest_model_scores_the_training_pipelines_probabilities(
+    tmp_path: Path, pneumonia_npz: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a head trained on standardized pooled features; 120 labelled validation X-rays
+    built = standardized_chest_model(pneumonia_npz, tmp_path / "site", records=200, epochs=5)
+    with np.load(pneumonia_npz) as arrays:
+        train_images = arrays["train_images"][:200]
+        x, labels = arrays["val_images"][:120], arrays["val_labels"][:120]
+    data = tmp_path / "small.npz"
+    np.savez(data, train_images=x[:60], train_labels=labels[:60], val_images=x[60:], val_labels=labels[60:])
+    records = read_records(load_trained_model(built.folder), data, labelled=True)
+    expected = numpy_standardized_probabilities(built, train_images, records.x)
+
+    # Execute
+    code = main(["evaluate", "--model", str(built.folder), "--data", str(data), "--out", str(tmp_path / "r"),
+                 "--bootstrap", "100"])  # fmt: skip
+
+    # Assert: the report's AUC and accuracy at the stored threshold are scikit-learn's on those probabilities
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    metrics = report["operating_points"]["stored"]["metrics"]
+    assert report["records"] == 120
+    assert metrics["auc"] == pytest.approx(roc_auc_score(records.y, expected))
+    assert metrics["sensitivity"] == pytest.approx(recall_score(records.y, expected >= 0.5))
+    assert metrics["specificity"] == pytest.approx(recall_score(records.y, expected >= 0.5, pos_label=0))

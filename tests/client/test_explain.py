@@ -16,7 +16,7 @@ from scipy.stats import spearmanr
 from client.explain import cam_layer, gradcam_heatmaps, integrated_gradients
 from server.local.cli import main
 from shared.tasks import heart
-from tests.client.trained_models import Built, chest_model, heart_model
+from tests.client.trained_models import Built, chest_model, heart_model, standardized_chest_model
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +140,29 @@ def test_predict_explain_writes_attributions_for_tabular_records(
     assert list(table[0]) == ["id", "probability", *(f"attribution_{name}" for name in heart.FEATURES)]
     with Image.open(explain / "attributions.png") as plot:
         assert plot.format == "PNG"
+
+
+def test_grad_cam_explains_a_model_on_standardized_features(
+    tmp_path: Path, pneumonia_npz: Path, images: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: the site's copy, applied as predict applies it (backbone, standardization, head)
+    from client.trained import load_trained_model
+
+    built = standardized_chest_model(pneumonia_npz, tmp_path / "site", image_size=64, records=200, epochs=5)
+    module = load_trained_model(built.folder).module
+    folder = tmp_path / "xrays"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(images[i].astype(np.uint8)).save(folder / f"scan{i}.png")
+
+    # Execute
+    maps = gradcam_heatmaps(module, images)
+    code = main(["predict", "--model", str(built.folder), "--data", str(folder), "--out", str(tmp_path / "p.csv"),
+                 "--explain", str(tmp_path / "why")])  # fmt: skip
+
+    # Assert: the same layer as without standardization, maps that vary within each image, one overlay per image
+    assert cam_layer(module, torch.from_numpy(images)) is module.backbone[1].features[6]
+    assert maps.shape == images.shape and maps.min() >= 0.0 and maps.max() <= 1.0
+    assert float(maps.std(axis=(1, 2)).mean()) > 0.05
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "why").iterdir()) == ["heatmaps.csv", "scan0.png", "scan1.png"]

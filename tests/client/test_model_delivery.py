@@ -262,3 +262,107 @@ def test_a_tampered_or_incomplete_copy_is_refused_on_read(
         load_site_model(folder)
     with pytest.raises(InputError, match="not found"):
         load_site_model(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------ chest-xray with standardized features
+def _chest_site(tmp_path: Path, npz: Path) -> tuple[SiteEnvironment, Path]:
+    """Site 0 of 2 on a small MedMNIST-layout npz of real X-rays, holding ImageNet MobileNetV2."""
+    with np.load(npz) as arrays:
+        small = {
+            "train_images": arrays["train_images"][:160], "train_labels": arrays["train_labels"][:160],
+            "val_images": arrays["val_images"][:60], "val_labels": arrays["val_labels"][:60],
+        }  # fmt: skip
+    data = tmp_path / "small.npz"
+    np.savez(data, **small)
+    site_dir = tmp_path / "site"
+    prepare_site_dir(site_dir, site="site-0", policy=SitePolicy())
+    resolved = BackboneRegistry(allow_download=False).resolve("mobilenet_v2-imagenet")
+    BackboneStore(site_dir).put(resolved.manifest.to_json(), resolved.read_bytes())
+    env = SiteEnvironment(data_path=str(data), site_dir=site_dir, policy_path=site_dir / POLICY_FILE, partition=Partition(0, 2))
+    return env, data
+
+
+def _chest_result(**study: object) -> FederationResult:
+    """A finished chest run (feature-blocks -2, standardized features) with a seeded random head."""
+    cfg = RunConfig.of(task="chest-xray", backbone="mobilenet_v2-imagenet", image_size=32, num_sites=2,
+                       feature_blocks="-2", standardize_features=True, num_rounds=1, secure_aggregation=False,
+                       **study)  # fmt: skip
+    resolved = BackboneRegistry(allow_download=False).resolve("mobilenet_v2-imagenet")
+    model = build_model(cfg.study, Pretrained(resolved.manifest, resolved.path))
+    names = exchanged_names(model, effective_trainable(cfg.study))
+    return FederationResult(config=cfg, manifest=resolved.manifest, names=names, parameters=get_arrays(model, names), rows=[])
+
+
+def _numpy_stats(result: FederationResult, site_dir: Path, data: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """The mean and sd of the pooled block features over the site's training rows (every augmented view), in numpy."""
+    from shared.augment import augmented_views
+    from shared.pipeline import augmentation_of
+
+    study = result.config.study
+    rows = load_site(study, 0, str(data)).x_train
+    model = build_model(study, BackboneStore(site_dir).get(result.manifest.sha256))  # type: ignore[union-attr]
+    model.eval()
+    with torch.no_grad():
+        views = [model.backbone(torch.from_numpy(v.astype(np.float32))).numpy() for v in augmented_views(rows, augmentation_of(study))]
+    features = np.concatenate(views).astype(np.float64)
+    sd = features.std(axis=0)
+    sd[sd == 0] = 1.0
+    return features.mean(axis=0), sd, len(features)
+
+
+@pytest.mark.parametrize("augment", [{}, {"augment": "crop-rotate-flip", "augment_views": 2}], ids=["plain", "2 views"])
+def test_a_standardized_chest_model_is_stored_with_the_sites_feature_statistics(
+    tmp_path: Path, pneumonia_npz: Path, augment: dict[str, object]
+) -> None:
+    # Prepare
+    env, data = _chest_site(tmp_path, pneumonia_npz)
+    result = _chest_result(**augment)
+    payload, card = result.model_bytes(), federation_card(result)
+
+    # Execute
+    reply = _deliver(env, _message(payload, card))
+
+    # Assert: stored, and what left the site names the model only
+    answer = reply.content.config_records[wire.MODEL_RECORD]
+    assert answer[wire.MODEL_STATUS] == "stored" and set(answer) == {wire.MODEL_STATUS, wire.MODEL_SHA256, wire.MODEL_SITE}
+    folder = env.site_dir / "models" / str(RUN)
+    assert sorted(p.name for p in folder.iterdir()) == ["feature_stats.npz", "model.pt", "model_card.json", "site.json"]
+    stored = load_site_model(folder)
+    record = stored.site["feature_stats"]
+    assert record["sha256"] == sha256_bytes((folder / "feature_stats.npz").read_bytes()) and record["width"] == 320
+    # ... the statistics training standardizes by, recomputed independently with numpy
+    mean, sd, rows = _numpy_stats(result, env.site_dir, data)
+    assert rows == (2 if augment else 1) * len(load_site(result.config.study, 0, str(data)).y_train)
+    assert stored.feature_stats is not None and stored.feature_stats.width == 320
+    np.testing.assert_allclose(stored.feature_stats.mean, mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stored.feature_stats.scale, sd, rtol=1e-4, atol=1e-5)
+    # ... and nothing of them in the server's card
+    assert "feature_stats" not in json.dumps(card)
+
+
+def test_tampered_or_missing_feature_statistics_are_refused(tmp_path: Path, pneumonia_npz: Path) -> None:
+    # Prepare: a delivered standardized chest model
+    from client.trained import load_trained_model
+
+    env, _ = _chest_site(tmp_path, pneumonia_npz)
+    result = _chest_result()
+    _deliver(env, _message(result.model_bytes(), federation_card(result)))
+    folder = env.site_dir / "models" / str(RUN)
+    stats = folder / "feature_stats.npz"
+    original = stats.read_bytes()
+    assert load_trained_model(folder).module.backbone[-1].mean.shape == (320,)
+
+    # Execute / Assert: one changed byte in the statistics
+    stats.write_bytes(original[:-30] + bytes([original[-30] ^ 1]) + original[-29:])
+    with pytest.raises(IntegrityError, match="feature statistics were altered"):
+        load_trained_model(folder)
+    # ... the file gone while site.json records it
+    stats.unlink()
+    with pytest.raises(IntegrityError, match="feature_stats.npz is missing"):
+        load_site_model(folder)
+    # ... an older copy: neither file nor record
+    site = json.loads((folder / "site.json").read_text())
+    del site["feature_stats"]
+    (folder / "site.json").write_text(json.dumps(site))
+    with pytest.raises(InputError, match=r"standardized features .* has no feature_stats.npz"):
+        load_trained_model(folder)

@@ -16,7 +16,14 @@ from client.trained import load_trained_model, read_records
 from server.local.cli import main
 from shared.errors import EXIT_INTEGRITY, EXIT_USAGE
 from shared.tasks import heart
-from tests.client.trained_models import Built, chest_model, heart_model, write_server_folder
+from tests.client.trained_models import (
+    Built,
+    chest_model,
+    heart_model,
+    numpy_standardized_probabilities,
+    standardized_chest_model,
+    write_server_folder,
+)
 from tests.dicom_files import truncate, write_dicom
 
 
@@ -28,6 +35,11 @@ def heart_built(tmp_path_factory: pytest.TempPathFactory, heart_registry: Path) 
 @pytest.fixture(scope="module")
 def chest_built(tmp_path_factory: pytest.TempPathFactory, pneumonia_npz: Path) -> Built:
     return chest_model(pneumonia_npz, tmp_path_factory.mktemp("chest-site"), records=300, epochs=5)
+
+
+@pytest.fixture(scope="module")
+def standardized_built(tmp_path_factory: pytest.TempPathFactory, pneumonia_npz: Path) -> Built:
+    return standardized_chest_model(pneumonia_npz, tmp_path_factory.mktemp("std-site"), records=300, epochs=5)
 
 
 @pytest.fixture(scope="module")
@@ -236,4 +248,57 @@ def test_csv_with_a_bad_value_names_the_line(
     # Assert
     errors = _errors(capsys.readouterr().err)
     assert code == EXIT_USAGE and len(errors) == 1 and "line 5" in errors[0] and "age" in errors[0]
+    assert not out.exists()
+
+
+def _png_folder(folder: Path, pixels: np.ndarray) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f"x{i:02d}.png")
+    return folder
+
+
+def test_predict_with_standardized_features_equals_the_training_pipeline(
+    tmp_path: Path, standardized_built: Built, pneumonia_npz: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: 12 real validation X-rays as PNG files; the training rows the site standardized by
+    with np.load(pneumonia_npz) as arrays:
+        train_images, pixels = arrays["train_images"][:300], arrays["val_images"][:12]
+    folder = _png_folder(tmp_path / "pngs", pixels)
+    out = tmp_path / "predictions.csv"
+
+    # Execute
+    code = main(["predict", "--model", str(standardized_built.folder), "--data", str(folder), "--out", str(out)])
+
+    # Assert: the probabilities of features -> (x - mean) / sd of the training rows -> head, recomputed in numpy
+    assert code == 0, capsys.readouterr().err
+    rows = _rows(out)
+    assert [r["id"] for r in rows] == [f"x{i:02d}.png" for i in range(12)]
+    probs = np.array([float(r["probability"]) for r in rows])
+    expected = numpy_standardized_probabilities(standardized_built, train_images, pixels.astype(np.float32))
+    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-5)
+    # ... and not those of the head on unscaled features (the standardization matters)
+    assert np.abs(probs - _forward(standardized_built, pixels.astype(np.float32))).max() > 0.05
+
+
+def test_a_standardized_server_run_folder_is_refused_in_one_line(
+    tmp_path: Path, standardized_built: Built, pneumonia_npz: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: the consortium's run folder of the same model (no site's statistics there)
+    from tests.client.trained_models import mobilenet
+
+    run = write_server_folder(tmp_path / "run", standardized_built.study, standardized_built.model, mobilenet())
+    with np.load(pneumonia_npz) as arrays:
+        folder = _png_folder(tmp_path / "pngs", arrays["val_images"][:2])
+    out = tmp_path / "p.csv"
+
+    # Execute
+    code = main(["predict", "--model", str(run), "--data", str(folder), "--out", str(out)])
+
+    # Assert
+    errors = _errors(capsys.readouterr().err)
+    assert code == EXIT_USAGE and len(errors) == 1
+    assert "standardized features" in errors[0] and "<site-dir>/models/<run-id>/" in errors[0]
     assert not out.exists()

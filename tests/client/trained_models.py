@@ -23,7 +23,8 @@ from shared.backbones.registry import BackboneRegistry
 from shared.config import StudyConfig
 from shared.hashing import sha256_bytes
 from shared.params import exchanged_names
-from shared.pipeline import Pretrained, build_model
+from shared.pipeline import FeatureStats, Pretrained, build_model, local_problem
+from shared.tasks.base import SiteData
 from shared.training import TrainSettings, train
 
 RUN_ID = "run-7"
@@ -71,6 +72,7 @@ def write_site_copy(
     preprocessing: dict[str, Any],
     threshold: float,
     rule: str = "youden",
+    feature_stats: FeatureStats | None = None,
 ) -> Path:
     """Store a site's copy of ``model`` (and its backbone in the site's store); return the folder."""
     manifest = pretrained.manifest
@@ -89,7 +91,8 @@ def write_site_copy(
         "validation_records": 50,
         "preprocessing": preprocessing,
     }
-    return store_site_model(site_dir, RUN_ID, data, card_of(study, data, manifest.sha256, manifest.name), facts)
+    card = card_of(study, data, manifest.sha256, manifest.name)
+    return store_site_model(site_dir, RUN_ID, data, card, facts, feature_stats=feature_stats)
 
 
 def write_server_folder(folder: Path, study: StudyConfig, model: BackboneWithHead, pretrained: Pretrained) -> Path:
@@ -141,3 +144,52 @@ def chest_model(npz: Path, site_dir: Path, *, image_size: int = 32, records: int
     preprocessing = {"classes": ["0", "1"], "image_size": image_size}
     folder = write_site_copy(site_dir, study, model, pretrained, preprocessing=preprocessing, threshold=0.5)
     return Built(folder, model, study, site_dir)
+
+
+def standardized_chest_model(
+    npz: Path, site_dir: Path, *, image_size: int = 32, records: int = 300, epochs: int = 10
+) -> Built:
+    """A chest head trained as a site trains it with ``feature-blocks = -2`` and ``standardize-features``.
+
+    The training rows are the first ``records`` PneumoniaMNIST training images; the features are
+    the pipeline's (:func:`shared.pipeline.local_problem`), standardized by those rows' statistics,
+    which the site's copy stores (``feature_stats.npz``). ``Built.model`` is the plain model (no
+    standardization inside): backbone features, then the head on standardized features.
+    """
+    pretrained = mobilenet()
+    study = StudyConfig(task="chest-xray", backbone="mobilenet_v2-imagenet", backbone_sha256=pretrained.manifest.sha256,
+                        image_size=image_size, feature_blocks="-2", standardize_features=True)  # fmt: skip
+    model = build_model(study, pretrained)
+    with np.load(npz) as arrays:
+        x = arrays["train_images"][:records].astype(np.float32)
+        y = arrays["train_labels"][:records].ravel().astype(np.int64)
+        x_val = arrays["val_images"][:40].astype(np.float32)
+        y_val = arrays["val_labels"][:40].ravel().astype(np.int64)
+    site = SiteData("Test Hospital", x, y, x_val, y_val, fingerprint="c" * 64)
+    problem = local_problem(study, model, site, backbone_sha256=pretrained.manifest.sha256, cache_dir=None)
+    assert problem.feature_stats is not None
+    train(problem.module, problem.x_train, y, TrainSettings(epochs=epochs, batch_size=32, learning_rate=0.05, seed=1))
+    model.eval()
+    preprocessing = {"classes": ["0", "1"], "image_size": image_size}
+    folder = write_site_copy(site_dir, study, model, pretrained, preprocessing=preprocessing, threshold=0.5,
+                             feature_stats=problem.feature_stats)  # fmt: skip
+    return Built(folder, model, study, site_dir)
+
+
+def numpy_standardized_probabilities(built: Built, train_images: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """P(positive) of the training-time pipeline, recomputed with numpy: features, standardized, head.
+
+    The statistics are the mean and population sd of the backbone features of ``train_images``
+    (the site's training rows; scale 1 for a constant feature), computed here, not read back.
+    """
+    with torch.no_grad():
+        train_features = built.model.backbone(torch.from_numpy(train_images.astype(np.float32))).numpy().astype(np.float64)
+        features = built.model.backbone(torch.from_numpy(images.astype(np.float32))).numpy().astype(np.float64)
+    mean, sd = train_features.mean(axis=0), train_features.std(axis=0)
+    sd[sd == 0] = 1.0
+    weight = built.model.head.weight.detach().numpy().astype(np.float64)
+    bias = built.model.head.bias.detach().numpy().astype(np.float64)
+    logits = ((features - mean) / sd) @ weight.T + bias
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp[:, 1] / exp.sum(axis=1)
