@@ -5,6 +5,8 @@ and each aggregation (plain FedAvg, SecAgg+), one run on Flower's simulation eng
 
 - seconds per round: mean over rounds 2..R between the ends of rounds (start-up and the
   backbone's distribution in round 1 are not counted; with ``--rounds 1`` the whole run);
+- CPU seconds per round, over the same rounds, of this process and all its children: on a
+  machine shared with other work this is the steadier measure of what a round costs;
 - peak memory: the largest sum of RSS over this process and all its children (Ray's GCS,
   raylet and workers), sampled every 0.2 s in a background thread. Shared pages (Ray's object
   store, torch's libraries) count once per process, so this overstates what is really used;
@@ -69,19 +71,29 @@ class PeakRss:
 
     def sample(self) -> int:
         """Return the current total RSS in bytes (processes that end meanwhile are skipped)."""
-        me = psutil.Process()
-        total = 0
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                total += proc.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return total
+        return _tree_sum(lambda proc: proc.memory_info().rss)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, self.sample())
             self._stop.wait(self.interval)
+
+
+def _tree_sum(measure: Callable[[psutil.Process], float]) -> float:
+    """Sum ``measure`` over this process and its descendants (those that end meanwhile are skipped)."""
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            total += measure(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and its descendants."""
+    return _tree_sum(lambda proc: sum(proc.cpu_times()[:2]))
 
 
 def byte_counter(out: Path) -> Callable[..., Any]:
@@ -192,21 +204,25 @@ def run_scale(
     counted = state_dir / "bench-scale" / f"bytes-{sites}-{'secure' if secure else 'plain'}"
     shutil.rmtree(counted, ignore_errors=True)
     counted.mkdir(parents=True)
-    ends: list[float] = []
-    recorder = FederationRecorder(listeners=[lambda _round, _rows: ends.append(time.perf_counter())])
-    start = time.perf_counter()
+    ends: list[tuple[float, float]] = []
+    recorder = FederationRecorder(
+        listeners=[lambda _r, _rows: ends.append((time.perf_counter(), tree_cpu_seconds()))]
+    )
+    start = (time.perf_counter(), tree_cpu_seconds())
     with PeakRss() as memory:
         result = simulate(
             cfg, num_sites=sites, sites_root=state_dir / "bench-scale" / f"{sites}-sites", recorder=recorder,
             policy=NO_DP, client_mods=[byte_counter(counted)],
         )  # fmt: skip
-    per_round = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else time.perf_counter() - start
+    first, last = (ends[0], ends[-1]) if len(ends) > 1 else (start, ends[-1])
+    timed_rounds = max(1, len(ends) - 1)
     timed = list(range(2, rounds + 1)) or [1]
     return {
         "sites": sites,
         "secure": secure,
         "rounds": rounds,
-        "s_per_round": per_round,
+        "s_per_round": (last[0] - first[0]) / timed_rounds,
+        "cpu_s_per_round": (last[1] - first[1]) / timed_rounds,
         "peak_rss_bytes": memory.peak,
         **bytes_per_site(counted, timed),
         "auc": result.final_summary()["auc"],
@@ -258,29 +274,39 @@ def main() -> None:
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=2))
 
-    table = Table(title=f"bench_scale: chest-xray, head only, 1 local epoch, rounds 2-{args.rounds}, no DP")
-    for column in (
+    console.print(summary_table(rows, args.rounds))
+
+
+def summary_table(rows: Sequence[dict[str, Any]], rounds: int) -> Table:
+    """The benchmark's table: one row per run, SecAgg+ rows with their ratio to plain."""
+    table = Table(title=f"bench_scale: chest-xray, head only, 1 local epoch, rounds 2-{rounds}, no DP")
+    columns = (
         "sites",
-        "aggregation",
+        "agg.",
         "s/round",
-        "x plain",
+        "x",
+        "CPU s/round",
+        "x",
         "peak RSS GiB",
-        "B recv/site/round",
-        "B sent/site/round",
-    ):
+        "B recv/site/rnd",
+        "B sent/site/rnd",
+    )
+    for column in columns:
         table.add_column(column, justify="right")
-    plain = {r["sites"]: r["s_per_round"] for r in rows if not r["secure"] and "error" not in r}
+    plain = {r["sites"]: r for r in rows if not r["secure"] and "error" not in r}
     for r in rows:
         name = "SecAgg+" if r["secure"] else "plain"
         if "error" in r:
-            table.add_row(str(r["sites"]), name, r["error"][:60], "", "", "", "")
+            table.add_row(str(r["sites"]), name, r["error"][:80], *[""] * 6)
             continue
-        ratio = f"{r['s_per_round'] / plain[r['sites']]:.2f}x" if r["secure"] and r["sites"] in plain else ""
+        base = plain.get(r["sites"]) if r["secure"] else None
+        wall = f"{r['s_per_round'] / base['s_per_round']:.2f}x" if base else ""
+        cpu = f"{r['cpu_s_per_round'] / base['cpu_s_per_round']:.2f}x" if base else ""
         table.add_row(
-            str(r["sites"]), name, f"{r['s_per_round']:.2f}", ratio, f"{r['peak_rss_bytes'] / 2**30:.2f}",
-            f"{r['received']:,.0f}", f"{r['sent']:,.0f}",
+            str(r["sites"]), name, f"{r['s_per_round']:.2f}", wall, f"{r['cpu_s_per_round']:.2f}", cpu,
+            f"{r['peak_rss_bytes'] / 2**30:.2f}", f"{r['received']:,.0f}", f"{r['sent']:,.0f}",
         )  # fmt: skip
-    console.print(table)
+    return table
 
 
 if __name__ == "__main__":
