@@ -143,6 +143,72 @@ def bytes_per_site(folder: Path, rounds: Sequence[int]) -> dict[str, Any]:
     }
 
 
+def secagg_crypto_seconds(sites: int, *, carefl_shares: bool, values: int = 2 * 1280 + 2) -> dict[str, float]:
+    """CPU seconds one SecAgg+ round spends in cryptography at ``sites`` sites, all on one core.
+
+    Calls, as often as Flower's SecAgg+ stages do, the primitives they call: per site two key
+    pairs, Shamir shares of its mask seed and first private key, a shared key (ECDH + HKDF) and
+    a Fernet encryption per other site, the decryptions, a shared key and a mask per other site
+    and its own mask; at the server, one secret rebuilt and one mask expanded per site (no
+    drop-outs). ``carefl_shares`` picks :mod:`shared.shamir` or Flower's own secret sharing.
+    """
+    from flwr.common.secure_aggregation.crypto import shamir as flower_shamir
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
+        decrypt,
+        encrypt,
+        generate_shared_key,
+    )
+    from flwr.supercore.primitives.asymmetric import (
+        bytes_to_private_key,
+        bytes_to_public_key,
+        generate_key_pairs,
+        private_key_to_bytes,
+        public_key_to_bytes,
+    )
+
+    from shared import shamir
+    from shared.masks import expand_masks
+
+    share = shamir if carefl_shares else flower_shamir
+    threshold = max(2, -(-2 * sites // 3))
+    shapes = [(values,)]
+    cost: dict[str, float] = defaultdict(float)
+
+    def timed(part: str, call: Callable[[], Any]) -> Any:
+        begin = time.process_time()
+        out = call()
+        cost[part] += time.process_time() - begin
+        return out
+
+    keys = [timed("key pairs", lambda: (generate_key_pairs(), generate_key_pairs())) for _ in range(sites)]
+    sk1, pk1 = private_key_to_bytes(keys[0][0][0]), public_key_to_bytes(keys[1][0][1])
+    sk2, pk2 = private_key_to_bytes(keys[0][1][0]), public_key_to_bytes(keys[1][1][1])
+    b_shares: list[bytes] = []
+    for _ in range(sites):  # share keys
+        b_shares = timed("Shamir split", lambda: share.create_shares(os.urandom(32), threshold, sites))
+        sk_shares = timed("Shamir split", lambda: share.create_shares(sk1, threshold, sites))
+        plaintext = bytes(20) + b_shares[0] + sk_shares[0]  # source, destination, length, the two shares
+        for _ in range(sites - 1):
+            key = timed(
+                "ECDH + HKDF",
+                lambda: generate_shared_key(bytes_to_private_key(sk2), bytes_to_public_key(pk2)),
+            )
+            token = timed("Fernet", lambda key=key, text=plaintext: encrypt(key, text))
+            timed("Fernet", lambda key=key, token=token: decrypt(key, token))
+    for _ in range(sites):  # collect masked vectors
+        timed("masks", lambda: expand_masks(os.urandom(32), 1 << 32, shapes))
+        for _ in range(sites - 1):
+            key = timed(
+                "ECDH + HKDF",
+                lambda: generate_shared_key(bytes_to_private_key(sk1), bytes_to_public_key(pk1)),
+            )
+            timed("masks", lambda key=key: expand_masks(key, 1 << 32, shapes))
+    for _ in range(sites):  # unmask, at the server
+        seed = timed("Shamir combine", lambda: share.combine_shares(b_shares[:threshold]))
+        timed("masks", lambda seed=seed: expand_masks(seed, 1 << 32, shapes))
+    return {"total": sum(cost.values()), **cost}
+
+
 def scale_config(
     data: Path,
     sites: int,
@@ -249,8 +315,16 @@ def main() -> None:
     which.add_argument("--no-secagg", action="store_true", help="plain FedAvg only")
     which.add_argument("--secagg-only", action="store_true", help="SecAgg+ only")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    parser.add_argument(
+        "--crypto",
+        action="store_true",
+        help="only the CPU seconds of SecAgg+'s cryptography per round (no federation)",
+    )
     args = parser.parse_args()
     console = Console()
+    if args.crypto:
+        crypto_table(console, [int(s) for s in args.sites.split(",")], args.json)
+        return
     modes = [False] if args.no_secagg else [True] if args.secagg_only else [False, True]
     rows: list[dict[str, Any]] = []
     for count in (int(s) for s in args.sites.split(",")):
@@ -275,6 +349,24 @@ def main() -> None:
                 args.json.write_text(json.dumps(rows, indent=2))
 
     console.print(summary_table(rows, args.rounds))
+
+
+def crypto_table(console: Console, counts: Sequence[int], out: Path | None) -> None:
+    """Print (and write) :func:`secagg_crypto_seconds` with Flower's and CareFL's secret sharing."""
+    rows = [
+        {"sites": n, "shares": name, **secagg_crypto_seconds(n, carefl_shares=mine)}
+        for n in counts
+        for name, mine in (("Flower (GF(2^128))", False), ("CareFL (GF(2^521-1))", True))
+    ]
+    parts = [k for k in rows[0] if k not in ("sites", "shares", "total")]
+    table = Table(title="bench_scale --crypto: CPU seconds of SecAgg+'s cryptography per round, one core")
+    for column in ("sites", "secret sharing", "total", *parts):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(str(r["sites"]), r["shares"], f"{r['total']:.3f}", *[f"{r[k]:.3f}" for k in parts])
+    console.print(table)
+    if out:
+        out.write_text(json.dumps(rows, indent=2))
 
 
 def summary_table(rows: Sequence[dict[str, Any]], rounds: int) -> Table:
