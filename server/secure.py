@@ -1,7 +1,8 @@
 """Secure aggregation on the server: Flower's SecAgg+ with CareFL's checks and clear failures.
 
 :class:`SecureFitWorkflow` is Flower's :class:`~flwr.server.workflow.SecAggPlusWorkflow`
-(unchanged protocol, masks from :mod:`shared.masks`) with three additions:
+(unchanged protocol, masks from :mod:`shared.masks`, Shamir shares from :mod:`shared.shamir`)
+with three additions:
 
 - every stage waits at most ``stage-timeout`` seconds; a site that does not answer in time is
   a dropped site, as one that answers with an error;

@@ -25,6 +25,7 @@ from server.distribution import Workflow
 from server.strategy import FederationStopped
 
 POLL_S = 0.2
+FIRST_POLL_S = 0.005  # a stage's first pull waits this long, then twice as long each time, up to POLL_S
 
 
 class RunStopped(Exception):
@@ -73,16 +74,22 @@ class StoppableGrid(Grid):
         return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push ``messages`` and collect the replies until all arrived, ``timeout`` passed or a stop."""
+        """Push ``messages`` and collect the replies until all arrived, ``timeout`` passed or a stop.
+
+        Pulls back off from ``FIRST_POLL_S`` to ``POLL_S``: a stage whose replies come quickly
+        (SecAgg+'s key stages in a simulation) does not wait a whole ``POLL_S`` for them.
+        """
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
+        wait = FIRST_POLL_S
         while pending and (deadline is None or time.monotonic() < deadline):
             received = list(self.pull_messages(pending))
             replies.extend(received)
             pending.difference_update(m.metadata.reply_to_message_id for m in received)
-            if pending and self._stop.wait(POLL_S):
+            if pending and self._stop.wait(wait):
                 self.check()
+            wait = min(2 * wait, POLL_S)
         return replies
 
 

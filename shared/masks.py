@@ -11,7 +11,8 @@ a power of two uses rejection sampling on 64-bit words.
 
 :func:`install_secure_masks` replaces Flower's generator where the SecAgg+ server workflow and
 client mod imported it. The server and every client must call it (CareFL's apps do at start-up)
-so both sides expand seeds identically; if Flower's internals are not where this module
+so both sides expand seeds identically; it also installs :mod:`shared.shamir`'s secret sharing
+(the same scheme over a prime field, 100x faster). If Flower's internals are not where this module
 expects (another Flower version), it raises instead of letting weak masks run.
 """
 
@@ -24,6 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from shared.shamir import install_secure_shares
 
 DOMAIN = b"carefl/secagg-mask/v2"
 FLOWER_UTILS = "flwr.common.secure_aggregation.secaggplus_utils"
@@ -120,6 +123,7 @@ def install_secure_masks(targets: Sequence[str] = FLOWER_TARGETS, utils: str = F
             )
         setattr(module, _ATTRIBUTE, expand_masks)
     setattr(utils_module, _ATTRIBUTE, expand_masks)
+    install_secure_shares()
 
 
 def masks_installed(targets: Sequence[str] = FLOWER_TARGETS) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
+from types import SimpleNamespace
 
 import pytest
 from flwr.app import Context, Message, RecordDict
@@ -107,3 +108,41 @@ def test_without_a_stop_the_wait_for_replies_ends_at_its_timeout() -> None:
     # Assert
     assert list(replies) == []
     assert 0.4 < time.monotonic() - start < 2
+
+
+class LateGrid(SilentGrid):
+    """Answers every message ``delay`` seconds after it was pushed; counts the pulls."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.pulls = 0
+        self.pushed = 0.0
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        self.pushed = time.monotonic()
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:  # type: ignore[override]
+        self.pulls += 1
+        if time.monotonic() - self.pushed < self.delay:
+            return []
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="m0"))]  # type: ignore[list-item]
+
+
+def test_quick_replies_are_collected_without_waiting_a_whole_poll_interval() -> None:
+    # Prepare: the reply is there 20 ms after the push; a site that never answers
+    quick, silent = LateGrid(delay=0.02), SilentGrid()
+    pulls: list[int] = []
+    counting = StoppableGrid(silent, threading.Event())  # type: ignore[arg-type]
+    silent.pull_messages = lambda ids: pulls.append(1) or []  # type: ignore[method-assign]
+
+    # Execute
+    start = time.monotonic()
+    replies = StoppableGrid(quick, threading.Event()).send_and_receive(["instruction"], timeout=5)  # type: ignore[arg-type]
+    elapsed = time.monotonic() - start
+    counting.send_and_receive(["instruction"], timeout=1.0)
+
+    # Assert: back well before one POLL_S (0.2 s); a silent site is not polled much more often
+    # than every POLL_S (the back-off: 5, 10, 20, ... ms, then 200 ms)
+    assert len(replies) == 1 and elapsed < 0.15
+    assert 6 <= len(pulls) <= 14
