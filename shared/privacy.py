@@ -8,6 +8,7 @@ lifetime), never accumulated by addition, so composition is exact for the accoun
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -73,11 +74,19 @@ def epsilon(charges: Iterable[Charge], *, delta: float, accountant: str = "rdp")
     """
     if not 0 < delta < 1:
         raise ValueError(f"`delta` must be in (0, 1), got {delta!r}")
-    history = [(c.noise_multiplier, c.sample_rate, c.steps) for c in charges if c.steps > 0]
-    if not history:
-        return 0.0
+    history = tuple(sorted((c.noise_multiplier, c.sample_rate, c.steps) for c in charges if c.steps > 0))
+    return _composed_epsilon(history, delta, accountant) if history else 0.0
+
+
+@functools.lru_cache(maxsize=256)
+def _composed_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    """:func:`epsilon` of a sorted history, remembered: a pure function the site asks again each round.
+
+    A long-lived site worker asks the same questions every round (the run's plan, the ledger's
+    history); the RDP sums cost tenths of a second each.
+    """
     acc = _accountant(accountant)
-    acc.history = history
+    acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
 
 
@@ -109,21 +118,10 @@ def calibrate_noise(
     ConfigError
         If no noise multiplier reaches the target (the target is too small for the plan).
     """
-    from opacus.accountants.utils import get_noise_multiplier
-
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError(f"`target_epsilon` must be > 0, got {target_epsilon!r}")
     try:
-        sigma = float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-                epsilon_tolerance=0.005,
-            )
-        )
+        sigma = _noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant)
     except ValueError as err:
         raise ConfigError(
             f"target epsilon {target_epsilon:g} at delta {delta:.1e} cannot be reached with "
@@ -139,6 +137,23 @@ def calibrate_noise(
 
 DEFAULT_DELTA_CAP = 1e-5
 
+
+
+@functools.lru_cache(maxsize=256)
+def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """Opacus' calibrated noise multiplier, remembered (a pure function; a binary search of RDP sums)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=0.005,
+        )
+    )
 
 def default_delta(num_records: int) -> float:
     """Return a delta well below ``1 / num_records``: ``min(1e-5, 1 / (10 n))``."""
