@@ -32,7 +32,7 @@ from shared.log import log
 if TYPE_CHECKING:
     from flwr.clientapp.typing import ClientAppCallable
 
-POLL_INTERVAL_S = 0.2
+POLL_INTERVAL_S = 0.1
 """Seconds between two ``AcquireTask`` polls (Flower's SuperExec: 1 s; a local HTTP call)."""
 _SIGNED = frozenset({"/flwr.proto.Runtime/AcquireTask"})  # as flwr.supercore.superexec.run_superexec
 

@@ -4,8 +4,9 @@
 message (``flwr/supernode/start_client_internal.py``), so every message of a round waits 1.5 s
 on average before a hospital even sees it, five times per SecAgg+ round. This entry point runs
 Flower's own ``flower_supernode()`` with that one sleep capped at ``--idle-poll`` seconds
-(default :data:`IDLE_POLL_S`): the same protocol, the same requests, only sooner. Shorter
-sleeps Flower takes elsewhere are untouched. If a Flower upgrade moves the sleep, the node
+(default :data:`IDLE_POLL_S`): the same protocol, the same requests, only sooner. Its 0.5 s
+waits on its own state (for a reply to push, for an object to be stored) become
+:data:`LOCAL_POLL_S`: they ask nothing of the SuperLink. If a Flower upgrade moves the sleep, the node
 refuses to start rather than silently keep the old latency.
 
 Run as ``python -P -m client.runtime.supernode [--idle-poll S] FLOWER_SUPERNODE_ARGS...``.
@@ -21,24 +22,32 @@ from typing import Any
 
 IDLE_POLL_S = 0.5
 """Seconds a SuperNode waits after a pull that found no message (Flower: 3 s)."""
+LOCAL_POLL_S = 0.05
+"""Seconds between the SuperNode's checks of its own state for a reply to push (Flower: 0.5 s)."""
 
 
 class CappedSleep:
-    """The :mod:`time` module as one module sees it, with every ``sleep`` capped at ``cap`` seconds."""
+    """The :mod:`time` module as one module sees it, with its sleeps capped.
 
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
+    A sleep of a second or more (the idle wait between pulls from the SuperLink) waits at most
+    ``idle`` seconds; a shorter one (a wait on the node's own state, e.g. for a reply to push)
+    at most ``local`` seconds.
+    """
+
+    def __init__(self, idle: float, local: float = LOCAL_POLL_S) -> None:
+        self.idle = idle
+        self.local = local
 
     def sleep(self, seconds: float) -> None:
-        """Sleep ``min(seconds, cap)``."""
-        time.sleep(min(seconds, self.cap))
+        """Sleep ``seconds``, capped at ``idle`` (a second or more) or ``local`` (less)."""
+        time.sleep(min(seconds, self.idle if seconds >= 1 else self.local))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
 
-def cap_idle_poll(module: ModuleType, cap: float) -> None:
-    """Make ``module``'s ``time.sleep`` calls wait at most ``cap`` seconds.
+def cap_idle_poll(module: ModuleType, idle: float, local: float = LOCAL_POLL_S) -> None:
+    """Make ``module``'s ``time.sleep`` calls wait at most ``idle`` (long sleeps) or ``local`` seconds.
 
     Raises
     ------
@@ -47,7 +56,7 @@ def cap_idle_poll(module: ModuleType, cap: float) -> None:
     """
     if getattr(module, "time", None) is not time:
         raise RuntimeError(f"{module.__name__} has no `time` module to shorten its idle poll; check the Flower version")
-    module.time = CappedSleep(cap)  # type: ignore[attr-defined]
+    module.time = CappedSleep(idle, local)  # type: ignore[attr-defined]
 
 
 def capped_supernode_command(flower_args: Sequence[str], *, idle_poll: float = IDLE_POLL_S) -> list[str]:

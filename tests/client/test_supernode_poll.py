@@ -15,26 +15,26 @@ def test_this_flowers_supernode_idles_with_the_time_module_so_the_cap_applies() 
     # The guard against a Flower upgrade: the idle wait is `time.sleep(3)` in this module
     source = internal.__loader__.get_source(internal.__name__)  # type: ignore[union-attr]
     assert internal.time is time
-    assert "time.sleep(3)" in source
+    assert "time.sleep(3)" in source and "time.sleep(0.5)" in source
 
 
-def test_the_cap_shortens_long_sleeps_only() -> None:
+def test_the_caps_shorten_the_idle_and_the_local_waits() -> None:
     # Prepare
     module = types.ModuleType("fake_flower")
     module.time = time  # type: ignore[attr-defined]
-    cap_idle_poll(module, 0.05)
+    cap_idle_poll(module, 0.2, local=0.02)
 
     # Execute
     start = time.monotonic()
     module.time.sleep(3)  # type: ignore[attr-defined]
-    capped = time.monotonic() - start
+    idle = time.monotonic() - start
     start = time.monotonic()
-    module.time.sleep(0.01)  # type: ignore[attr-defined]
-    short = time.monotonic() - start
+    module.time.sleep(0.5)  # type: ignore[attr-defined]
+    local = time.monotonic() - start
 
-    # Assert: 3 s became 0.05 s; a shorter sleep is left alone; the rest of `time` is still there
-    assert 0.04 <= capped < 1.0
-    assert short < 0.05
+    # Assert: the 3 s idle wait became 0.2 s, the 0.5 s local wait 0.02 s; the rest of `time` is there
+    assert 0.19 <= idle < 1.0
+    assert 0.019 <= local < 0.19
     assert isinstance(module.time, CappedSleep) and module.time.monotonic is time.monotonic  # type: ignore[attr-defined]
 
 
