@@ -271,6 +271,17 @@ CHEST_GRID: Grid = [
 CLIPS: tuple[float, ...] = (0.5, 1.0, 2.0)
 """Clipping bounds tried on the best cells of the grid (the refinement)."""
 
+Refinements = tuple[dict[str, Any], ...]
+"""Overrides each of the best cells of the grid is scored again with."""
+
+REFINE: Refinements = tuple({"max_grad_norm": clip} for clip in CLIPS)
+"""heart-disease: every clipping bound."""
+
+CHEST_REFINE: Refinements = tuple(
+    {"max_grad_norm": clip, "class_weighting": weighting} for clip in CLIPS for weighting in ("none", "balanced")
+)
+"""chest-xray: every clipping bound, with and without class weighting (the sites' label skew)."""
+
 QUICK_GRID: Grid = [
     {
         "model": ("logreg",),
@@ -322,26 +333,27 @@ def tune(
     splits: int,
     repeats: int,
     refine: int = 0,
-    clips: tuple[float, ...] = CLIPS,
+    refinements: Refinements = REFINE,
 ) -> list[dict[str, Any]]:
     """Score every cell of ``grid`` on inner splits, then refine the best; rows sorted best first.
 
-    The ``refine`` best cells are scored again with every clipping bound of ``clips``, on
-    ``2 * splits`` fresh cuts (seeds from 100) x ``repeats`` runs; those rows (``stage`` 2) rank
-    first, by their own score, so the choice rests on the larger sample.
+    The ``refine`` best cells are scored again with each override of ``refinements`` (e.g.
+    every clipping bound), on ``2 * splits`` fresh cuts (seeds from 100) x ``repeats`` runs;
+    those rows (``stage`` 2) rank first, by their own score, so the choice rests on the larger
+    sample.
     """
     rows = [_scored(target, cell, stage=1, splits=splits, repeats=repeats) for cell in cells(grid)]
     rows.sort(key=lambda r: -r["inner_mean"])
     refined = [
-        _scored(target, {**_cell_of(r), "max_grad_norm": clip}, stage=2, splits=2 * splits, repeats=repeats, first_split=100)
+        _scored(target, {**_cell_of(r), **change}, stage=2, splits=2 * splits, repeats=repeats, first_split=100)
         for r in rows[:refine]
-        for clip in clips
+        for change in refinements
     ]  # fmt: skip
     refined.sort(key=lambda r: -r["inner_mean"])
     return refined + rows
 
 
-CELL_KEYS = ("model", "batch_size", "num_rounds", "local_epochs", "learning_rate", "max_grad_norm")
+CELL_KEYS = ("model", "batch_size", "num_rounds", "local_epochs", "learning_rate", "max_grad_norm", "class_weighting")
 
 
 def _cell_of(row: dict[str, Any]) -> dict[str, Any]:
@@ -403,14 +415,19 @@ def main() -> None:
         if args.data is None:
             parser.error("--task chest-xray needs --data")
         target = chest_target(args.epsilon, args.data, args.state_dir)
-        grid, seeds = QUICK_CHEST_GRID if args.quick else CHEST_GRID, args.seeds or 3
+        grid, refinements, seeds = QUICK_CHEST_GRID if args.quick else CHEST_GRID, CHEST_REFINE, args.seeds or 3
     else:
         target = heart_target(args.epsilon)
-        grid, seeds = QUICK_GRID if args.quick else GRID, args.seeds or 5
-    rows = tune(target, grid, splits=args.splits, repeats=args.repeats, refine=0 if args.quick else args.refine)
+        grid, refinements, seeds = QUICK_GRID if args.quick else GRID, REFINE, args.seeds or 5
+    rows = tune(
+        target, grid, splits=args.splits, repeats=args.repeats, refine=0 if args.quick else args.refine,
+        refinements=refinements,
+    )  # fmt: skip
     console = Console()
     table = Table(title=f"tune_privacy {target.task}: inner-validation figures at epsilon {args.epsilon:g} (best 10)")
-    for column in ("stage", "model", "batch", "rounds x epochs", "lr", "clip", "mean per-site acc", "AUC", "balanced acc"):
+    columns = ("stage", "model", "batch", "rounds x epochs", "lr", "clip", "class weights", "mean per-site acc", "AUC",
+               "balanced acc")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="right")
 
     def cell(r: dict[str, Any], key: str) -> str:
@@ -420,7 +437,8 @@ def main() -> None:
     for r in rows[:10]:
         table.add_row(
             str(r["stage"]), r.get("model", "-"), str(r["batch_size"]), f"{r['num_rounds']} x {r['local_epochs']}",
-            f"{r['learning_rate']:g}", f"{r['max_grad_norm']:g}", cell(r, "accuracy"), cell(r, "auc"),
+            f"{r['learning_rate']:g}", f"{r['max_grad_norm']:g}", r.get("class_weighting", "none"),
+            cell(r, "accuracy"), cell(r, "auc"),
             cell(r, "balanced_accuracy"),
         )  # fmt: skip
     console.print(table)
