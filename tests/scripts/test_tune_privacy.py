@@ -1,0 +1,95 @@
+"""scripts/tune_privacy.py: the inner splits use training rows only; chest-xray's path runs a grid cell."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scripts.tune_privacy import FULL_BATCH, chest_target, inner_split, tune
+from shared.tasks.base import SiteData
+
+TRAIN_MARK, VAL_MARK = 5.0, 99.0
+
+
+def test_inner_split_cuts_the_training_rows_only() -> None:
+    # Prepare: column 0 is constant over the training rows, another value on the validation rows
+    rng = np.random.default_rng(0)
+    x_train = rng.normal(size=(60, 4)).astype(np.float32)
+    x_train[:, 0] = TRAIN_MARK
+    x_val = np.full((20, 4), VAL_MARK, np.float32)
+    y_train = np.array([0, 1] * 30)
+    site = SiteData("site-1", x_train, y_train, x_val, np.ones(20, np.int64), fingerprint="f")
+
+    # Execute
+    inner = inner_split(site, seed=3)
+
+    # Assert: every inner row is a training row (the constant column standardizes to 0), all of them used
+    assert len(inner.y_train) + len(inner.y_val) == len(y_train)
+    assert np.all(inner.x_train[:, 0] == 0) and np.all(inner.x_val[:, 0] == 0)
+    assert sorted(np.concatenate([inner.y_train, inner.y_val])) == sorted(y_train)
+    assert (
+        np.bincount(inner.y_val).tolist() == np.bincount(inner.y_val, minlength=2).tolist()
+    )  # both classes kept
+    assert abs(len(inner.y_train) / len(y_train) - 0.66) < 0.05
+
+
+@pytest.fixture(scope="module")
+def small_npz(pneumonia_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two MedMNIST-layout files of 240 real training images; the second's validation images are blank."""
+    with np.load(pneumonia_npz) as arrays:
+        x, y = arrays["train_images"][:240], arrays["train_labels"][:240]
+        xv, yv = arrays["val_images"][:60], arrays["val_labels"][:60]
+    folder = tmp_path_factory.mktemp("npz")
+    real, blank = folder / "real.npz", folder / "blank.npz"
+    np.savez(real, train_images=x, train_labels=y, val_images=xv, val_labels=yv)
+    np.savez(blank, train_images=x, train_labels=y, val_images=np.zeros_like(xv), val_labels=yv)
+    return real, blank
+
+
+SMALL = {"num_sites": 2, "image_size": 32}
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One backbone registry and feature cache for the module (registering the backbone takes seconds)."""
+    return tmp_path_factory.mktemp("state")
+
+
+def test_chest_search_never_sees_validation_images(small_npz: tuple[Path, Path], state_dir: Path) -> None:
+    # Prepare
+    real, blank = small_npz
+
+    # Execute: the same training images, different validation images
+    sites = chest_target(1.0, real, state_dir, SMALL).sites
+    other = chest_target(1.0, blank, state_dir, SMALL).sites
+
+    # Assert: no validation row in what the search sees, and the features do not depend on them
+    assert all(len(s.x_val) == 0 and len(s.y_val) == 0 for s in sites)
+    assert sum(len(s.y_train) for s in sites) > 0.6 * 240
+    assert all(
+        s.x_train.shape[1] == 320 for s in sites
+    )  # feature-blocks "-2": MobileNetV2's 320-channel block
+    for a, b in zip(sites, other, strict=True):
+        np.testing.assert_array_equal(a.x_train, b.x_train)
+
+
+def test_chest_one_cell_grid_runs(small_npz: tuple[Path, Path], state_dir: Path) -> None:
+    # Prepare
+    target = chest_target(1.0, small_npz[0], state_dir, SMALL)
+    grid = [
+        {"batch_size": (FULL_BATCH,), "schedule": ((2, 1),), "learning_rate": (1.0,), "max_grad_norm": (1.0,)}
+    ]
+
+    # Execute
+    rows = tune(target, grid, splits=1, repeats=1)
+
+    # Assert: one scored cell, ranked by the mean of weighted AUC and balanced accuracy
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["batch_size"], row["num_rounds"], row["local_epochs"]) == (FULL_BATCH, 2, 1)
+    auc, bacc = row["inner_auc"][0], row["inner_balanced_accuracy"][0]
+    assert 0.0 <= auc <= 1.0 and 0.0 <= bacc <= 1.0
+    assert math.isclose(row["inner_mean"], (auc + bacc) / 2)
