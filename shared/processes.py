@@ -318,8 +318,18 @@ class ProcessGroups:
 
 def group_alive(pgid: int) -> bool:
     """Whether process group ``pgid`` still holds a process (a zombie counts)."""
+    return _takes_signal_zero(os.killpg, pgid)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still exists (a zombie counts)."""
+    return _takes_signal_zero(os.kill, pid)
+
+
+def _takes_signal_zero(send: Callable[[int, int], None], target: int) -> bool:
+    """Whether ``send(target, 0)`` finds its target (one of another user's counts)."""
     try:
-        os.killpg(pgid, 0)
+        send(target, 0)
     except ProcessLookupError:
         return False
     except PermissionError:

@@ -59,6 +59,7 @@ from client.worker.wire import (
 from shared.atomic import atomic_write_bytes
 from shared.errors import CareFLError
 from shared.log import log
+from shared.processes import process_alive
 
 PID_FILE = "worker.pid"
 PARENT_CHECK_S = 0.5
@@ -182,7 +183,7 @@ def serve(site_dir: Path, *, parent_pid: int | None = None, handler: Handler | N
     listener.settimeout(PARENT_CHECK_S)  # wake up to see whether the runtime is still there
     log(INFO, "site worker: ready (pid %d) on %s", os.getpid(), socket_path(site_dir))
     try:
-        while parent_pid is None or process_exists(parent_pid):
+        while parent_pid is None or process_alive(parent_pid):
             try:
                 conn, _ = listener.accept()
             except TimeoutError:
@@ -202,17 +203,6 @@ def serve(site_dir: Path, *, parent_pid: int | None = None, handler: Handler | N
             if secrets_match(secret_path(site_dir).read_bytes(), secret):  # not a newer worker's
                 for path in (socket_path(site_dir), worker_dir(site_dir) / PID_FILE, secret_path(site_dir)):
                     path.unlink(missing_ok=True)
-
-
-def process_exists(pid: int) -> bool:
-    """Whether a process ``pid`` exists (signal 0)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def worker_command(site_dir: Path, parent_pid: int) -> list[str]:
