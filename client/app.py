@@ -46,17 +46,26 @@ def make_client_fn(
     models : ModelBuilder, optional
         Builds each study's model (the site worker's kept models; default: built per message).
     """
-    site_defaults = dict(defaults or {})
+    environment = site_environment_of(defaults)
 
     def client_fn(context: Context) -> Client:
         # Imported here: the SecAgg+ stages, the backbone offer and the audit need neither torch
         # nor the model, so a task process that only runs them stays thin.
         from client.numpy_client import SiteClient
 
-        env = simulated_site_ready(site_environment(context, site_defaults))
-        return SiteClient(env, str(context.run_id), models).to_client()
+        return SiteClient(environment(context), str(context.run_id), models).to_client()
 
     return client_fn
+
+
+def site_environment_of(defaults: Mapping[str, str] | None = None) -> Callable[[Context], SiteEnvironment]:
+    """The site's environment of a message's context (a simulated hospital's prepared on first use)."""
+    site_defaults = dict(defaults or {})
+
+    def environment(context: Context) -> SiteEnvironment:
+        return simulated_site_ready(site_environment(context, site_defaults))
+
+    return environment
 
 
 def site_mods(defaults: Mapping[str, str] | None = None) -> list[Mod]:
@@ -64,10 +73,7 @@ def site_mods(defaults: Mapping[str, str] | None = None) -> list[Mod]:
 
     The audit mod is outermost: it records exactly what leaves the site, refusals included.
     """
-    site_defaults = dict(defaults or {})
-
-    def environment(context: Context) -> SiteEnvironment:
-        return simulated_site_ready(site_environment(context, site_defaults))
+    environment = site_environment_of(defaults)
 
     def site_dir_of(context: Context) -> Path:
         return environment(context).site_dir
@@ -119,9 +125,10 @@ def create_worker_app(parent_pid: int, outer_mods: Sequence[Mod] = ()) -> Client
     configure_flower_env()
     install_secure_masks()
 
+    environment = site_environment_of()
+
     def in_worker(message: Message, context: Context) -> Message:
-        site_dir = site_environment(context, {}).site_dir
-        return WorkerLink(site_dir, parent_pid=parent_pid).handle(message, context)
+        return WorkerLink(environment(context).site_dir, parent_pid=parent_pid).handle(message, context)
 
     return make_ffn(in_worker, [*outer_mods, *site_mods()])
 

@@ -37,12 +37,11 @@ POLL_INTERVAL_S = 0.1
 _SIGNED = frozenset({"/flwr.proto.Runtime/AcquireTask"})  # as flwr.supercore.superexec.run_superexec
 
 
-def task_command(runtime_api_address: str, token: str, parent_pid: int, *, in_process: bool = False) -> list[str]:
-    """The command line of one task process: this Python, ``-P``, the installed task runner."""
+def task_command(runtime_api_address: str, token: str, parent_pid: int) -> list[str]:
+    """The command line of one task process (no site worker): this Python, ``-P``, the task runner."""
     return [
         sys.executable, "-P", "-m", "client.runtime.task",
         "--runtime-api-address", runtime_api_address, "--token", token, "--parent-pid", str(parent_pid),
-        *(["--in-process"] if in_process else []),
     ]  # fmt: skip
 
 
@@ -149,7 +148,7 @@ def serve(
                 if in_runtime is not None:  # the mods run here, one task at a time; training in the worker
                     run_task(runtime_api_address, reply.token, installed=in_runtime)
                     continue
-                running.append(launch(task_command(runtime_api_address, reply.token, os.getpid(), in_process=True)))
+                running.append(launch(task_command(runtime_api_address, reply.token, os.getpid())))
             time.sleep(poll_interval)
     except KeyboardInterrupt:
         log(INFO, "CareFL site runtime: the SuperNode is gone; stopping")

@@ -9,17 +9,15 @@ approved app's message is answered by the ClientApp of the CareFL installed at t
 A FAB that is not approved is answered with ``Error(code=APP_REFUSED)`` naming its SHA-256,
 and the refusal is appended to the site's audit log.
 
-The training and evaluation run in the site's long-lived worker (:mod:`client.worker`); this
-process runs CareFL's mods and imports no torch. With ``--in-process`` they run here instead.
-
-Run as ``python -P -m client.runtime.task --runtime-api-address A --token T [--parent-pid P]
-[--in-process]`` by :mod:`client.runtime.superexec`.
+With the site worker (the default), the site runtime calls :func:`run_task` itself for every
+task, with the ClientApp whose training runs in the worker. Without it, the runtime starts
+``python -P -m client.runtime.task --runtime-api-address A --token T [--parent-pid P]`` per
+message, and this process also trains, as with plain Flower.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable, Sequence
 from logging import ERROR, INFO, WARNING
 
@@ -40,18 +38,8 @@ InstalledApp = Callable[[], ClientAppCallable]
 """Returns the ClientApp (or an equivalent callable) to run for an approved app."""
 
 
-def installed_client_app() -> ClientAppCallable:
-    """The hospital's installed CareFL ClientApp, training in the site worker (:func:`client.app.create_worker_app`).
-
-    This process's parent is the site runtime; a worker started from here stops with it.
-    """
-    from client.app import create_worker_app
-
-    return create_worker_app(parent_pid=os.getppid())
-
-
-def in_process_client_app() -> ClientApp:
-    """The installed CareFL ClientApp training in this process (:data:`client.app.app`; no site worker)."""
+def installed_client_app() -> ClientApp:
+    """The hospital's installed CareFL ClientApp (:data:`client.app.app`), training in this process."""
     from client.app import app
 
     return app
@@ -190,11 +178,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--token", required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
-    parser.add_argument("--in-process", action="store_true", help="train in this process, not in the site worker")
     args = parser.parse_args(argv)
     configure_flower_env()
-    installed = in_process_client_app if args.in_process else installed_client_app
-    raise SystemExit(run_task(args.runtime_api_address, args.token, parent_pid=args.parent_pid, installed=installed))
+    raise SystemExit(run_task(args.runtime_api_address, args.token, parent_pid=args.parent_pid))
 
 
 if __name__ == "__main__":

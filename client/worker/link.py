@@ -16,6 +16,7 @@ from pathlib import Path
 
 from flwr.app import Context, Message
 
+from client.worker import wire
 from client.worker.channel import (
     ChannelError,
     connect,
@@ -24,16 +25,6 @@ from client.worker.channel import (
     send_frames,
     socket_path,
     worker_dir,
-)
-from client.worker.wire import (
-    KIND_HANDLE,
-    KIND_PING,
-    STATUS_OK,
-    STATUS_REFUSED,
-    context_bytes,
-    message_bytes,
-    parse_context,
-    parse_message,
 )
 from shared import errors
 from shared.log import log
@@ -93,18 +84,18 @@ class WorkerLink:
         sock = self._open()
         with sock:
             try:
-                send_frames(sock, KIND_HANDLE, message_bytes(message), context_bytes(context))
+                send_frames(sock, wire.KIND_HANDLE, wire.message_bytes(message), wire.context_bytes(context))
                 status = recv_frame(sock)
             except (ChannelError, OSError):
                 raise ChannelError(
                     f"the site worker stopped while it handled a {message.metadata.message_type} message; "
                     "this message fails, the next one starts a new worker"
                 ) from None
-            if status == STATUS_OK:
-                reply, state = parse_message(recv_frame(sock)), parse_context(recv_frame(sock))
+            if status == wire.STATUS_OK:
+                reply, state = wire.parse_message(recv_frame(sock)), wire.parse_context(recv_frame(sock))
                 context.state = state.state
                 return reply
-            if status == STATUS_REFUSED:
+            if status == wire.STATUS_REFUSED:
                 name, text = recv_frame(sock).decode(), recv_frame(sock).decode()
                 raise _refusal_class(name)(text)
             raise RuntimeError(f"the site worker failed: {recv_frame(sock).decode(errors='replace')}")
@@ -138,7 +129,7 @@ class WorkerLink:
             raise ChannelError(
                 f"the site worker at {socket_path(self.site_dir)} dropped the connection: {err}"
             ) from None
-        if accepted != STATUS_OK:
+        if accepted != wire.STATUS_OK:
             sock.close()
             raise ChannelError(
                 f"the site worker at {socket_path(self.site_dir)} refused this process's secret"
@@ -153,8 +144,8 @@ class WorkerLink:
             return False
         with sock:
             try:
-                send_frames(sock, KIND_PING)
-                return recv_frame(sock) == STATUS_OK
+                send_frames(sock, wire.KIND_PING)
+                return recv_frame(sock) == wire.STATUS_OK
             except (ChannelError, OSError):
                 return False
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from flwr.app import Context, Message
 
+from client.worker import wire
 from client.worker.channel import (
     SECRET_BYTES,
     ChannelError,
@@ -43,18 +44,6 @@ from client.worker.channel import (
     send_frames,
     socket_path,
     worker_dir,
-)
-from client.worker.wire import (
-    KIND_HANDLE,
-    KIND_PING,
-    STATUS_DENIED,
-    STATUS_FAILED,
-    STATUS_OK,
-    STATUS_REFUSED,
-    context_bytes,
-    message_bytes,
-    parse_context,
-    parse_message,
 )
 from shared.atomic import atomic_write_bytes
 from shared.errors import CareFLError
@@ -127,30 +116,30 @@ def answer_connection(conn: socket.socket, secret: bytes, handler: Handler) -> N
     uid = peer_uid(conn)
     if uid != os.getuid():
         log(WARNING, "site worker: refused a connection from uid %d", uid)
-        send_frames(conn, STATUS_DENIED, b"peer of another user")
+        send_frames(conn, wire.STATUS_DENIED, b"peer of another user")
         return
     if not secrets_match(recv_frame(conn), secret):
         log(WARNING, "site worker: refused a connection with a wrong secret")
-        send_frames(conn, STATUS_DENIED, b"wrong secret")
+        send_frames(conn, wire.STATUS_DENIED, b"wrong secret")
         return
-    send_frames(conn, STATUS_OK)  # the secret is accepted
+    send_frames(conn, wire.STATUS_OK)  # the secret is accepted
     kind = recv_frame(conn)
-    if kind == KIND_PING:
-        send_frames(conn, STATUS_OK)
+    if kind == wire.KIND_PING:
+        send_frames(conn, wire.STATUS_OK)
         return
-    if kind != KIND_HANDLE:
-        send_frames(conn, STATUS_FAILED, b"unknown request " + kind[:32])
+    if kind != wire.KIND_HANDLE:
+        send_frames(conn, wire.STATUS_FAILED, b"unknown request " + kind[:32])
         return
-    message, context = parse_message(recv_frame(conn)), parse_context(recv_frame(conn))
+    message, context = wire.parse_message(recv_frame(conn)), wire.parse_context(recv_frame(conn))
     started = time.perf_counter()
     try:
         reply = handler(message, context)
     except CareFLError as err:
-        send_frames(conn, STATUS_REFUSED, error_class_name(err).encode(), str(err).encode())
+        send_frames(conn, wire.STATUS_REFUSED, error_class_name(err).encode(), str(err).encode())
         return
     except Exception as err:  # pylint: disable=broad-exception-caught  # reported to the task, as Flower does
         log(ERROR, "site worker: the ClientApp raised an exception", exc_info=err)
-        send_frames(conn, STATUS_FAILED, f"{type(err).__name__}: {err}".encode())
+        send_frames(conn, wire.STATUS_FAILED, f"{type(err).__name__}: {err}".encode())
         return
     log(
         INFO,
@@ -158,7 +147,7 @@ def answer_connection(conn: socket.socket, secret: bytes, handler: Handler) -> N
         message.metadata.message_type,
         time.perf_counter() - started,
     )
-    send_frames(conn, STATUS_OK, message_bytes(reply), context_bytes(context))
+    send_frames(conn, wire.STATUS_OK, wire.message_bytes(reply), wire.context_bytes(context))
 
 
 def error_class_name(err: CareFLError) -> str:

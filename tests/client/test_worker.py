@@ -128,25 +128,25 @@ def test_task_side_answers_through_the_worker_without_importing_torch(site: Path
     np.savez(tmp_path / "params.npz", *params)
     (tmp_path / "config.json").write_text(json.dumps({**site_config(cfg, None), wire.ROUND_KEY: 1}))
     script = f"""
-import json, sys
+import json, os, sys
 import numpy as np
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.common import EvaluateIns, ndarrays_to_parameters
 from flwr.compat.common.recorddict_compat import evaluateins_to_recorddict, recorddict_to_evaluateres
 from flwr.supercore.task_identity import TaskIdentity
-from client.runtime.task import installed_client_app
+from client.app import create_worker_app
 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
 params = list(np.load({str(tmp_path / "params.npz")!r}).values())
 config = json.loads(open({str(tmp_path / "config.json")!r}).read())
 content = evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters(params), config), keep_input=True)
 node = {{"site-dir": {str(site)!r}, "partition-id": 0, "num-partitions": 3}}
 context = Context(run_id=7, node_id=0, node_config=node, state=RecordDict(), run_config={{}})
-reply = installed_client_app()(Message(content, dst_node_id=0, message_type=MessageType.EVALUATE), context)
+reply = create_worker_app(parent_pid=os.getppid())(Message(content, dst_node_id=0, message_type=MessageType.EVALUATE), context)
 res = recorddict_to_evaluateres(reply.content)
 print(json.dumps({{"torch": "torch" in sys.modules, "n": res.num_examples, "auc": res.metrics["auc"]}}))
 """
 
-    # Execute: the task process's app, as the site runtime runs it
+    # Execute: the site runtime's app (mods here, training in the worker), in a fresh interpreter
     done = subprocess.run(
         [sys.executable, "-P", "-c", script], capture_output=True, text=True, timeout=240, check=False
     )
