@@ -27,6 +27,19 @@ def _images(npz: Path, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     return data.train_images[order], data.train_labels[order]
 
 
+def pneumonia_subset(npz: Path, path: Path, *, train: int, val: int, seed: int) -> Path:
+    """Write ``train`` training and ``val`` validation images of the PneumoniaMNIST file, drawn at random, to ``path``."""
+    rng = np.random.default_rng(seed)
+    data = np.load(npz)
+    rows = rng.choice(len(data["train_labels"]), train, replace=False)
+    val_rows = rng.choice(len(data["val_labels"]), val, replace=False)
+    np.savez(
+        path, train_images=data["train_images"][rows], train_labels=data["train_labels"][rows],
+        val_images=data["val_images"][val_rows], val_labels=data["val_labels"][val_rows],
+    )  # fmt: skip
+    return path
+
+
 def png_site(folder: Path, npz: Path, *, count: int = 60, start: int = 0) -> Path:
     """A class-folder tree of 8-bit PNGs."""
     images, labels = _images(npz, start, count)

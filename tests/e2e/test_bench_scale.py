@@ -14,6 +14,7 @@ from rich.console import Console
 from server.local.demo import ensure_backbone
 from shared.params import exchanged_names, get_arrays
 from shared.pipeline import build_model, effective_trainable
+from tests.site_files import pneumonia_subset
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_scale.py"
 
@@ -30,16 +31,7 @@ def load_script() -> ModuleType:
 @pytest.fixture(scope="module")
 def small_chest(pneumonia_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """300 real training and 90 validation images of PneumoniaMNIST."""
-    rng = np.random.default_rng(1)
-    data = np.load(pneumonia_npz)
-    train = rng.choice(len(data["train_labels"]), 300, replace=False)
-    val = rng.choice(len(data["val_labels"]), 90, replace=False)
-    path = tmp_path_factory.mktemp("chest") / "small.npz"
-    np.savez(
-        path, train_images=data["train_images"][train], train_labels=data["train_labels"][train],
-        val_images=data["val_images"][val], val_labels=data["val_labels"][val],
-    )  # fmt: skip
-    return path
+    return pneumonia_subset(pneumonia_npz, tmp_path_factory.mktemp("chest") / "small.npz", train=300, val=90, seed=1)
 
 
 def test_one_secure_round_reports_time_memory_and_each_stages_bytes(small_chest: Path, tmp_path: Path) -> None:

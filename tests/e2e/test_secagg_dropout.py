@@ -28,6 +28,7 @@ from server.recorder import FederationRecorder
 from shared.config import RunConfig
 from shared.params import exchanged_names, get_arrays
 from shared.pipeline import Pretrained, build_model, effective_trainable
+from tests.site_files import pneumonia_subset
 
 SITES = 5
 DROPPING = 2  # the site that drops
@@ -79,17 +80,7 @@ def faults(drops: dict[int, tuple[str, int]], out: Path, vanish: dict[int, float
 @pytest.fixture(scope="module")
 def chest_subset(pneumonia_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """600 real training and 150 validation images of PneumoniaMNIST, both classes."""
-    rng = np.random.default_rng(0)
-    data = np.load(pneumonia_npz)
-    train = rng.choice(len(data["train_labels"]), 600, replace=False)
-    val = rng.choice(len(data["val_labels"]), 150, replace=False)
-    path = tmp_path_factory.mktemp("chest") / "subset.npz"
-    np.savez(
-        path,
-        train_images=data["train_images"][train], train_labels=data["train_labels"][train],
-        val_images=data["val_images"][val], val_labels=data["val_labels"][val],
-    )  # fmt: skip
-    return path
+    return pneumonia_subset(pneumonia_npz, tmp_path_factory.mktemp("chest") / "subset.npz", train=600, val=150, seed=0)
 
 
 def config(data: Path, **changes: object) -> RunConfig:
