@@ -10,24 +10,32 @@ the architecture must load it, yield the declared feature width, split for
 
 from __future__ import annotations
 
+import copy
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
+
+import shared.dp
 
 from shared.backbones import BackboneManifest, BackboneRegistry
 from shared.backbones import registry as registry_module
 from shared.backbones.architectures import (
     ImageNetInput,
+    TrainableStack,
     build_backbone,
     load_backbone_weights,
     split_backbone,
     unfreeze,
 )
 from shared.backbones.registry import BUILTIN_BACKBONES
+from shared.dp import train_dp
 from shared.errors import IntegrityError
+from shared.training import TrainSettings
 from shared.tv import torchvision_module
 
 NEW_BACKBONES = {
@@ -176,3 +184,48 @@ def test_wrong_files_are_refused_in_one_line(
     for bad, message in refusals.items():
         assert "\n" not in message and str(bad) in message and name in message and "do not fit" in message
     assert "readable" in refusals[truncated] and "missing" in refusals[foreign]
+
+
+@pytest.mark.parametrize("name", sorted(NEW_BACKBONES))
+def test_dp_sgd_trains_the_last_two_blocks_alike_in_hooks_and_ghost_modes(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the trunk's last two blocks + a head on the features before them (ResNet: two
+    # residual blocks with their in-place additions; EfficientNet-B0: an MBConv block with
+    # stochastic depth, and the head convolution), the same Poisson draws and noise in both modes
+    manifest = _builtin(name)
+    torch.manual_seed(0)
+    backbone = nn.Sequential(ImageNetInput(32), build_backbone(manifest.architecture, manifest.arch_params)).eval()
+    backbone.requires_grad_(False)
+    prefix, suffix = split_backbone(backbone, 2)
+    unfreeze(suffix)
+    with torch.no_grad():
+        inputs = prefix(torch.randint(0, 256, (12, 32, 32), dtype=torch.uint8)).numpy()
+    labels = np.arange(12) % 2
+    settings = TrainSettings(epochs=1, batch_size=6, learning_rate=0.5, seed=0, momentum=0.0)
+    seeds = iter(range(10**6))
+    monkeypatch.setattr(shared.dp, "fresh_generator", lambda: torch.Generator().manual_seed(next(seeds) % 2))
+    initial = copy.deepcopy(suffix.state_dict())
+
+    # Execute
+    trained = {}
+    for mode in ("hooks", "ghost"):
+        suffix.load_state_dict(initial)
+        torch.manual_seed(1)
+        head = nn.Linear(manifest.feature_dim, 2)
+        stack = TrainableStack(suffix, head)
+        torch.manual_seed(2)  # stochastic depth draws from the global generator
+        result = train_dp(
+            stack, inputs, labels, replace(settings, grad_sample_mode=mode), noise_multiplier=1e-6, max_grad_norm=0.1
+        )  # fmt: skip
+        trained[mode] = copy.deepcopy(stack.state_dict())
+
+    # Assert: trained (the clipped update moved the weights), finite, BatchNorm statistics kept,
+    # and ghost clipping's norms clipped what the materialized per-sample gradients clipped
+    assert result.charges and all(c.steps == 2 for c in result.charges)
+    hooks, ghost = trained["hooks"], trained["ghost"]
+    moved = [k for k, v in hooks.items() if k.startswith("0.") and k[2:] in initial and not torch.equal(v, initial[k[2:]])]
+    assert moved and all(torch.isfinite(v.float()).all() for v in hooks.values())
+    assert all(torch.equal(hooks[f"0.{k}"], v) for k, v in initial.items() if "running_" in k)
+    for key, value in hooks.items():
+        torch.testing.assert_close(ghost[key], value, rtol=1e-4, atol=1e-6, msg=key)
