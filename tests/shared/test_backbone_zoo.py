@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 import shared.dp
-
 from shared.backbones import BackboneManifest, BackboneRegistry
 from shared.backbones import registry as registry_module
 from shared.backbones.architectures import (
@@ -195,7 +194,9 @@ def test_dp_sgd_trains_the_last_two_blocks_alike_in_hooks_and_ghost_modes(
     # stochastic depth, and the head convolution), the same Poisson draws and noise in both modes
     manifest = _builtin(name)
     torch.manual_seed(0)
-    backbone = nn.Sequential(ImageNetInput(32), build_backbone(manifest.architecture, manifest.arch_params)).eval()
+    backbone = nn.Sequential(
+        ImageNetInput(32), build_backbone(manifest.architecture, manifest.arch_params)
+    ).eval()
     backbone.requires_grad_(False)
     prefix, suffix = split_backbone(backbone, 2)
     unfreeze(suffix)
@@ -224,7 +225,11 @@ def test_dp_sgd_trains_the_last_two_blocks_alike_in_hooks_and_ghost_modes(
     # and ghost clipping's norms clipped what the materialized per-sample gradients clipped
     assert result.charges and all(c.steps == 2 for c in result.charges)
     hooks, ghost = trained["hooks"], trained["ghost"]
-    moved = [k for k, v in hooks.items() if k.startswith("0.") and k[2:] in initial and not torch.equal(v, initial[k[2:]])]
+    moved = [
+        k
+        for k, v in hooks.items()
+        if k.startswith("0.") and k[2:] in initial and not torch.equal(v, initial[k[2:]])
+    ]
     assert moved and all(torch.isfinite(v.float()).all() for v in hooks.values())
     assert all(torch.equal(hooks[f"0.{k}"], v) for k, v in initial.items() if "running_" in k)
     for key, value in hooks.items():
