@@ -127,7 +127,7 @@ def train_linear_dp(
     views = inputs if inputs.ndim == 3 else inputs[:, None, :]
     labels = torch.from_numpy(y).long()
     weight = class_weights(y, settings.class_weighting)
-    record_weight = weight[labels] if weight is not None else torch.ones(len(labels))
+    record_weight = weight[labels] if weight is not None else None
     steps_per_epoch = max(1, math.ceil(len(labels) / settings.batch_size))
     sample_rate = 1 / steps_per_epoch  # Opacus: 1 / len(data_loader)
     expected_batch = int(len(labels) * sample_rate)  # Opacus' expected_batch_size
@@ -138,40 +138,41 @@ def train_linear_dp(
     ledger = create_accountant(mechanism=accountant)
     std = noise_multiplier * max_grad_norm
     last = float("nan")
-    for _ in range(settings.epochs):
-        # Opacus' DataLoader draws its base seed from the sampling generator at every epoch
-        torch.empty((), dtype=torch.int64).random_(generator=sample_generator)
-        total, seen = 0.0, 0
-        for _ in range(steps_per_epoch):
-            index = (torch.rand(len(labels), generator=sample_generator) < sample_rate).nonzero().reshape(-1)
-            batch = views[index]
-            with torch.no_grad():
+    with torch.no_grad():
+        for _ in range(settings.epochs):
+            # Opacus' DataLoader draws its base seed from the sampling generator at every epoch
+            torch.empty((), dtype=torch.int64).random_(generator=sample_generator)
+            total, seen = 0.0, 0
+            for _ in range(steps_per_epoch):
+                index = (torch.rand(len(labels), generator=sample_generator) < sample_rate).nonzero().reshape(-1)
+                batch = views[index]
                 losses, errors = record_errors(
-                    nn.functional.linear(batch, head.weight, head.bias), labels[index], record_weight[index]
+                    nn.functional.linear(batch, head.weight, head.bias),
+                    labels[index],
+                    None if record_weight is None else record_weight[index],
                 )
                 norms = record_norms(errors, batch, weight=trains_weight, bias=trains_bias)
-                factor = (max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
-                clipped = (factor[:, None, None] * errors).reshape(-1, errors.shape[-1])
+                factor = norms.add_(CLIP_EPSILON).reciprocal_().mul_(max_grad_norm).clamp_(max=1.0)
+                clipped = errors.mul_(factor[:, None, None]).reshape(-1, errors.shape[-1])
                 sums = []
                 if trains_weight:
                     sums.append(clipped.T @ batch.reshape(-1, batch.shape[-1]))
                 if trains_bias:
                     sums.append(clipped.sum(dim=0))
                 for param, summed in zip(params, sums, strict=True):
-                    noise = _noise(std, summed, noise_generator)
-                    param.grad = (summed + noise) / expected_batch
-            optimizer.step()
-            ledger.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-            total += float(losses.sum())
-            seen += len(index)
-        last = total / max(seen, 1)
+                    param.grad = summed.add_(_noise(std, summed, noise_generator)).div_(expected_batch)
+                optimizer.step()
+                ledger.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+                total += float(losses.sum())
+                seen += len(index)
+            last = total / max(seen, 1)
     for param in params:
         param.grad = None
     return last, tuple(Charge(float(s), float(q), int(n)) for s, q, n in ledger.history)
 
 
 def record_errors(
-    logits: torch.Tensor, labels: torch.Tensor, record_weight: torch.Tensor
+    logits: torch.Tensor, labels: torch.Tensor, record_weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each record's loss and its gradient at the logits of each of its views, in closed form.
 
@@ -185,20 +186,24 @@ def record_errors(
         ``(B, K, classes)``.
     labels : torch.Tensor
         ``(B,)`` integer labels.
-    record_weight : torch.Tensor
-        ``(B,)`` weight of each record's loss (its class weight, or 1).
+    record_weight : torch.Tensor, optional
+        ``(B,)`` weight of each record's loss (its class weight); ``None``: 1.
 
     Returns
     -------
     tuple[torch.Tensor, torch.Tensor]
         The ``(B,)`` record losses and the ``(B, K, classes)`` errors.
     """
-    views, classes = logits.shape[1], logits.shape[2]
+    batch, views = logits.shape[:2]
     log_p = torch.log_softmax(logits, dim=2)
-    target = nn.functional.one_hot(labels, classes).to(logits.dtype)[:, None, :]
-    losses = record_weight * -(log_p * target).sum(dim=2).mean(dim=1)
-    errors = (log_p.exp() - target) * (record_weight / views)[:, None, None]
-    return losses, errors
+    target = labels[:, None, None].expand(batch, views, 1)
+    picked = log_p.gather(2, target)  # log p of the label, (B, K, 1)
+    errors = log_p.exp_().scatter_(2, target, picked.exp() - 1)  # softmax - onehot
+    losses = picked.reshape(batch, views).mean(dim=1).neg_()
+    scale = 1.0 / views if record_weight is None else (record_weight / views)[:, None, None]
+    if record_weight is not None:
+        losses = losses.mul_(record_weight)
+    return losses, errors.mul_(scale)
 
 
 def record_norms(errors: torch.Tensor, inputs: torch.Tensor, *, weight: bool = True, bias: bool = True) -> torch.Tensor:
@@ -224,16 +229,19 @@ def record_norms(errors: torch.Tensor, inputs: torch.Tensor, *, weight: bool = T
         ``(B,)`` per-record gradient norms.
     """
     views, classes, features = errors.shape[1], errors.shape[2], inputs.shape[2]
-    squared = torch.zeros(errors.shape[0], dtype=errors.dtype)
-    if weight and views * (features + classes) <= classes * features:
-        gram = torch.einsum("bvc,bwc->bvw", errors, errors) if views > 1 else errors.square().sum(2, keepdim=True)
-        inner = torch.einsum("bvf,bwf->bvw", inputs, inputs) if views > 1 else inputs.square().sum(2, keepdim=True)
-        squared = squared + (gram * inner).sum(dim=(1, 2))
-    elif weight:
-        squared = squared + torch.einsum("bvc,bvf->bcf", errors, inputs).square().sum(dim=(1, 2))
+    if not weight:  # the bias alone: ||sum_v e_v||
+        return errors.sum(dim=1).square_().sum(dim=1).sqrt_()
+    if views == 1:  # ||e||^2 (||x||^2 + 1)
+        inner = inputs.square().sum(dim=(1, 2))
+        return errors.square().sum(dim=(1, 2)).mul_(inner.add_(1) if bias else inner).sqrt_()
+    if views * (features + classes) <= classes * features:  # the Gram form; the bias is the + 1
+        inner = torch.einsum("bvf,bwf->bvw", inputs, inputs)
+        gram = torch.einsum("bvc,bwc->bvw", errors, errors)
+        return gram.mul_(inner.add_(1) if bias else inner).sum(dim=(1, 2)).sqrt_()
+    squared = torch.einsum("bvc,bvf->bcf", errors, inputs).square_().sum(dim=(1, 2))
     if bias:
-        squared = squared + errors.sum(dim=1).square().sum(dim=1)
-    return squared.sqrt()
+        squared = squared.add_(errors.sum(dim=1).square_().sum(dim=1))
+    return squared.sqrt_()
 
 
 def _noise(std: float, reference: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
