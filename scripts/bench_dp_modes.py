@@ -83,7 +83,9 @@ def step_times(
 
     modes = [m for m in MODES if m != "linear" or cfg.study.trains_linear_head()]
     labels = ("plain", *modes)
-    schedule = {n: train_settings(cfg.study.with_overrides(local_epochs=n), server_round=1) for n in (1, epochs)}
+    schedule = {
+        n: train_settings(cfg.study.with_overrides(local_epochs=n), server_round=1) for n in (1, epochs)
+    }
     fastest = {(label, n): math.inf for label in labels for n in schedule}
     for repeat in range(repeats + 1):  # the first round is a warm-up
         for label in labels:
@@ -113,7 +115,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="PneumoniaMNIST .npz (or image folder)")
     parser.add_argument("--state-dir", type=Path, default=Path(".carefl"), help="backbone registry")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of the long run (the slope's end)")
-    parser.add_argument("--head-epochs", type=int, default=32, help="--epochs of the head only (its steps are short)")
+    parser.add_argument(
+        "--head-epochs", type=int, default=32, help="--epochs of the head only (its steps are short)"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="runs per timing (the fastest counts)")
     parser.add_argument("--head-repeats", type=int, default=5, help="--repeats of the head only")
     parser.add_argument("--records", type=int, default=256, help="training records timed (8 steps of 32)")

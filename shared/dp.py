@@ -107,9 +107,10 @@ def train_dp(
         ``nn.Linear`` (``linear``, :func:`shared.dp_linear.train_linear_dp`: the same sampling,
         clipping, noise, optimizer and accountant without Opacus' per-step overhead; any other
         module is refused); ``auto`` is ``linear`` where it applies and ``hooks`` otherwise.
-        The sampling, the noise and the accounting are the same in every mode. ``x`` may hold ``K`` augmented views
-        per record, ``(N, K, ...)``: ``module`` then maps a batch to ``(B, K, classes)``
-        logits, a record's loss is the mean over its views and its one gradient is clipped.
+        The sampling, the noise and the accounting are the same in every mode. ``x`` may hold
+        ``K`` augmented views per record, ``(N, K, ...)``: ``module`` then maps a batch to
+        ``(B, K, classes)`` logits, a record's loss is the mean over its views and its one
+        gradient is clipped.
     noise_multiplier : float
         Noise standard deviation divided by ``max_grad_norm``.
     max_grad_norm : float
@@ -136,10 +137,10 @@ def train_dp(
         return DPTrainResult(loss=loss, charges=charges)
     if mode == "linear":
         trained = [name for name, p in module.named_parameters() if p.requires_grad]
+        listed = ", ".join(trained[:4]) + (" ..." if len(trained) > 4 else "")
         raise ConfigError(
-            f"grad-sample-mode linear trains a single nn.Linear layer, but this {type(module).__name__} trains "
-            f"{', '.join(trained[:4]) or 'nothing'}{' ...' if len(trained) > 4 else ''}; use auto, hooks, ghost "
-            "or functorch."
+            f"grad-sample-mode linear trains a single nn.Linear layer, but this {type(module).__name__} "
+            f"trains {listed or 'nothing'}; use auto, hooks, ghost or functorch."
         )
     mode = "hooks" if mode == "auto" else mode
     if mode == "ghost":

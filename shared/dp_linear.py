@@ -144,7 +144,9 @@ def train_linear_dp(
             torch.empty((), dtype=torch.int64).random_(generator=sample_generator)
             total, seen = 0.0, 0
             for _ in range(steps_per_epoch):
-                index = (torch.rand(len(labels), generator=sample_generator) < sample_rate).nonzero().reshape(-1)
+                index = (
+                    (torch.rand(len(labels), generator=sample_generator) < sample_rate).nonzero().reshape(-1)
+                )
                 batch = views[index]
                 losses, errors = record_errors(
                     nn.functional.linear(batch, head.weight, head.bias),
@@ -206,7 +208,9 @@ def record_errors(
     return losses, errors.mul_(scale)
 
 
-def record_norms(errors: torch.Tensor, inputs: torch.Tensor, *, weight: bool = True, bias: bool = True) -> torch.Tensor:
+def record_norms(
+    errors: torch.Tensor, inputs: torch.Tensor, *, weight: bool = True, bias: bool = True
+) -> torch.Tensor:
     """Each record's gradient norm over the linear layer's trained parameters, without Opacus.
 
     With ``K`` views the weight gradient of record ``i`` is ``sum_v e_v x_v^T``. Its squared
