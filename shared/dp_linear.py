@@ -8,9 +8,10 @@ and ``sum_v e_v`` for the bias, so its squared norm is
 
     ``sum_{v,w} (e_v . e_w) (x_v . x_w + 1)``
 
-(``||e||^2 (||x||^2 + 1)`` with one view), and the clipped sum over a batch is one matrix
-product ``(c * E)^T X``. :func:`train_linear_dp` runs exactly what :func:`shared.dp.train_dp`
-has Opacus run, step for step: Poisson sampling at rate ``1 / ceil(N / B)`` (Opacus'
+(``||e||^2 (||x||^2 + 1)`` with one view; the inputs' half is computed once, up front), and
+the clipped sum over a batch is one matrix product ``(c * E)^T X``. No per-sample gradient is
+materialized. :func:`train_linear_dp` runs exactly what :func:`shared.dp.train_dp` has Opacus
+run, step for step: Poisson sampling at rate ``1 / ceil(N / B)`` (the draws of Opacus'
 ``UniformWithReplacementSampler``, empty batches included), per-record clipping to
 ``max_grad_norm`` with Opacus' factor ``min(1, C / (||g_i|| + 1e-6))``, Gaussian noise of
 standard deviation ``noise_multiplier * C`` added to the clipped sum, division by Opacus'
@@ -134,6 +135,7 @@ def train_linear_dp(
     trains_weight = head.weight.requires_grad
     trains_bias = head.bias is not None and head.bias.requires_grad
     params = [p for p in head.parameters() if p.requires_grad]  # Opacus' order: weight, bias
+    gram = input_gram(views, weight=trains_weight, bias=trains_bias)
     optimizer = torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.momentum)
     ledger = create_accountant(mechanism=accountant)
     std = noise_multiplier * max_grad_norm
@@ -153,7 +155,7 @@ def train_linear_dp(
                     labels[index],
                     None if record_weight is None else record_weight[index],
                 )
-                norms = record_norms(errors, batch, weight=trains_weight, bias=trains_bias)
+                norms = record_norms(errors, gram[index])
                 factor = norms.add_(CLIP_EPSILON).reciprocal_().mul_(max_grad_norm).clamp_(max=1.0)
                 clipped = errors.mul_(factor[:, None, None]).reshape(-1, errors.shape[-1])
                 sums = []
@@ -208,44 +210,49 @@ def record_errors(
     return losses, errors.mul_(scale)
 
 
-def record_norms(
-    errors: torch.Tensor, inputs: torch.Tensor, *, weight: bool = True, bias: bool = True
-) -> torch.Tensor:
-    """Each record's gradient norm over the linear layer's trained parameters, without Opacus.
+def input_gram(inputs: torch.Tensor, *, weight: bool = True, bias: bool = True) -> torch.Tensor:
+    """Each record's Gram matrix of its views' inputs, ``x_v . x_w + 1``: the data half of its gradient norm.
 
-    With ``K`` views the weight gradient of record ``i`` is ``sum_v e_v x_v^T``. Its squared
-    norm is computed by whichever is cheaper: the Gram form ``sum_{v,w} (e_v . e_w)(x_v . x_w)``
-    (``O(K^2 (F + C))`` per record; ``||e||^2 ||x||^2`` for ``K = 1``) or the ``C x F`` gradient
-    itself (``O(K C F)``). The bias gradient is ``sum_v e_v``.
+    Computed once for all records (``N K^2`` values, ``K / F`` of the features' own memory), so a
+    step only pays for the errors' half (:func:`record_norms`).
+
+    Parameters
+    ----------
+    inputs : torch.Tensor
+        ``(N, K, F)``: each view's input to the linear layer.
+    weight, bias : bool
+        Whether the weight (the ``x_v . x_w`` term) and the bias (the ``+ 1``) are trained.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N, K, K)``.
+    """
+    records, views = inputs.shape[:2]
+    gram = torch.bmm(inputs, inputs.transpose(1, 2)) if weight else inputs.new_zeros(records, views, views)
+    return gram.add_(1.0) if bias else gram
+
+
+def record_norms(errors: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Each record's gradient norm over the linear layer's trained parameters, without its gradient.
+
+    Record ``i``'s gradient is ``sum_v e_v x_v^T`` (weight) and ``sum_v e_v`` (bias), so its
+    squared norm is ``sum_{v,w} (e_v . e_w)(x_v . x_w + 1)``: ``||e||^2 (||x||^2 + 1)`` with one
+    view. ``O(K^2 C)`` per record, given the inputs' half.
 
     Parameters
     ----------
     errors : torch.Tensor
         ``(B, K, C)``: the loss's gradient at each view's logits (:func:`record_errors`).
-    inputs : torch.Tensor
-        ``(B, K, F)``: each view's input to the layer.
-    weight, bias : bool
-        Whether the weight and the bias are trained (count in the norm).
+    gram : torch.Tensor
+        ``(B, K, K)``: the records' :func:`input_gram`.
 
     Returns
     -------
     torch.Tensor
         ``(B,)`` per-record gradient norms.
     """
-    views, classes, features = errors.shape[1], errors.shape[2], inputs.shape[2]
-    if not weight:  # the bias alone: ||sum_v e_v||
-        return errors.sum(dim=1).square_().sum(dim=1).sqrt_()
-    if views == 1:  # ||e||^2 (||x||^2 + 1)
-        inner = inputs.square().sum(dim=(1, 2))
-        return errors.square().sum(dim=(1, 2)).mul_(inner.add_(1) if bias else inner).sqrt_()
-    if views * (features + classes) <= classes * features:  # the Gram form; the bias is the + 1
-        inner = torch.einsum("bvf,bwf->bvw", inputs, inputs)
-        gram = torch.einsum("bvc,bwc->bvw", errors, errors)
-        return gram.mul_(inner.add_(1) if bias else inner).sum(dim=(1, 2)).sqrt_()
-    squared = torch.einsum("bvc,bvf->bcf", errors, inputs).square_().sum(dim=(1, 2))
-    if bias:
-        squared = squared.add_(errors.sum(dim=1).square_().sum(dim=1))
-    return squared.sqrt_()
+    return torch.bmm(errors, errors.transpose(1, 2)).mul_(gram).sum(dim=(1, 2)).sqrt_()
 
 
 def _noise(std: float, reference: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -17,7 +17,7 @@ import shared.dp
 from shared.backbones.architectures import BackboneWithHead, TrainableStack
 from shared.config import StudyConfig
 from shared.dp import train_dp
-from shared.dp_linear import linear_head, record_errors, record_norms
+from shared.dp_linear import input_gram, linear_head, record_errors, record_norms
 from shared.errors import ConfigError
 from shared.privacy import Charge, poisson_schedule
 from shared.training import RecordLoss, TrainSettings, class_weights, train
@@ -29,9 +29,12 @@ def _flat(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
 
 
-def _linear(d: int = 6, classes: int = 2, *, bias: bool = True) -> nn.Linear:
+def _linear(d: int = 6, classes: int = 2, *, trained: str = "both") -> nn.Linear:
+    """A seeded linear layer training ``both`` weight and bias, the ``weight`` (no bias) or the ``bias``."""
     torch.manual_seed(0)
-    return nn.Linear(d, classes, bias=bias)
+    layer = nn.Linear(d, classes, bias=trained != "weight")
+    layer.weight.requires_grad_(trained != "bias")
+    return layer
 
 
 def _data(
@@ -65,8 +68,8 @@ def _torch_func_per_record(
     ("shape", "classes", "weighting"),
     [
         ((24, 6), 2, "none"),  # one view: ||e||^2 (||x||^2 + 1)
-        ((24, 8, 6), 2, "balanced"),  # 8 views, few classes: the C x F gradient itself
-        ((24, 3, 5), 12, "balanced"),  # 3 views, many classes: the Gram form
+        ((24, 8, 6), 2, "balanced"),
+        ((24, 3, 5), 12, "balanced"),
     ],
     ids=["K=1", "K=8", "K=3, 12 classes"],
 )
@@ -92,7 +95,7 @@ def test_norms_and_clipped_sum_are_those_of_the_per_record_gradients(
             labels,
             None if weight is None else weight[labels],
         )
-        norms = record_norms(errors, views)
+        norms = record_norms(errors, input_gram(views))
         factor = (bound / (norms + 1e-6)).clamp(max=1.0)
         clipped = (factor[:, None, None] * errors).reshape(-1, classes)
         summed_w, summed_b = clipped.T @ views.reshape(-1, shape[-1]), clipped.sum(0)
@@ -107,12 +110,17 @@ def test_norms_and_clipped_sum_are_those_of_the_per_record_gradients(
 
 
 @pytest.mark.parametrize(
-    ("shape", "weighting", "bias"),
-    [((50, 6), "none", True), ((50, 8, 6), "balanced", True), ((50, 6), "balanced", False)],
-    ids=["K=1", "K=8 balanced", "no bias"],
+    ("shape", "weighting", "trained_part"),
+    [
+        ((50, 6), "none", "both"),
+        ((50, 8, 6), "balanced", "both"),
+        ((50, 6), "balanced", "weight"),  # nn.Linear(bias=False)
+        ((50, 3, 6), "none", "bias"),  # the weight frozen
+    ],
+    ids=["K=1", "K=8 balanced", "no bias", "bias only"],
 )
 def test_linear_trains_what_opacus_hooks_train_on_the_same_draw(
-    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], weighting: str, bias: bool
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], weighting: str, trained_part: str
 ) -> None:
     # Prepare: the same Poisson batches and the same noise generator in both modes; real noise,
     # momentum, a bound that clips most records; 50 records in batches of 8 is rate 1/7 and
@@ -124,12 +132,12 @@ def test_linear_trains_what_opacus_hooks_train_on_the_same_draw(
 
     # Execute
     for mode in ("hooks", "linear"):
-        module = _linear(bias=bias)
+        module = _linear(trained=trained_part)
         results[mode] = train_dp(
             module, x, y, replace(settings, grad_sample_mode=mode), noise_multiplier=0.8, max_grad_norm=0.3
         )
         trained[mode] = _flat(module)
-    quiet = _linear(bias=bias)
+    quiet = _linear(trained=trained_part)
     train_dp(
         quiet, x, y, replace(settings, grad_sample_mode="linear"), noise_multiplier=1e-9, max_grad_norm=0.3
     )
