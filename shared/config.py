@@ -41,7 +41,7 @@ Strategy = Literal["fedavg", "fedprox", "fedadam", "fedyogi"]
 ClassWeighting = Literal["none", "balanced"]
 Missing = Literal["drop", "impute"]
 Augment = Literal["none", "crop-rotate-flip"]
-GradSampleMode = Literal["hooks", "ghost", "functorch"]
+GradSampleMode = Literal["auto", "hooks", "ghost", "functorch", "linear"]
 Model = Literal["mlp", "logreg"]
 
 
@@ -147,11 +147,15 @@ class StudyConfig(KebabDocument):
     accountant : str
         ``rdp`` (default) or ``prv``.
     grad_sample_mode : str
-        How Opacus computes what it clips: ``hooks`` (per-sample gradients from layer hooks),
-        ``ghost`` (ghost clipping: per-sample gradient norms only, then a second backward pass
-        of the clipped loss) or ``functorch`` (per-sample gradients with ``torch.func``). The
-        same per-sample gradients are clipped either way; the privacy accounting is identical.
-        ``ghost`` is the fast one when backbone layers train (``scripts/bench_dp_modes.py``).
+        How DP-SGD gets what it clips: Opacus' ``hooks`` (per-sample gradients from layer
+        hooks), ``ghost`` (ghost clipping: per-sample gradient norms only, then a second
+        backward pass of the clipped loss) or ``functorch`` (per-sample gradients with
+        ``torch.func``); ``linear``, CareFL's closed form for a model whose only trainable layer
+        is one linear layer (``trainable`` head, or ``model`` logreg: :mod:`shared.dp_linear`,
+        the same mechanism without Opacus' per-step overhead); or ``auto`` (default):
+        ``linear`` where it applies, ``hooks`` otherwise. The same per-sample gradients are
+        clipped either way; the privacy accounting is identical. ``ghost`` is the fast one when
+        backbone layers train (``scripts/bench_dp_modes.py``).
     secure_aggregation : bool
         Aggregate with SecAgg+ (masked uploads; the server learns only the sum).
     delta_bound : float
@@ -205,7 +209,7 @@ class StudyConfig(KebabDocument):
     target_delta: float = Field(default=0.0, ge=0, lt=1)
     max_grad_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     accountant: Accountant = "rdp"
-    grad_sample_mode: GradSampleMode = "hooks"
+    grad_sample_mode: GradSampleMode = "auto"
     secure_aggregation: bool = True
     delta_bound: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     secagg_max_weight: float = Field(default=10000.0, gt=0, allow_inf_nan=False)
@@ -248,10 +252,21 @@ class StudyConfig(KebabDocument):
             )
         self._augmentable()
         self._model_fits()
+        if self.grad_sample_mode == "linear" and not self.trains_linear_head():
+            raise ConfigError(
+                "`grad-sample-mode` linear trains a single linear layer: it needs `setup` transfer with "
+                "`trainable` head, or `model` logreg; use auto, hooks, ghost or functorch."
+            )
         self._feature_options()
         if self.secure_aggregation:
             self.secagg_settings(timeout=math.inf).check(self.num_sites)
         return self
+
+    def trains_linear_head(self) -> bool:
+        """Whether the only trainable layer is the linear head (``grad-sample-mode`` linear applies)."""
+        if self.setup == "transfer":
+            return self.trainable == "head"
+        return self.model == "logreg"
 
     def _model_fits(self) -> None:
         if self.model == "mlp":

@@ -28,12 +28,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from shared.dp_linear import linear_head, train_linear_dp
 from shared.errors import ConfigError
 from shared.privacy import Charge
 from shared.training import TrainSettings, class_weights, per_sample_loss, run_epochs
 
-GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch")
-"""Opacus' ways of computing what it clips (:attr:`TrainSettings.grad_sample_mode`)."""
+OPACUS_MODES = ("hooks", "ghost", "functorch")
+"""Opacus' ways of computing what it clips."""
+
+GRAD_SAMPLE_MODES = ("auto", *OPACUS_MODES, "linear")
+"""Every :attr:`TrainSettings.grad_sample_mode`: Opacus' modes, CareFL's closed form for a linear
+head (:mod:`shared.dp_linear`), and ``auto`` (``linear`` where it applies, ``hooks`` otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -96,11 +101,16 @@ def train_dp(
         this ``y``) *before* Opacus computes and clips its gradient, and the batch loss stays a
         mean over the batch: every record still contributes at most ``max_grad_norm``, and the
         Poisson sampling, the noise and so the accountant's epsilon are unchanged.
-        ``grad_sample_mode`` picks how Opacus gets the per-sample gradients (``ghost``: only
-        their norms, then a second backward pass of the clipped loss); the sampling, the noise
-        and the accounting are the same in every mode. ``x`` may hold ``K`` augmented views
-        per record, ``(N, K, ...)``: ``module`` then maps a batch to ``(B, K, classes)``
-        logits, a record's loss is the mean over its views and its one gradient is clipped.
+        ``grad_sample_mode`` picks how the per-sample gradients are had: from Opacus
+        (``hooks``, ``ghost``: only their norms, then a second backward pass of the clipped
+        loss, ``functorch``), or in closed form for a module whose only trainable layer is one
+        ``nn.Linear`` (``linear``, :func:`shared.dp_linear.train_linear_dp`: the same sampling,
+        clipping, noise, optimizer and accountant without Opacus' per-step overhead; any other
+        module is refused); ``auto`` is ``linear`` where it applies and ``hooks`` otherwise.
+        The sampling, the noise and the accounting are the same in every mode. ``x`` may hold
+        ``K`` augmented views per record, ``(N, K, ...)``: ``module`` then maps a batch to
+        ``(B, K, classes)`` logits, a record's loss is the mean over its views and its one
+        gradient is clipped.
     noise_multiplier : float
         Noise standard deviation divided by ``max_grad_norm``.
     max_grad_norm : float
@@ -115,12 +125,27 @@ def train_dp(
     mode = settings.grad_sample_mode
     if mode not in GRAD_SAMPLE_MODES:
         raise ConfigError(f"grad-sample-mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, not {mode!r}.")
-    if mode == "ghost":
-        register_conv_norm_sampler()
-    criterion: Any = per_sample_loss(class_weights(y, settings.class_weighting))
     module.train()
     check_dp_compatible(module)
     generator = fresh_generator()  # Poisson sampling: never the run's (server-known) seed
+    split = linear_head(module) if mode in ("auto", "linear") else None
+    if split is not None:
+        loss, charges = train_linear_dp(
+            split, x, y, settings, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            accountant=accountant, sample_generator=generator, noise_generator=fresh_generator(),
+        )  # fmt: skip
+        return DPTrainResult(loss=loss, charges=charges)
+    if mode == "linear":
+        trained = [name for name, p in module.named_parameters() if p.requires_grad]
+        listed = ", ".join(trained[:4]) + (" ..." if len(trained) > 4 else "")
+        raise ConfigError(
+            f"grad-sample-mode linear trains a single nn.Linear layer, but this {type(module).__name__} "
+            f"trains {listed or 'nothing'}; use auto, hooks, ghost or functorch."
+        )
+    mode = "hooks" if mode == "auto" else mode
+    if mode == "ghost":
+        register_conv_norm_sampler()
+    criterion: Any = per_sample_loss(class_weights(y, settings.class_weighting))
     loader = DataLoader(
         BatchedTensors(torch.from_numpy(x), torch.from_numpy(y)),
         batch_size=settings.batch_size,

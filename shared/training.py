@@ -38,8 +38,9 @@ class TrainSettings:
         counts ``n / (k * n_c)`` times, from the training labels given to :func:`train` or
         :func:`shared.dp.train_dp`; see :func:`class_weights`).
     grad_sample_mode : str
-        How :func:`shared.dp.train_dp` has Opacus compute what it clips: ``hooks``, ``ghost``
-        or ``functorch`` (ignored without DP).
+        How :func:`shared.dp.train_dp` gets what it clips: Opacus' ``hooks``, ``ghost`` or
+        ``functorch``, the closed form of a linear head (``linear``), or ``auto`` (``linear``
+        where it applies, ``hooks`` otherwise); ignored without DP.
     """
 
     epochs: int
@@ -49,7 +50,7 @@ class TrainSettings:
     proximal_mu: float = 0.0
     momentum: float = 0.9
     class_weighting: ClassWeighting = "none"
-    grad_sample_mode: GradSampleMode = "hooks"
+    grad_sample_mode: GradSampleMode = "auto"
 
 
 def class_weights(y: np.ndarray, weighting: str) -> torch.Tensor | None:

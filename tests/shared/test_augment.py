@@ -296,7 +296,9 @@ def test_with_eight_views_each_record_contributes_one_gradient_clipped_to_the_bo
     torch.manual_seed(0)
     module = nn.Linear(6, 2)
     steps = record_dp_steps(module, monkeypatch)
-    settings = replace(SETTINGS, batch_size=15, learning_rate=1.0, momentum=0.0)
+    settings = replace(  # Opacus' hooks: the steps recorded are Opacus'
+        SETTINGS, batch_size=15, learning_rate=1.0, momentum=0.0, grad_sample_mode="hooks"
+    )
 
     # Execute
     train_dp(module, x, y, settings, noise_multiplier=1e-9, max_grad_norm=bound)

@@ -182,7 +182,9 @@ def test_weights_scale_each_records_loss_before_clipping(monkeypatch: pytest.Mon
     weights = class_weights(y, "balanced")
     assert weights is not None and weights.max() == pytest.approx(5.0)
     steps = record_dp_steps(module, monkeypatch)
-    settings = replace(BALANCED, epochs=3, batch_size=15, learning_rate=1.0, momentum=0.0)
+    settings = replace(  # Opacus' hooks: the steps recorded are Opacus'
+        BALANCED, epochs=3, batch_size=15, learning_rate=1.0, momentum=0.0, grad_sample_mode="hooks"
+    )
 
     # Execute
     train_dp(module, x, y, settings, noise_multiplier=1e-9, max_grad_norm=bound)

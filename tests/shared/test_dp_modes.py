@@ -1,5 +1,6 @@
 """Opacus' per-sample gradient modes (hooks, ghost clipping, functorch): the same clipped
-per-sample gradients, the same bound on each record, and the same accountant's epsilon."""
+per-sample gradients, the same bound on each record, and the same accountant's epsilon (the
+closed form of a linear head, grad-sample-mode linear: tests/shared/test_dp_linear.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 import shared.dp
 from shared.backbones.architectures import TrainableStack
 from shared.config import StudyConfig
-from shared.dp import GRAD_SAMPLE_MODES, conv2d_norm_sample, train_dp
+from shared.dp import GRAD_SAMPLE_MODES, OPACUS_MODES, conv2d_norm_sample, train_dp
 from shared.errors import ConfigError
 from shared.pipeline import train_settings
 from shared.privacy import Charge, poisson_schedule
@@ -61,14 +62,16 @@ def test_the_modes_are_the_configs() -> None:
     # Execute
     settings = train_settings(StudyConfig(grad_sample_mode="ghost"), server_round=1)
 
-    # Assert: every mode of the study is one train_dp knows; the default is today's (hooks)
+    # Assert: every mode of the study is one train_dp knows: Opacus', the closed form of a linear
+    # head, and auto (the default: linear where it applies, hooks otherwise)
     assert settings.grad_sample_mode == "ghost"
-    assert StudyConfig().grad_sample_mode == "hooks" == TrainSettings(1, 1, 1.0, 0).grad_sample_mode
+    assert StudyConfig().grad_sample_mode == "auto" == TrainSettings(1, 1, 1.0, 0).grad_sample_mode
     assert (
         set(StudyConfig.model_fields["grad_sample_mode"].annotation.__args__)
         == set(GRAD_SAMPLE_MODES)
-        == set(MODES)
+        == {"auto", *MODES, "linear"}
     )
+    assert OPACUS_MODES == MODES
 
 
 def test_an_unknown_mode_is_refused() -> None:
