@@ -153,7 +153,7 @@ class StudyConfig(KebabDocument):
         ``torch.func``); ``linear``, CareFL's closed form for a model whose only trainable layer
         is one linear layer (``trainable`` head, or ``model`` logreg: :mod:`shared.dp_linear`,
         the same mechanism without Opacus' per-step overhead); or ``auto`` (default):
-        ``linear`` where it applies, ``hooks`` otherwise. The same per-sample gradients are
+        ``linear`` where it applies, ``ghost`` otherwise. The same per-sample gradients are
         clipped either way; the privacy accounting is identical. ``ghost`` is the fast one when
         backbone layers train (``scripts/bench_dp_modes.py``).
     secure_aggregation : bool

@@ -38,7 +38,7 @@ OPACUS_MODES = ("hooks", "ghost", "functorch")
 
 GRAD_SAMPLE_MODES = ("auto", *OPACUS_MODES, "linear")
 """Every :attr:`TrainSettings.grad_sample_mode`: Opacus' modes, CareFL's closed form for a linear
-head (:mod:`shared.dp_linear`), and ``auto`` (``linear`` where it applies, ``hooks`` otherwise)."""
+head (:mod:`shared.dp_linear`), and ``auto`` (``linear`` where it applies, ghost clipping otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def train_dp(
         loss, ``functorch``), or in closed form for a module whose only trainable layer is one
         ``nn.Linear`` (``linear``, :func:`shared.dp_linear.train_linear_dp`: the same sampling,
         clipping, noise, optimizer and accountant without Opacus' per-step overhead; any other
-        module is refused); ``auto`` is ``linear`` where it applies and ``hooks`` otherwise.
+        module is refused); ``auto`` is ``linear`` where it applies and ``ghost`` otherwise.
         The sampling, the noise and the accounting are the same in every mode. ``x`` may hold
         ``K`` augmented views per record, ``(N, K, ...)``: ``module`` then maps a batch to
         ``(B, K, classes)`` logits, a record's loss is the mean over its views and its one
@@ -142,7 +142,7 @@ def train_dp(
             f"grad-sample-mode linear trains a single nn.Linear layer, but this {type(module).__name__} "
             f"trains {listed or 'nothing'}; use auto, hooks, ghost or functorch."
         )
-    mode = "hooks" if mode == "auto" else mode
+    mode = "ghost" if mode == "auto" else mode  # ghost clipping: the fastest Opacus mode with blocks (bench_dp_modes)
     if mode == "ghost":
         register_conv_norm_sampler()
     criterion: Any = per_sample_loss(class_weights(y, settings.class_weighting))

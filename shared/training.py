@@ -40,7 +40,7 @@ class TrainSettings:
     grad_sample_mode : str
         How :func:`shared.dp.train_dp` gets what it clips: Opacus' ``hooks``, ``ghost`` or
         ``functorch``, the closed form of a linear head (``linear``), or ``auto`` (``linear``
-        where it applies, ``hooks`` otherwise); ignored without DP.
+        where it applies, ``ghost`` otherwise); ignored without DP.
     """
 
     epochs: int

@@ -227,7 +227,7 @@ def test_each_records_contribution_is_bounded() -> None:
     assert torch.linalg.vector_norm(_flat(plain) - before).item() > 10 * 0.5
 
 
-def test_auto_takes_the_closed_form_for_a_linear_model_and_opacus_otherwise(
+def test_auto_takes_the_closed_form_for_a_linear_model_and_ghost_clipping_otherwise(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Prepare: a head, logistic regression (a linear head behind nn.Identity), an MLP
@@ -239,6 +239,8 @@ def test_auto_takes_the_closed_form_for_a_linear_model_and_opacus_otherwise(
         return closed_form(split, *args, **kwargs)
 
     monkeypatch.setattr(shared.dp, "train_linear_dp", spy)
+    register = shared.dp.register_conv_norm_sampler  # called by ghost clipping only
+    monkeypatch.setattr(shared.dp, "register_conv_norm_sampler", lambda: (calls.append("ghost"), register())[1])
     x, y = _data((32, 6), seed=6)
     torch.manual_seed(0)
     logreg = BackboneWithHead(nn.Identity(), 6, 2)
@@ -250,8 +252,8 @@ def test_auto_takes_the_closed_form_for_a_linear_model_and_opacus_otherwise(
     for module in (_linear(), logreg, mlp, frozen_mlp):
         train_dp(module, x, y, SETTINGS, noise_multiplier=1.0, max_grad_norm=1.0)
 
-    # Assert: the closed form for the head, logistic regression and a frozen backbone; Opacus for the MLP
-    assert calls == ["NoneType", "Identity", "Sequential"]
+    # Assert: the closed form for the head, logistic regression and a frozen backbone; ghost clipping for the MLP
+    assert calls == ["NoneType", "Identity", "ghost", "Sequential"]
     assert linear_head(mlp) is None
     assert SETTINGS.grad_sample_mode == "auto" == StudyConfig().grad_sample_mode
 
