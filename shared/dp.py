@@ -142,7 +142,8 @@ def train_dp(
             f"grad-sample-mode linear trains a single nn.Linear layer, but this {type(module).__name__} "
             f"trains {listed or 'nothing'}; use auto, hooks, ghost or functorch."
         )
-    mode = "ghost" if mode == "auto" else mode  # ghost clipping: the fastest Opacus mode with blocks (bench_dp_modes)
+    # auto: ghost clipping, the fastest of Opacus' modes when backbone blocks train (bench_dp_modes)
+    mode = "ghost" if mode == "auto" else mode
     if mode == "ghost":
         register_conv_norm_sampler()
     criterion: Any = per_sample_loss(class_weights(y, settings.class_weighting))
