@@ -120,7 +120,9 @@ def training_features(cfg: RunConfig, pretrained: Pretrained, cache_dir: Path | 
             site, x_val=site.x_val[:0], y_val=site.y_val[:0],
             fingerprint=sha256_bytes(f"{site.fingerprint}:training rows only".encode()),
         )  # fmt: skip
-        problem = local_problem(study, model, train_only, backbone_sha256=pretrained.manifest.sha256, cache_dir=cache_dir)
+        problem = local_problem(
+            study, model, train_only, backbone_sha256=pretrained.manifest.sha256, cache_dir=cache_dir
+        )
         out.append(replace(train_only, x_train=problem.x_train))
     return out
 
@@ -134,17 +136,18 @@ def head_problem(study: StudyConfig, site: SiteData) -> LocalProblem:
 
 
 def federate(study: StudyConfig, sites: list[SiteData], *, features: bool = False) -> list[np.ndarray]:
-    """Train one DP FedAvg federation in-process as CareFL's sites and server would; validation probabilities.
+    """Train one DP federation in-process as CareFL's sites and server would; validation probabilities.
 
     Every site calibrates its noise for the whole run (:func:`client.privacy.cfg_run_noise`),
     trains with :func:`shared.dp.train_dp` from the global tensors each round, and clips its
-    update to ``delta-bound``; the server adds the example-weighted mean of the updates.
+    update to ``delta-bound``; the server applies the example-weighted mean of the updates by
+    its strategy's rule (:class:`ServerRule`: FedAvg adds it, FedAdam/FedYogi take an adaptive step).
 
     Parameters
     ----------
     study : StudyConfig
         A ``benchmark``, ``scratch`` or (with ``features``) ``transfer`` study with ``dp`` on and
-        ``strategy`` fedavg.
+        ``strategy`` fedavg, fedadam or fedyogi (``server-learning-rate`` is the latter's ``eta``).
     sites : list[SiteData]
         The federation's sites; each is scored on its ``x_val``/``y_val``.
     features : bool
@@ -155,16 +158,20 @@ def federate(study: StudyConfig, sites: list[SiteData], *, features: bool = Fals
     list[np.ndarray]
         Each site's class probabilities of the final global model on its validation rows, ``(n, classes)``.
     """
-    if study.strategy != "fedavg" or not study.dp:
-        raise ValueError("federate() runs DP FedAvg only")
+    if study.strategy not in SERVER_RULES or not study.dp:
+        raise ValueError(f"federate() runs DP {', '.join(SERVER_RULES)} only")
     if features:
         problems = [head_problem(study, s) for s in sites]
     else:
-        problems = [local_problem(study, build_model(study, None), s, backbone_sha256="", cache_dir=None) for s in sites]
+        problems = [
+            local_problem(study, build_model(study, None), s, backbone_sha256="", cache_dir=None)
+            for s in sites
+        ]
     names = problems[0].names
     current = get_arrays(problems[0].model, names)
     noises = [cfg_run_noise(study, len(p.y_train)).noise_multiplier for p in problems]
     weights = np.array([len(p.y_train) for p in problems], dtype=np.float64)
+    server = ServerRule(study.strategy, eta=study.server_learning_rate)
     for server_round in range(1, study.num_rounds + 1):
         settings = train_settings(study, server_round=server_round)
         deltas = []
@@ -176,13 +183,86 @@ def federate(study: StudyConfig, sites: list[SiteData], *, features: bool = Fals
             )  # fmt: skip
             delta, _ = bound_delta(subtract(get_arrays(problem.model, names), current), study.delta_bound)
             deltas.append(delta)
-        mean = [sum(w * d[i] for w, d in zip(weights, deltas, strict=True)) / weights.sum() for i in range(len(names))]
-        current = [(c + m).astype(np.float32) for c, m in zip(current, mean, strict=True)]
+        mean = [
+            sum(w * d[i] for w, d in zip(weights, deltas, strict=True)) / weights.sum()
+            for i in range(len(names))
+        ]
+        current = server.step(server_round, current, mean)
     probabilities = []
     for problem in problems:
         set_arrays(problem.model, names, current)
         probabilities.append(predict_proba(problem.module, problem.x_val))
     return probabilities
+
+
+def _flower_defaults(kind: type) -> dict[str, float]:
+    import inspect
+
+    params = inspect.signature(kind.__init__).parameters
+    return {name: float(params[name].default) for name in ("beta_1", "beta_2", "tau")}
+
+
+class ServerRule:
+    """The server's update of the global tensors from the mean delta, exactly as :mod:`server.strategy` applies it.
+
+    ``fedavg`` adds the mean delta (:class:`server.strategy.CareFedAvg`); ``fedadam`` and
+    ``fedyogi`` follow Flower's FedAdam / FedYogi (which :class:`server.strategy.CareFedAdam` /
+    ``CareFedYogi`` run on the restored weights): first and second moments of the mean delta,
+    step ``eta`` (``server-learning-rate``), and Flower's own ``beta_1``, ``beta_2`` and ``tau``
+    (``make_strategy`` passes only ``eta`` and ``eta_l``; FedAdam's step is bias-corrected).
+
+    Parameters
+    ----------
+    strategy : str
+        ``fedavg``, ``fedadam`` or ``fedyogi``.
+    eta : float
+        The server learning rate (unused by ``fedavg``).
+    """
+
+    def __init__(self, strategy: str, *, eta: float) -> None:
+        from flwr.server.strategy import FedAdam, FedYogi
+
+        if strategy not in SERVER_RULES:
+            raise ValueError(f"unknown server rule {strategy!r}")
+        self.strategy, self.eta = strategy, eta
+        self.hyper = (
+            _flower_defaults({"fedadam": FedAdam, "fedyogi": FedYogi}[strategy])
+            if strategy != "fedavg"
+            else {}
+        )
+        self.m: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+
+    def step(self, server_round: int, current: list[np.ndarray], mean: list[np.ndarray]) -> list[np.ndarray]:
+        """The global tensors after round ``server_round`` (from 1) given the example-weighted mean delta ``mean``."""
+        if self.strategy == "fedavg":
+            return [(c + d).astype(np.float32) for c, d in zip(current, mean, strict=True)]
+        beta_1, beta_2, tau = self.hyper["beta_1"], self.hyper["beta_2"], self.hyper["tau"]
+        # Flower's delta_t: the FedAvg aggregate (current + mean delta, in float32) minus the current weights
+        delta = [(c + d).astype(np.float32) - c for c, d in zip(current, mean, strict=True)]
+        self.m = [
+            beta_1 * m + (1 - beta_1) * d
+            for m, d in zip(self.m or [np.zeros_like(d) for d in delta], delta, strict=True)
+        ]
+        v = self.v or [np.zeros_like(d) for d in delta]
+        if self.strategy == "fedadam":
+            self.v = [beta_2 * x + (1 - beta_2) * d * d for x, d in zip(v, delta, strict=True)]
+            eta = (
+                self.eta
+                * np.sqrt(1 - np.power(beta_2, server_round + 1.0))
+                / (1 - np.power(beta_1, server_round + 1.0))
+            )
+        else:
+            self.v = [x - (1.0 - beta_2) * d * d * np.sign(x - d * d) for x, d in zip(v, delta, strict=True)]
+            eta = self.eta
+        return [
+            (c + eta * m / (np.sqrt(x) + tau)).astype(np.float32)
+            for c, m, x in zip(current, self.m, self.v, strict=True)
+        ]
+
+
+SERVER_RULES = ("fedavg", "fedadam", "fedyogi")
+"""The server rules :func:`federate` runs."""
 
 
 def site_scores(sites: list[SiteData], probabilities: list[np.ndarray]) -> dict[str, float]:
@@ -278,7 +358,9 @@ REFINE: Refinements = tuple({"max_grad_norm": clip} for clip in CLIPS)
 """heart-disease: every clipping bound."""
 
 CHEST_REFINE: Refinements = tuple(
-    {"max_grad_norm": clip, "class_weighting": weighting} for clip in CLIPS for weighting in ("none", "balanced")
+    {"max_grad_norm": clip, "class_weighting": weighting}
+    for clip in CLIPS
+    for weighting in ("none", "balanced")
 )
 """chest-xray: every clipping bound, with and without class weighting (the sites' label skew)."""
 
@@ -292,7 +374,12 @@ QUICK_GRID: Grid = [
     }
 ]
 QUICK_CHEST_GRID: Grid = [
-    {"batch_size": (32, FULL_BATCH), "schedule": ((5, 1),), "learning_rate": (0.01, 1.0), "max_grad_norm": (1.0,)}
+    {
+        "batch_size": (32, FULL_BATCH),
+        "schedule": ((5, 1),),
+        "learning_rate": (0.01, 1.0),
+        "max_grad_norm": (1.0,),
+    }
 ]
 
 
@@ -307,19 +394,99 @@ def cells(grid: Grid) -> list[dict[str, Any]]:
     return out
 
 
+def projected(site: SiteData, projection: np.ndarray | None) -> SiteData:
+    """``site``'s standardized rows times ``projection`` ``(F, k)``, standardized again by its training rows.
+
+    ``None`` returns ``site``. The projection is fixed before any site data is seen (a seed or
+    the backbone's public weights), so it costs no privacy; the second standardization uses the
+    site's own training rows, as the first does.
+    """
+    if projection is None:
+        return site
+    train, val = site.x_train @ projection, site.x_val @ projection
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    std[std == 0] = 1.0
+    return replace(
+        site, x_train=((train - mean) / std).astype(np.float32), x_val=((val - mean) / std).astype(np.float32)
+    )
+
+
+def random_projection(width: int, k: int, seed: int) -> np.ndarray:
+    """A ``(width, k)`` matrix of orthonormal columns drawn from ``seed`` alone (the same at every site)."""
+    gaussian = np.random.default_rng(seed).standard_normal((width, k))
+    q, _ = np.linalg.qr(gaussian)
+    return q.astype(np.float32)
+
+
+def public_projection(backbone: torch.nn.Module, k: int) -> np.ndarray:
+    """The top ``k`` right singular vectors ``(320, k)`` of MobileNetV2's last 1x1 convolution (320 -> 1280).
+
+    That convolution reads block -2's 320 channels; its weights (scaled by its batch norm's
+    per-channel gain, so the vectors are those of the linear map it applies) come from the
+    ImageNet training of the public backbone only.
+
+    Parameters
+    ----------
+    backbone : torch.nn.Module
+        A MobileNetV2 trunk (or ``build_model``'s input module + trunk), its ImageNet weights loaded.
+    k : int
+        Columns kept.
+    """
+    trunk = backbone[-1] if isinstance(backbone, torch.nn.Sequential) else backbone  # after the input module
+    conv, norm = trunk.features[18][0], trunk.features[18][1]
+    weight = conv.weight.detach().double().numpy()[:, :, 0, 0]
+    gain = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).detach().double().numpy()
+    _, _, vt = np.linalg.svd(gain[:, None] * weight, full_matrices=False)
+    return vt[:k].T.astype(np.float32)
+
+
+def central_auc(
+    sites: list[SiteData], *, splits: int, projection: np.ndarray | None = None
+) -> tuple[float, float]:
+    """Non-private logistic regression on every site's inner training rows pooled: weighted inner-validation AUC.
+
+    Each site's rows are standardized (and projected) as :func:`inner_score` sees them; mean and
+    sd over ``splits`` cuts. The ceiling the features put on a DP head.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    aucs = []
+    for split in range(splits):
+        inner = [projected(inner_split(s, seed=split), projection) for s in sites]
+        model = LogisticRegression(max_iter=5000).fit(
+            np.concatenate([s.x_train for s in inner]), np.concatenate([s.y_train for s in inner])
+        )
+        per_site = [
+            (len(s.y_val), binary_metrics(s.y_val, model.predict_proba(s.x_val)[:, 1]).auc) for s in inner
+        ]
+        finite = [(n, a) for n, a in per_site if math.isfinite(a)]
+        aucs.append(sum(n * a for n, a in finite) / sum(n for n, _ in finite))
+    return float(np.mean(aucs)), float(np.std(aucs, ddof=1)) if splits > 1 else 0.0
+
+
 def inner_score(
-    study: StudyConfig, sites: list[SiteData], *, splits: int, repeats: int, first_split: int = 0, features: bool = False
+    study: StudyConfig,
+    sites: list[SiteData],
+    *,
+    splits: int,
+    repeats: int,
+    first_split: int = 0,
+    features: bool = False,
+    projection: np.ndarray | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Mean and sd of each figure of :func:`site_scores` on inner validation rows over ``splits`` cuts x ``repeats`` runs.
 
     Cut ``k`` (``first_split`` .. ``first_split + splits - 1``) is :func:`inner_split` with seed
-    ``k``; run ``r`` of a cut has seed ``r`` (initialization) and fresh DP noise.
+    ``k``; run ``r`` of a cut has seed ``r`` (initialization) and fresh DP noise. A
+    ``projection`` maps each cut's standardized rows (:func:`projected`).
     """
     runs = []
     for split in range(first_split, first_split + splits):
-        inner = [inner_split(s, seed=split) for s in sites]
+        inner = [projected(inner_split(s, seed=split), projection) for s in sites]
         for repeat in range(repeats):
-            runs.append(site_scores(inner, federate(study.with_overrides(seed=repeat), inner, features=features)))
+            runs.append(
+                site_scores(inner, federate(study.with_overrides(seed=repeat), inner, features=features))
+            )
     return {
         key: (float(np.nanmean([r[key] for r in runs])), float(np.nanstd([r[key] for r in runs], ddof=1)) if len(runs) > 1 else 0.0)
         for key in runs[0]
@@ -353,7 +520,15 @@ def tune(
     return refined + rows
 
 
-CELL_KEYS = ("model", "batch_size", "num_rounds", "local_epochs", "learning_rate", "max_grad_norm", "class_weighting")
+CELL_KEYS = (
+    "model",
+    "batch_size",
+    "num_rounds",
+    "local_epochs",
+    "learning_rate",
+    "max_grad_norm",
+    "class_weighting",
+)
 
 
 def _cell_of(row: dict[str, Any]) -> dict[str, Any]:
@@ -377,7 +552,9 @@ def heart_target(epsilon: float) -> Target:
     return Target("heart-disease", cfg, load_sites(cfg.study, cfg.simulation.data_path), False, "accuracy")
 
 
-def chest_target(epsilon: float, data: Path, state_dir: Path, overrides: dict[str, Any] | None = None) -> Target:
+def chest_target(
+    epsilon: float, data: Path, state_dir: Path, overrides: dict[str, Any] | None = None
+) -> Target:
     """chest-xray as the benchmark runs it (the demo's defaults, ``overrides``), ranked by ``auc_bacc``.
 
     The backbone is resolved (registered on first use) in ``state_dir``'s registry and each
@@ -392,20 +569,28 @@ def chest_target(epsilon: float, data: Path, state_dir: Path, overrides: dict[st
     if cfg.study.trainable != "head":
         raise ValueError("tune_privacy tunes chest-xray's head on frozen features (trainable = head)")
     pretrained = ensure_backbone(cfg, Console(stderr=True))
-    return Target("chest-xray", cfg, training_features(cfg, pretrained, state_dir / "tune-features"), True, "auc_bacc")
+    return Target(
+        "chest-xray", cfg, training_features(cfg, pretrained, state_dir / "tune-features"), True, "auc_bacc"
+    )
 
 
 def main() -> None:
     """Tune on inner splits, then report the chosen setting on the real split over seeds."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=("heart-disease", "chest-xray"), default="heart-disease")
-    parser.add_argument("--data", type=Path, default=None, help="chest-xray: PneumoniaMNIST .npz (or image folder)")
-    parser.add_argument("--state-dir", type=Path, default=Path(".carefl"), help="chest-xray: backbone registry, feature cache")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="chest-xray: PneumoniaMNIST .npz (or image folder)"
+    )
+    parser.add_argument(
+        "--state-dir", type=Path, default=Path(".carefl"), help="chest-xray: backbone registry, feature cache"
+    )
     parser.add_argument("--epsilon", type=float, default=1.0, help="target epsilon per site")
     parser.add_argument("--splits", type=int, default=3, help="inner cuts of each site's training rows")
     parser.add_argument("--repeats", type=int, default=2, help="federations (seeds, fresh DP noise) per cut")
     parser.add_argument("--refine", type=int, default=4, help="best cells re-scored with each clipping bound")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds of the final report (heart 5, chest 3)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="seeds of the final report (heart 5, chest 3)"
+    )
     parser.add_argument("--quick", action="store_true", help="a 4-cell grid (to check the script)")
     parser.add_argument("--no-test", action="store_true", help="stop after choosing")
     parser.add_argument("--json", type=Path, default=None, help="also write the grid and the report as JSON")
@@ -415,7 +600,11 @@ def main() -> None:
         if args.data is None:
             parser.error("--task chest-xray needs --data")
         target = chest_target(args.epsilon, args.data, args.state_dir)
-        grid, refinements, seeds = QUICK_CHEST_GRID if args.quick else CHEST_GRID, CHEST_REFINE, args.seeds or 3
+        grid, refinements, seeds = (
+            QUICK_CHEST_GRID if args.quick else CHEST_GRID,
+            CHEST_REFINE,
+            args.seeds or 3,
+        )
     else:
         target = heart_target(args.epsilon)
         grid, refinements, seeds = QUICK_GRID if args.quick else GRID, REFINE, args.seeds or 5
@@ -424,7 +613,9 @@ def main() -> None:
         refinements=refinements,
     )  # fmt: skip
     console = Console()
-    table = Table(title=f"tune_privacy {target.task}: inner-validation figures at epsilon {args.epsilon:g} (best 10)")
+    table = Table(
+        title=f"tune_privacy {target.task}: inner-validation figures at epsilon {args.epsilon:g} (best 10)"
+    )
     columns = ("stage", "model", "batch", "rounds x epochs", "lr", "clip", "class weights", "mean per-site acc", "AUC",
                "balanced acc")  # fmt: skip
     for column in columns:

@@ -7,8 +7,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_proxy import ClientProxy
+from rich.console import Console
 
-from scripts.tune_privacy import FULL_BATCH, chest_target, inner_split, tune
+from scripts.tune_privacy import (
+    FULL_BATCH,
+    ServerRule,
+    central_auc,
+    chest_target,
+    inner_split,
+    public_projection,
+    random_projection,
+    tune,
+)
+from server.local.demo import ensure_backbone
+from server.recorder import FederationRecorder
+from server.strategy import make_strategy
+from shared.config import RunConfig
+from shared.pipeline import build_model
 from shared.tasks.base import SiteData
 
 TRAIN_MARK, VAL_MARK = 5.0, 99.0
@@ -93,3 +110,73 @@ def test_chest_one_cell_grid_runs(small_npz: tuple[Path, Path], state_dir: Path)
     auc, bacc = row["inner_auc"][0], row["inner_balanced_accuracy"][0]
     assert 0.0 <= auc <= 1.0 and 0.0 <= bacc <= 1.0
     assert math.isclose(row["inner_mean"], (auc + bacc) / 2)
+
+
+class _Proxy(ClientProxy):
+    """A stand-in for a node's connection (the strategy only passes it through)."""
+
+    def get_properties(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def get_parameters(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def fit(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def evaluate(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def reconnect(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedyogi"])
+def test_server_rule_steps_as_the_federation_strategy(strategy: str) -> None:
+    # Prepare: the server's strategy of a real run, and 3 rounds of 3 sites' deltas
+    rng = np.random.default_rng(1)
+    initial = [rng.normal(size=(2, 5)).astype(np.float32), rng.normal(size=2).astype(np.float32)]
+    cfg = RunConfig.of(secure_aggregation=False, strategy=strategy, server_learning_rate=0.3)
+    real = make_strategy(
+        cfg, initial, FederationRecorder(), fit_config=lambda r: {}, evaluate_config=lambda r: {}
+    )
+    rule = ServerRule(strategy, eta=0.3)
+    counts = np.array([20, 50, 30])
+    current = [a.copy() for a in initial]
+
+    for server_round in (1, 2, 3):
+        deltas = [[0.1 * rng.normal(size=a.shape).astype(np.float32) for a in initial] for _ in counts]
+        results = [
+            (_Proxy(str(i)), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(d), int(n), {}))
+            for i, (d, n) in enumerate(zip(deltas, counts, strict=True))
+        ]
+
+        # Execute
+        parameters, _ = real.aggregate_fit(server_round, results, [])
+        mean = [sum(n * d[i] for n, d in zip(counts, deltas, strict=True)) / counts.sum() for i in range(2)]
+        current = rule.step(server_round, current, mean)
+
+        # Assert: the in-process rule lands where the federation's strategy does, every round
+        for got, expected in zip(current, parameters_to_ndarrays(parameters), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(current[0], initial[0])  # the rounds moved the model
+
+
+def test_public_projection_is_fixed_by_the_weights_alone(
+    state_dir: Path, small_npz: tuple[Path, Path]
+) -> None:
+    # Prepare: the backbone's public weights
+    target = chest_target(1.0, small_npz[0], state_dir, SMALL)
+    backbone = build_model(
+        target.cfg.study.with_overrides(feature_blocks=""), ensure_backbone(target.cfg, Console())
+    ).backbone
+
+    # Execute
+    first, second = public_projection(backbone, 16), public_projection(backbone, 16)
+
+    # Assert: deterministic, orthonormal columns; the central LR check runs on the projected rows
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(first.T @ first, np.eye(16), atol=1e-5)
+    np.testing.assert_array_equal(random_projection(320, 8, 3), random_projection(320, 8, 3))
+    auc, _ = central_auc(target.sites, splits=1, projection=first)
+    assert 0.5 < auc <= 1.0
