@@ -57,6 +57,7 @@ from shared.pipeline import LocalProblem, Pretrained, build_model, local_problem
 from shared.scores import binary_metrics
 from shared.tasks import load_sites
 from shared.tasks.base import SiteData
+from shared.tasks.heart_disease import DP_BENCHMARK
 from shared.training import predict_proba
 
 INNER_TRAIN = 0.66
@@ -528,6 +529,8 @@ CELL_KEYS = (
     "learning_rate",
     "max_grad_norm",
     "class_weighting",
+    "strategy",
+    "server_learning_rate",
 )
 
 
@@ -574,6 +577,176 @@ def chest_target(
     )
 
 
+LEVER_BLOCKS: tuple[int, ...] = tuple(range(2, 19))
+"""MobileNetV2 blocks whose pooled features the feature-lever study caches at once (24 to 1280 channels)."""
+
+
+@dataclass(frozen=True)
+class FeatureLever:
+    """Features a chest-xray head could train on: pooled blocks, optionally projected to fewer columns.
+
+    Attributes
+    ----------
+    blocks : tuple[int, ...]
+        MobileNetV2 blocks (indices of :data:`LEVER_BLOCKS`), concatenated as ``feature-blocks`` would.
+    projection : str
+        ``""`` (none), ``random-K`` (:func:`random_projection`, seed 42) or ``public-K``
+        (:func:`public_projection`; block 17 alone, the last convolution's input).
+    """
+
+    blocks: tuple[int, ...]
+    projection: str = ""
+
+    @property
+    def name(self) -> str:
+        """E.g. ``blocks 11,12,13`` or ``blocks 17, public-64``."""
+        return f"blocks {','.join(map(str, self.blocks))}" + (
+            f", {self.projection}" if self.projection else ""
+        )
+
+
+FEATURE_LEVERS: tuple[FeatureLever, ...] = (
+    *(FeatureLever(b) for b in ((17,), (16,), (15,), (14,), (14, 15, 16), (13,), (12,), (11,), (10,))),
+    *(FeatureLever(b) for b in ((11, 12, 13), (12, 13), (10, 11, 12, 13), (7, 8, 9, 10))),
+    *(FeatureLever((17,), f"{kind}-{k}") for kind in ("random", "public") for k in (32, 64, 128)),
+    *(FeatureLever((11, 12, 13), f"random-{k}") for k in (32, 64, 128)),
+)
+"""What the feature-lever study compares (the demo's default before it: block 17, i.e. ``-2``)."""
+
+LEVER_CELLS: tuple[dict[str, Any], ...] = tuple(
+    {"batch_size": 32, "num_rounds": 5, "local_epochs": 5, "learning_rate": lr, "max_grad_norm": 1.0}
+    for lr in (0.003, 0.01, 0.03)
+)
+"""The schedules each feature lever is scored with (the demo's, around its learning rate)."""
+
+
+def block_widths(backbone: torch.nn.Module, blocks: tuple[int, ...]) -> dict[int, int]:
+    """The channel count of each of ``blocks``' outputs (a probe image through the trunk's stages)."""
+    trunk = backbone[-1] if isinstance(backbone, torch.nn.Sequential) else backbone
+    widths, x, training = {}, torch.zeros(1, 3, 32, 32), trunk.training
+    trunk.eval()
+    try:
+        with torch.no_grad():
+            for index, stage in enumerate(trunk.stages()[: max(blocks) + 1]):
+                x = stage(x)
+                widths[index] = int(x.shape[1])
+    finally:
+        trunk.train(training)
+    return {b: widths[b] for b in blocks}
+
+
+def lever_sites(sites: list[SiteData], widths: dict[int, int], lever: FeatureLever) -> list[SiteData]:
+    """The columns of ``lever``'s blocks out of sites whose rows are the pooled :data:`LEVER_BLOCKS` (in order)."""
+    starts = dict(zip(widths, np.cumsum([0, *widths.values()])[:-1], strict=False))
+    columns = np.concatenate([np.arange(starts[b], starts[b] + widths[b]) for b in lever.blocks])
+    return [replace(s, x_train=s.x_train[:, columns]) for s in sites]
+
+
+def lever_projection(lever: FeatureLever, width: int, backbone: torch.nn.Module) -> np.ndarray | None:
+    """The fixed ``(width, k)`` matrix of ``lever.projection`` (``None`` without one)."""
+    if not lever.projection:
+        return None
+    kind, k = lever.projection.split("-")
+    if kind == "public":
+        if lever.blocks != (17,):
+            raise ValueError("the public projection reads block 17 (the last convolution's input)")
+        return public_projection(backbone, int(k))
+    return random_projection(width, int(k), seed=42)
+
+
+def feature_levers(
+    epsilon: float,
+    data: Path,
+    state_dir: Path,
+    *,
+    levers: tuple[FeatureLever, ...] = FEATURE_LEVERS,
+    cells: tuple[dict[str, Any], ...] = LEVER_CELLS,
+    splits: int = 2,
+    repeats: int = 2,
+) -> list[dict[str, Any]]:
+    """Score each feature lever on inner splits at ``epsilon`` (DP FedAvg) and by a non-private central LR.
+
+    Each site's training features of every block of :data:`LEVER_BLOCKS` are computed once
+    (cached); a lever's columns are cut from them and (:func:`projected`) projected after the
+    inner cut's standardization. One row per lever and cell: the DP figures of
+    :func:`inner_score` and ``central_auc`` (:func:`central_auc`, 3 cuts), the ceiling the
+    features put on any head.
+    """
+    from server.local.demo import ensure_backbone
+
+    target = chest_target(epsilon, data, state_dir, {"feature_blocks": ",".join(map(str, LEVER_BLOCKS))})
+    backbone = build_model(
+        target.cfg.study.with_overrides(feature_blocks=""), ensure_backbone(target.cfg, Console(stderr=True))
+    ).backbone
+    widths = block_widths(backbone, LEVER_BLOCKS)
+    rows = []
+    for lever in levers:
+        sites = lever_sites(target.sites, widths, lever)
+        projection = lever_projection(lever, sites[0].x_train.shape[1], backbone)
+        central = central_auc(sites, splits=3, projection=projection)
+        width = sites[0].x_train.shape[1] if projection is None else projection.shape[1]
+        for cell in cells:
+            start = time.perf_counter()
+            study = target.cfg.study.with_overrides(**cell)
+            figures = inner_score(
+                study, sites, splits=splits, repeats=repeats, features=True, projection=projection
+            )
+            row = {"lever": lever.name, "width": width, **cell, "central_auc": central,
+                   **{f"inner_{k}": v for k, v in figures.items()}, "seconds": time.perf_counter() - start}  # fmt: skip
+            print(json.dumps(row), flush=True)  # noqa: T201 (a script's progress)
+            rows.append(row)
+    return rows
+
+
+SERVER_CELLS: tuple[dict[str, Any], ...] = (
+    {"strategy": "fedavg"},
+    *(
+        {"strategy": rule, "server_learning_rate": eta}
+        for rule in ("fedadam", "fedyogi")
+        for eta in (0.01, 0.03, 0.1, 0.3)
+    ),
+)
+"""The server rules and step sizes the server-momentum study adds to a task's schedule."""
+
+AGAIN: Refinements = ({},)
+"""The server grid's refinement: its best cells scored again, unchanged, on fresh cuts."""
+
+
+def server_grid(cfg: RunConfig, schedule: dict[str, Any] | None = None) -> Grid:
+    """:data:`SERVER_CELLS` on ``cfg``'s schedule (``schedule`` overriding it), as it and with twice the rounds.
+
+    The adaptive rules' moments may need more rounds than FedAvg; the local learning rate is
+    kept (FedAdam/FedYogi normalize the step, so its scale matters little).
+    """
+    study = cfg.study.with_overrides(**(schedule or {}))
+    base = {"batch_size": (study.batch_size,), "learning_rate": (study.learning_rate,),
+            "max_grad_norm": (study.max_grad_norm,)}  # fmt: skip
+    if schedule and "model" in schedule:
+        base["model"] = (schedule["model"],)
+    rounds = ((study.num_rounds, study.local_epochs), (2 * study.num_rounds, study.local_epochs))
+    return [{**base, "schedule": rounds, **{k: (v,) for k, v in server.items()}} for server in SERVER_CELLS]
+
+
+def _server(row: dict[str, Any]) -> str:
+    rule = row.get("strategy", "fedavg")
+    return rule if rule == "fedavg" else f"{rule} ({row['server_learning_rate']:g})"
+
+
+def _print_levers(rows: list[dict[str, Any]], epsilon: float) -> None:
+    table = Table(
+        title=f"tune_privacy chest-xray: feature levers, inner-validation figures at epsilon {epsilon:g}"
+    )
+    for column in ("features", "width", "lr", "AUC", "balanced acc", "central LR AUC (no DP)"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        (auc, auc_sd), (bacc, bacc_sd) = r["inner_auc"], r["inner_balanced_accuracy"]
+        table.add_row(
+            r["lever"], str(r["width"]), f"{r['learning_rate']:g}", f"{auc:.3f} ± {auc_sd:.3f}",
+            f"{bacc:.3f} ± {bacc_sd:.3f}", f"{r['central_auc'][0]:.3f} ± {r['central_auc'][1]:.3f}",
+        )  # fmt: skip
+    Console().print(table)
+
+
 def main() -> None:
     """Tune on inner splits, then report the chosen setting on the real split over seeds."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -594,20 +767,49 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a 4-cell grid (to check the script)")
     parser.add_argument("--no-test", action="store_true", help="stop after choosing")
     parser.add_argument("--json", type=Path, default=None, help="also write the grid and the report as JSON")
+    parser.add_argument(
+        "--grid", choices=("schedule", "server"), default="schedule",
+        help="schedule: batch, rounds x epochs, lr, clip; server: FedAvg vs FedAdam/FedYogi and their step, "
+        "on the shipped schedule",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        help="chest-xray: override a run-config key of the searched runs (kebab case, TOML value)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--feature-levers", action="store_true",
+        help="chest-xray: score the feature levers (blocks, fixed projections) and their central LR ceiling instead",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.task == "chest-xray":
-        if args.data is None:
-            parser.error("--task chest-xray needs --data")
-        target = chest_target(args.epsilon, args.data, args.state_dir)
-        grid, refinements, seeds = (
-            QUICK_CHEST_GRID if args.quick else CHEST_GRID,
-            CHEST_REFINE,
-            args.seeds or 3,
+    if args.task == "chest-xray" and args.data is None:
+        parser.error("--task chest-xray needs --data")
+    if args.feature_levers:
+        rows = feature_levers(
+            args.epsilon, args.data, args.state_dir, splits=args.splits, repeats=args.repeats
         )
+        _print_levers(rows, args.epsilon)
+        if args.json:
+            args.json.write_text(json.dumps({"feature_levers": rows}, indent=2, default=float))
+        return
+    if args.task == "chest-xray":
+        from scripts.bench_privacy import _overrides
+
+        target = chest_target(args.epsilon, args.data, args.state_dir, _overrides(args.overrides))
+        grids = {
+            "schedule": QUICK_CHEST_GRID if args.quick else CHEST_GRID,
+            "server": server_grid(target.cfg),
+        }
+        grid, seeds = grids[args.grid], args.seeds or 3
+        refinements = CHEST_REFINE if args.grid == "schedule" else AGAIN
     else:
         target = heart_target(args.epsilon)
-        grid, refinements, seeds = QUICK_GRID if args.quick else GRID, REFINE, args.seeds or 5
+        grids = {
+            "schedule": QUICK_GRID if args.quick else GRID,
+            "server": server_grid(target.cfg, DP_BENCHMARK),
+        }
+        grid, seeds = grids[args.grid], args.seeds or 5
+        refinements = REFINE if args.grid == "schedule" else AGAIN
     rows = tune(
         target, grid, splits=args.splits, repeats=args.repeats, refine=0 if args.quick else args.refine,
         refinements=refinements,
@@ -616,8 +818,8 @@ def main() -> None:
     table = Table(
         title=f"tune_privacy {target.task}: inner-validation figures at epsilon {args.epsilon:g} (best 10)"
     )
-    columns = ("stage", "model", "batch", "rounds x epochs", "lr", "clip", "class weights", "mean per-site acc", "AUC",
-               "balanced acc")  # fmt: skip
+    columns = ("stage", "model", "batch", "rounds x epochs", "lr", "clip", "class weights", "server (step)",
+               "mean per-site acc", "AUC", "balanced acc")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right")
 
@@ -629,7 +831,7 @@ def main() -> None:
         table.add_row(
             str(r["stage"]), r.get("model", "-"), str(r["batch_size"]), f"{r['num_rounds']} x {r['local_epochs']}",
             f"{r['learning_rate']:g}", f"{r['max_grad_norm']:g}", r.get("class_weighting", "none"),
-            cell(r, "accuracy"), cell(r, "auc"),
+            _server(r), cell(r, "accuracy"), cell(r, "auc"),
             cell(r, "balanced_accuracy"),
         )  # fmt: skip
     console.print(table)

@@ -13,10 +13,13 @@ from rich.console import Console
 
 from scripts.tune_privacy import (
     FULL_BATCH,
+    FeatureLever,
     ServerRule,
+    block_widths,
     central_auc,
     chest_target,
     inner_split,
+    lever_sites,
     public_projection,
     random_projection,
     tune,
@@ -24,9 +27,11 @@ from scripts.tune_privacy import (
 from server.local.demo import ensure_backbone
 from server.recorder import FederationRecorder
 from server.strategy import make_strategy
+from shared.backbones.architectures import MobileNetV2Features
 from shared.config import RunConfig
 from shared.pipeline import build_model
 from shared.tasks.base import SiteData
+from shared.tv import torchvision_module
 
 TRAIN_MARK, VAL_MARK = 5.0, 99.0
 
@@ -180,3 +185,23 @@ def test_public_projection_is_fixed_by_the_weights_alone(
     np.testing.assert_array_equal(random_projection(320, 8, 3), random_projection(320, 8, 3))
     auc, _ = central_auc(target.sites, splits=1, projection=first)
     assert 0.5 < auc <= 1.0
+
+
+def test_lever_sites_cut_the_blocks_columns_and_widths_match_mobilenet() -> None:
+    # Prepare: rows whose value is their column index, for blocks 7 (2 wide), 8 (3 wide) and 9 (1 wide)
+    widths = {7: 2, 8: 3, 9: 1}
+    x = np.tile(np.arange(6, dtype=np.float32), (4, 1))
+    site = SiteData("s", x, np.array([0, 1, 0, 1]), x[:0], np.zeros(0, np.int64), fingerprint="f")
+    mobilenet = torchvision_module().models.mobilenet_v2(weights=None).features
+
+    # Execute
+    cut = lever_sites([site], widths, FeatureLever((7, 9)))[0]
+    measured = block_widths(MobileNetV2Features(), (4, 11, 14, 17, 18))
+
+    # Assert: block 7's two columns then block 9's; the widths are torchvision's output channels
+    np.testing.assert_array_equal(cut.x_train[0], [0, 1, 5])
+    assert (
+        measured
+        == {b: mobilenet[b].out_channels for b in (4, 11, 14, 17, 18)}
+        == {4: 32, 11: 96, 14: 160, 17: 320, 18: 1280}
+    )
