@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.server.client_proxy import ClientProxy
 from rich.console import Console
 
+from scripts.bench_privacy import baselines
 from scripts.tune_privacy import (
     FULL_BATCH,
     FeatureLever,
@@ -173,7 +175,8 @@ def test_public_projection_is_fixed_by_the_weights_alone(
     # Prepare: the backbone's public weights
     target = chest_target(1.0, small_npz[0], state_dir, SMALL)
     backbone = build_model(
-        target.cfg.study.with_overrides(feature_blocks=""), ensure_backbone(target.cfg, Console())
+        target.cfg.study.with_overrides(feature_blocks=""),
+        ensure_backbone(target.cfg, Console(file=io.StringIO())),
     ).backbone
 
     # Execute
@@ -205,3 +208,19 @@ def test_lever_sites_cut_the_blocks_columns_and_widths_match_mobilenet() -> None
         == {b: mobilenet[b].out_channels for b in (4, 11, 14, 17, 18)}
         == {4: 32, 11: 96, 14: 160, 17: 320, 18: 1280}
     )
+
+
+def test_bench_baselines_report_site_alone_and_scratch(small_npz: tuple[Path, Path], state_dir: Path) -> None:
+    # Prepare: the small chest federation (2 sites) and its backbone
+    target = chest_target(1.0, small_npz[0], state_dir, SMALL)
+    pretrained = ensure_backbone(target.cfg, Console(file=io.StringIO()))
+    cheap = {"num_rounds": 1, "local_epochs": 1, "learning_rate": 0.05}
+
+    # Execute
+    figures = baselines(target.cfg.with_overrides(num_rounds=1, local_epochs=1), pretrained, 1.0, 2, cheap)
+
+    # Assert: both methods, every figure a mean and an sd over the 2 seeds, AUCs in range
+    assert set(figures) == {"each site alone", "federated from scratch"}
+    for method in figures.values():
+        assert 0.0 <= method["weighted_auc"]["mean"] <= 1.0 and method["weighted_auc"]["sd"] >= 0.0
+        assert 0.0 <= method["weighted_balanced_accuracy"]["mean"] <= 1.0
