@@ -93,9 +93,8 @@ def test_chest_search_never_sees_validation_images(small_npz: tuple[Path, Path],
     # Assert: no validation row in what the search sees, and the features do not depend on them
     assert all(len(s.x_val) == 0 and len(s.y_val) == 0 for s in sites)
     assert sum(len(s.y_train) for s in sites) > 0.6 * 240
-    assert all(
-        s.x_train.shape[1] == 320 for s in sites
-    )  # feature-blocks "-2": MobileNetV2's 320-channel block
+    # feature-blocks "7,8,9,10": four 64-channel blocks
+    assert all(s.x_train.shape[1] == 4 * 64 for s in sites)
     for a, b in zip(sites, other, strict=True):
         np.testing.assert_array_equal(a.x_train, b.x_train)
 
@@ -173,7 +172,7 @@ def test_public_projection_is_fixed_by_the_weights_alone(
     state_dir: Path, small_npz: tuple[Path, Path]
 ) -> None:
     # Prepare: the backbone's public weights
-    target = chest_target(1.0, small_npz[0], state_dir, SMALL)
+    target = chest_target(1.0, small_npz[0], state_dir, {**SMALL, "feature_blocks": "-2"})  # its input: 320
     backbone = build_model(
         target.cfg.study.with_overrides(feature_blocks=""),
         ensure_backbone(target.cfg, Console(file=io.StringIO())),
