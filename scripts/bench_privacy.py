@@ -22,6 +22,13 @@ Usage::
     .venv/bin/python scripts/bench_privacy.py --data ../shared/data/pneumoniamnist.npz --epsilons 1 --no-step-times
     .venv/bin/python scripts/bench_privacy.py --data ../shared/data/pneumoniamnist.npz --epsilons 1 --no-step-times \
         --tasks heart-disease,heart-transfer [--heart-schedule previous]
+    .venv/bin/python scripts/bench_privacy.py --data ../shared/data/pneumoniamnist.npz --epsilons 1 --no-step-times \
+        --tasks chest-xray --baselines --scratch-set num-rounds=5 --scratch-set local-epochs=1 \
+        --scratch-set learning-rate=0.05 --scratch-set max-grad-norm=1.0
+
+``--baselines`` adds, for chest-xray at each epsilon, each site alone (its own DP run, same
+schedule in total) and federated from scratch (the compact CNN, all weights under DP; its
+schedule set by ``--scratch-set``, the from-scratch learning rate chosen on an inner split).
 """
 
 from __future__ import annotations

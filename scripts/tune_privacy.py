@@ -22,11 +22,25 @@ The grid's federations run in-process (:func:`federate`): what a CareFL site doe
 cell costs seconds rather than a minute. Choosing costs privacy in a real federation, so this
 is a benchmark-time choice of the shipped defaults, not a per-run search.
 
+Two more studies, each on the same inner splits:
+
+- ``--grid server``: FedAvg against server momentum (FedAdam, FedYogi: :class:`ServerRule`,
+  Flower's update as :mod:`server.strategy` runs it) at ``server-learning-rate`` 0.01 .. 0.3, on
+  the shipped schedule and with twice its rounds; the best cells and FedAvg re-scored on fresh cuts.
+- ``--feature-levers`` (chest-xray): which frozen features the DP head should see. Pooled
+  MobileNetV2 blocks (:data:`FEATURE_LEVERS`) and fixed projections to fewer columns (fewer
+  noised coordinates) drawn from a seed or from the backbone's public weights, never from site
+  data; each with the non-private central logistic regression's AUC (:func:`central_auc`), so
+  the information a lever loses is visible.
+
 Usage::
 
-    .venv/bin/python scripts/tune_privacy.py --splits 3 --seeds 5
-    .venv/bin/python scripts/tune_privacy.py --task chest-xray --data ../shared/data/pneumoniamnist.npz --splits 2
-    .venv/bin/python scripts/tune_privacy.py --quick   # a 4-cell grid, to check it runs
+    PYTHONPATH=. .venv/bin/python scripts/tune_privacy.py --splits 3 --seeds 5
+    PYTHONPATH=. .venv/bin/python scripts/tune_privacy.py --task chest-xray --data ../shared/data/pneumoniamnist.npz --splits 2
+    PYTHONPATH=. .venv/bin/python scripts/tune_privacy.py --grid server --no-test
+    PYTHONPATH=. .venv/bin/python scripts/tune_privacy.py --task chest-xray --data ../shared/data/pneumoniamnist.npz \
+        --feature-levers --splits 2 --repeats 2
+    PYTHONPATH=. .venv/bin/python scripts/tune_privacy.py --quick   # a 4-cell grid, to check it runs
 """
 
 from __future__ import annotations
