@@ -626,10 +626,12 @@ class FeatureLever:
 FEATURE_LEVERS: tuple[FeatureLever, ...] = (
     *(FeatureLever(b) for b in ((17,), (16,), (15,), (14,), (14, 15, 16), (13,), (12,), (11,), (10,))),
     *(FeatureLever(b) for b in ((11, 12, 13), (12, 13), (10, 11, 12, 13), (7, 8, 9, 10))),
+    *(FeatureLever(b) for b in ((9, 10), (8,), (6,), (4, 5, 6), (2, 3, 4, 5, 6), (10, 13))),
+    *(FeatureLever(b) for b in ((7, 8, 9, 10, 11, 12, 13), (4, 5, 6, 7, 8, 9, 10))),
     *(FeatureLever((17,), f"{kind}-{k}") for kind in ("random", "public") for k in (32, 64, 128)),
     *(FeatureLever((11, 12, 13), f"random-{k}") for k in (32, 64, 128)),
 )
-"""What the feature-lever study compares (the demo's default before it: block 17, i.e. ``-2``)."""
+"""What the feature-lever study compares (the demo's default before it: block 17, i.e. ``-2``; after it: 7-10)."""
 
 LEVER_CELLS: tuple[dict[str, Any], ...] = tuple(
     {"batch_size": 32, "num_rounds": 5, "local_epochs": 5, "learning_rate": lr, "max_grad_norm": 1.0}
