@@ -22,6 +22,13 @@ Usage::
     .venv/bin/python scripts/bench_privacy.py --data ../shared/data/pneumoniamnist.npz --epsilons 1 --no-step-times
     .venv/bin/python scripts/bench_privacy.py --data ../shared/data/pneumoniamnist.npz --epsilons 1 --no-step-times \
         --tasks heart-disease,heart-transfer [--heart-schedule previous]
+    .venv/bin/python scripts/bench_privacy.py --data ../shared/data/pneumoniamnist.npz --epsilons 1 --no-step-times \
+        --tasks chest-xray --baselines --scratch-set num-rounds=5 --scratch-set local-epochs=1 \
+        --scratch-set learning-rate=0.05 --scratch-set max-grad-norm=1.0
+
+``--baselines`` adds, for chest-xray at each epsilon, each site alone (its own DP run, same
+schedule in total) and federated from scratch (the compact CNN, all weights under DP; its
+schedule set by ``--scratch-set``, the from-scratch learning rate chosen on an inner split).
 """
 
 from __future__ import annotations
@@ -68,7 +75,9 @@ def step_times(cfg: RunConfig, pretrained: Pretrained) -> dict[str, float]:
 
     def problem():  # type: ignore[no-untyped-def]
         model = build_model(cfg.study, pretrained)
-        return local_problem(cfg.study, model, site, backbone_sha256=pretrained.manifest.sha256, cache_dir=cache)
+        return local_problem(
+            cfg.study, model, site, backbone_sha256=pretrained.manifest.sha256, cache_dir=cache
+        )
 
     base = problem()
     x, y = base.x_train, base.y_train
@@ -114,7 +123,15 @@ def utility(cfg: RunConfig, eps: float | None, sites_root: Path) -> dict[str, fl
     }
 
 
-WEIGHTED = ("accuracy", "auc", "balanced_accuracy", "sensitivity", "specificity", "sensitivity_at_op", "specificity_at_op")
+WEIGHTED = (
+    "accuracy",
+    "auc",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "sensitivity_at_op",
+    "specificity_at_op",
+)
 """Example-weighted means over the sites' held-out parts (the clinical ones at 0.5, then at each site's operating point)."""
 
 
@@ -125,9 +142,59 @@ def over_seeds(cfg: RunConfig, eps: float | None, seeds: int) -> dict[str, dict[
         with tempfile.TemporaryDirectory() as root:
             runs.append(utility(cfg.with_overrides(seed=seed), eps, Path(root)))
     return {
-        key: {"mean": float(np.mean([r[key] for r in runs])), "sd": float(np.std([r[key] for r in runs], ddof=1)) if seeds > 1 else 0.0}
+        key: {
+            "mean": float(np.mean([r[key] for r in runs])),
+            "sd": float(np.std([r[key] for r in runs], ddof=1)) if seeds > 1 else 0.0,
+        }
         for key in runs[0]
     }
+
+
+def baselines(
+    cfg: RunConfig, pretrained: Pretrained, eps: float, seeds: int, scratch: dict[str, Any]
+) -> dict[str, Any]:
+    """Each site alone (DP, the same schedule in total) and federated from scratch at ``eps``, over seeds.
+
+    Site alone: :func:`server.local.baselines.site_alone` (each site's own DP run, its own
+    budget ``eps``), example-weighted over the sites' held-out parts. From scratch: the
+    ``scratch`` setup (the task's compact CNN, every weight trained with DP) federated
+    in-process (:func:`scripts.tune_privacy.federate`, what the simulation runs, without its
+    messaging), with the run-config overrides ``scratch`` (a shorter schedule keeps it cheap).
+    """
+    from scripts.tune_privacy import federate
+    from server.local.baselines import site_alone
+    from shared.scores import binary_metrics
+
+    run_cfg = cfg.with_overrides(dp=True, target_epsilon=eps)
+    out: dict[str, list[dict[str, float]]] = {"each site alone": [], "federated from scratch": []}
+    for seed in range(seeds):
+        seeded = run_cfg.with_overrides(seed=seed)
+        sites = load_sites(seeded.study, seeded.simulation.data_path)
+        with tempfile.TemporaryDirectory() as root:
+            rows = site_alone(seeded, sites, pretrained, cache_root=Path(root))
+        out["each site alone"].append(
+            {f"weighted_{name}": weighted_mean(rows, name) for name in ("auc", "balanced_accuracy")}
+        )
+        start = time.perf_counter()
+        study = seeded.study.with_overrides(setup="scratch", **scratch)
+        probabilities = federate(study, sites)
+        figures = [
+            (len(s.y_val), binary_metrics(s.y_val, p[:, 1]))
+            for s, p in zip(sites, probabilities, strict=True)
+        ]
+        total = sum(n for n, _ in figures)
+        out["federated from scratch"].append({
+            "weighted_auc": sum(n * m.auc for n, m in figures if math.isfinite(m.auc)) / total,
+            "weighted_balanced_accuracy": sum(n * m.balanced_accuracy for n, m in figures) / total,
+            "seconds": time.perf_counter() - start,
+        })  # fmt: skip
+    return {
+        method: {
+            key: {"mean": float(np.mean([r[key] for r in runs])), "sd": float(np.std([r[key] for r in runs], ddof=1)) if seeds > 1 else 0.0}
+            for key in runs[0]
+        }
+        for method, runs in out.items()
+    }  # fmt: skip
 
 
 def _cell(figure: dict[str, float]) -> str:
@@ -148,8 +215,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="PneumoniaMNIST .npz (or image folder)")
     parser.add_argument("--state-dir", type=Path, default=Path(".carefl"), help="backbone registry")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (mean ± sd); heart-disease runs 5 at least")
-    parser.add_argument("--epsilons", type=str, default="0.5,1,3,8,none", help="comma-separated; 'none' = no DP")
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="seeds per cell (mean ± sd); heart-disease runs 5 at least"
+    )
+    parser.add_argument(
+        "--epsilons", type=str, default="0.5,1,3,8,none", help="comma-separated; 'none' = no DP"
+    )
     parser.add_argument(
         "--tasks", type=str, default="heart-disease,chest-xray", help="comma-separated (also: heart-transfer)"
     )
@@ -162,21 +233,38 @@ def main() -> None:
         "--chest-set", action="append", default=[], metavar="KEY=VALUE",
         help="override a chest-xray run-config key (kebab case, TOML value), e.g. feature-blocks='\"-2\"'",
     )  # fmt: skip
+    parser.add_argument(
+        "--baselines", action="store_true",
+        help="chest-xray: also each site alone and federated from scratch at each epsilon (not none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scratch-set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a run-config key of the from-scratch baseline, e.g. local-epochs=1 (its cost)",
+    )  # fmt: skip
     args = parser.parse_args()
     epsilons = [None if e.strip() == "none" else float(e) for e in args.epsilons.split(",")]
     tasks = {t.strip() for t in args.tasks.split(",")}
     torch.set_num_threads(1)
     console = Console()
     registry = str(args.state_dir / "registry")
-    chest = demo_config("chest-xray", registry_dir=registry, data_path=str(args.data), **_overrides(args.chest_set))
+    chest = demo_config(
+        "chest-xray", registry_dir=registry, data_path=str(args.data), **_overrides(args.chest_set)
+    )
     pretrained = ensure_backbone(chest, console)
     report: dict[str, Any] = {"step_time": {}, "utility": {}}
     if not args.no_step_times:
-        for label, cfg in (("head only", chest), ("last block + head", chest.with_overrides(trainable="last"))):
+        for label, cfg in (
+            ("head only", chest),
+            ("last block + head", chest.with_overrides(trainable="last")),
+        ):
             report["step_time"][label] = step_times(cfg, pretrained)
     tuned = args.heart_schedule == "tuned"
     heart = demo_config(
-        "heart-disease", registry_dir=registry, setup="benchmark", target_delta=1e-3, **(DP_BENCHMARK if tuned else {})
+        "heart-disease",
+        registry_dir=registry,
+        setup="benchmark",
+        target_delta=1e-3,
+        **(DP_BENCHMARK if tuned else {}),
     )
     schedule = {k: v for k, v in DP_BENCHMARK.items() if k != "model"} if tuned else {}
     transfer = demo_config("heart-disease", registry_dir=registry, target_delta=1e-3, **schedule)
@@ -194,10 +282,17 @@ def main() -> None:
         for eps in epsilons:
             report["utility"][task]["none" if eps is None else f"{eps:g}"] = over_seeds(cfg, eps, seeds)
 
+    if args.baselines and "chest-xray" in tasks:
+        report["baselines"] = {
+            f"{eps:g}": baselines(chest, pretrained, eps, args.seeds, _overrides(args.scratch_set))
+            for eps in epsilons if eps is not None
+        }  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=float))
     if report["step_time"]:
-        table = Table(title=f"bench_privacy: time per step, DP-SGD vs plain (chest-xray, batch {chest.study.batch_size})")
+        table = Table(
+            title=f"bench_privacy: time per step, DP-SGD vs plain (chest-xray, batch {chest.study.batch_size})"
+        )
         for column in ("trainable", "params", "plain step", "DP step", "ratio", "DP set-up", "target"):
             table.add_column(column, justify="right")
         for label, t in report["step_time"].items():
@@ -208,7 +303,9 @@ def main() -> None:
             )  # fmt: skip
         console.print(table)
     for task, by_eps in report["utility"].items():
-        table = Table(title=f"bench_privacy: utility vs epsilon, {task} (mean ± sd over seeds; held-out data)")
+        table = Table(
+            title=f"bench_privacy: utility vs epsilon, {task} (mean ± sd over seeds; held-out data)"
+        )
         columns = ("epsilon", "mean per-site acc", "weighted acc", "AUC", "balanced acc", "sens / spec at 0.5",
                    "sens / spec at op", "epsilon spent", "wall per run")  # fmt: skip
         for column in columns:
@@ -221,6 +318,15 @@ def main() -> None:
                 f"{_cell(u['weighted_sensitivity_at_op'])} / {_cell(u['weighted_specificity_at_op'])}",
                 _cell(u["max_epsilon"]), f"{u['seconds']['mean']:.0f} s",
             )  # fmt: skip
+        console.print(table)
+    for eps, methods in report.get("baselines", {}).items():
+        table = Table(
+            title=f"bench_privacy: chest-xray baselines at epsilon {eps} (mean ± sd over seeds; held-out data)"
+        )
+        for column in ("method", "AUC", "balanced acc"):
+            table.add_column(column, justify="right")
+        for method, u in methods.items():
+            table.add_row(method, _cell(u["weighted_auc"]), _cell(u["weighted_balanced_accuracy"]))
         console.print(table)
 
 

@@ -22,11 +22,25 @@ The grid's federations run in-process (:func:`federate`): what a CareFL site doe
 cell costs seconds rather than a minute. Choosing costs privacy in a real federation, so this
 is a benchmark-time choice of the shipped defaults, not a per-run search.
 
+Two more studies, each on the same inner splits:
+
+- ``--grid server``: FedAvg against server momentum (FedAdam, FedYogi: :class:`ServerRule`,
+  Flower's update as :mod:`server.strategy` runs it) at ``server-learning-rate`` 0.01 .. 0.3, on
+  the shipped schedule and with twice its rounds; the best cells and FedAvg re-scored on fresh cuts.
+- ``--feature-levers`` (chest-xray): which frozen features the DP head should see. Pooled
+  MobileNetV2 blocks (:data:`FEATURE_LEVERS`) and fixed projections to fewer columns (fewer
+  noised coordinates) drawn from a seed or from the backbone's public weights, never from site
+  data; each with the non-private central logistic regression's AUC (:func:`central_auc`), so
+  the information a lever loses is visible.
+
 Usage::
 
-    .venv/bin/python scripts/tune_privacy.py --splits 3 --seeds 5
-    .venv/bin/python scripts/tune_privacy.py --task chest-xray --data ../shared/data/pneumoniamnist.npz --splits 2
-    .venv/bin/python scripts/tune_privacy.py --quick   # a 4-cell grid, to check it runs
+    PYTHONPATH=. .venv/bin/python scripts/tune_privacy.py --splits 3 --seeds 5
+    PYTHONPATH=. .venv/bin/python scripts/tune_privacy.py --task chest-xray --data ../shared/data/pneumoniamnist.npz --splits 2
+    PYTHONPATH=. .venv/bin/python scripts/tune_privacy.py --grid server --no-test
+    PYTHONPATH=. .venv/bin/python scripts/tune_privacy.py --task chest-xray --data ../shared/data/pneumoniamnist.npz \
+        --feature-levers --splits 2 --repeats 2
+    PYTHONPATH=. .venv/bin/python scripts/tune_privacy.py --quick   # a 4-cell grid, to check it runs
 """
 
 from __future__ import annotations
@@ -57,6 +71,7 @@ from shared.pipeline import LocalProblem, Pretrained, build_model, local_problem
 from shared.scores import binary_metrics
 from shared.tasks import load_sites
 from shared.tasks.base import SiteData
+from shared.tasks.heart_disease import DP_BENCHMARK
 from shared.training import predict_proba
 
 INNER_TRAIN = 0.66
@@ -120,7 +135,9 @@ def training_features(cfg: RunConfig, pretrained: Pretrained, cache_dir: Path | 
             site, x_val=site.x_val[:0], y_val=site.y_val[:0],
             fingerprint=sha256_bytes(f"{site.fingerprint}:training rows only".encode()),
         )  # fmt: skip
-        problem = local_problem(study, model, train_only, backbone_sha256=pretrained.manifest.sha256, cache_dir=cache_dir)
+        problem = local_problem(
+            study, model, train_only, backbone_sha256=pretrained.manifest.sha256, cache_dir=cache_dir
+        )
         out.append(replace(train_only, x_train=problem.x_train))
     return out
 
@@ -134,17 +151,18 @@ def head_problem(study: StudyConfig, site: SiteData) -> LocalProblem:
 
 
 def federate(study: StudyConfig, sites: list[SiteData], *, features: bool = False) -> list[np.ndarray]:
-    """Train one DP FedAvg federation in-process as CareFL's sites and server would; validation probabilities.
+    """Train one DP federation in-process as CareFL's sites and server would; validation probabilities.
 
     Every site calibrates its noise for the whole run (:func:`client.privacy.cfg_run_noise`),
     trains with :func:`shared.dp.train_dp` from the global tensors each round, and clips its
-    update to ``delta-bound``; the server adds the example-weighted mean of the updates.
+    update to ``delta-bound``; the server applies the example-weighted mean of the updates by
+    its strategy's rule (:class:`ServerRule`: FedAvg adds it, FedAdam/FedYogi take an adaptive step).
 
     Parameters
     ----------
     study : StudyConfig
         A ``benchmark``, ``scratch`` or (with ``features``) ``transfer`` study with ``dp`` on and
-        ``strategy`` fedavg.
+        ``strategy`` fedavg, fedadam or fedyogi (``server-learning-rate`` is the latter's ``eta``).
     sites : list[SiteData]
         The federation's sites; each is scored on its ``x_val``/``y_val``.
     features : bool
@@ -155,16 +173,20 @@ def federate(study: StudyConfig, sites: list[SiteData], *, features: bool = Fals
     list[np.ndarray]
         Each site's class probabilities of the final global model on its validation rows, ``(n, classes)``.
     """
-    if study.strategy != "fedavg" or not study.dp:
-        raise ValueError("federate() runs DP FedAvg only")
+    if study.strategy not in SERVER_RULES or not study.dp:
+        raise ValueError(f"federate() runs DP {', '.join(SERVER_RULES)} only")
     if features:
         problems = [head_problem(study, s) for s in sites]
     else:
-        problems = [local_problem(study, build_model(study, None), s, backbone_sha256="", cache_dir=None) for s in sites]
+        problems = [
+            local_problem(study, build_model(study, None), s, backbone_sha256="", cache_dir=None)
+            for s in sites
+        ]
     names = problems[0].names
     current = get_arrays(problems[0].model, names)
     noises = [cfg_run_noise(study, len(p.y_train)).noise_multiplier for p in problems]
     weights = np.array([len(p.y_train) for p in problems], dtype=np.float64)
+    server = ServerRule(study.strategy, eta=study.server_learning_rate)
     for server_round in range(1, study.num_rounds + 1):
         settings = train_settings(study, server_round=server_round)
         deltas = []
@@ -176,13 +198,86 @@ def federate(study: StudyConfig, sites: list[SiteData], *, features: bool = Fals
             )  # fmt: skip
             delta, _ = bound_delta(subtract(get_arrays(problem.model, names), current), study.delta_bound)
             deltas.append(delta)
-        mean = [sum(w * d[i] for w, d in zip(weights, deltas, strict=True)) / weights.sum() for i in range(len(names))]
-        current = [(c + m).astype(np.float32) for c, m in zip(current, mean, strict=True)]
+        mean = [
+            sum(w * d[i] for w, d in zip(weights, deltas, strict=True)) / weights.sum()
+            for i in range(len(names))
+        ]
+        current = server.step(server_round, current, mean)
     probabilities = []
     for problem in problems:
         set_arrays(problem.model, names, current)
         probabilities.append(predict_proba(problem.module, problem.x_val))
     return probabilities
+
+
+def _flower_defaults(kind: type) -> dict[str, float]:
+    import inspect
+
+    params = inspect.signature(kind.__init__).parameters
+    return {name: float(params[name].default) for name in ("beta_1", "beta_2", "tau")}
+
+
+class ServerRule:
+    """The server's update of the global tensors from the mean delta, exactly as :mod:`server.strategy` applies it.
+
+    ``fedavg`` adds the mean delta (:class:`server.strategy.CareFedAvg`); ``fedadam`` and
+    ``fedyogi`` follow Flower's FedAdam / FedYogi (which :class:`server.strategy.CareFedAdam` /
+    ``CareFedYogi`` run on the restored weights): first and second moments of the mean delta,
+    step ``eta`` (``server-learning-rate``), and Flower's own ``beta_1``, ``beta_2`` and ``tau``
+    (``make_strategy`` passes only ``eta`` and ``eta_l``; FedAdam's step is bias-corrected).
+
+    Parameters
+    ----------
+    strategy : str
+        ``fedavg``, ``fedadam`` or ``fedyogi``.
+    eta : float
+        The server learning rate (unused by ``fedavg``).
+    """
+
+    def __init__(self, strategy: str, *, eta: float) -> None:
+        from flwr.server.strategy import FedAdam, FedYogi
+
+        if strategy not in SERVER_RULES:
+            raise ValueError(f"unknown server rule {strategy!r}")
+        self.strategy, self.eta = strategy, eta
+        self.hyper = (
+            _flower_defaults({"fedadam": FedAdam, "fedyogi": FedYogi}[strategy])
+            if strategy != "fedavg"
+            else {}
+        )
+        self.m: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+
+    def step(self, server_round: int, current: list[np.ndarray], mean: list[np.ndarray]) -> list[np.ndarray]:
+        """The global tensors after round ``server_round`` (from 1) given the example-weighted mean delta ``mean``."""
+        if self.strategy == "fedavg":
+            return [(c + d).astype(np.float32) for c, d in zip(current, mean, strict=True)]
+        beta_1, beta_2, tau = self.hyper["beta_1"], self.hyper["beta_2"], self.hyper["tau"]
+        # Flower's delta_t: the FedAvg aggregate (current + mean delta, in float32) minus the current weights
+        delta = [(c + d).astype(np.float32) - c for c, d in zip(current, mean, strict=True)]
+        self.m = [
+            beta_1 * m + (1 - beta_1) * d
+            for m, d in zip(self.m or [np.zeros_like(d) for d in delta], delta, strict=True)
+        ]
+        v = self.v or [np.zeros_like(d) for d in delta]
+        if self.strategy == "fedadam":
+            self.v = [beta_2 * x + (1 - beta_2) * d * d for x, d in zip(v, delta, strict=True)]
+            eta = (
+                self.eta
+                * np.sqrt(1 - np.power(beta_2, server_round + 1.0))
+                / (1 - np.power(beta_1, server_round + 1.0))
+            )
+        else:
+            self.v = [x - (1.0 - beta_2) * d * d * np.sign(x - d * d) for x, d in zip(v, delta, strict=True)]
+            eta = self.eta
+        return [
+            (c + eta * m / (np.sqrt(x) + tau)).astype(np.float32)
+            for c, m, x in zip(current, self.m, self.v, strict=True)
+        ]
+
+
+SERVER_RULES = ("fedavg", "fedadam", "fedyogi")
+"""The server rules :func:`federate` runs."""
 
 
 def site_scores(sites: list[SiteData], probabilities: list[np.ndarray]) -> dict[str, float]:
@@ -278,7 +373,9 @@ REFINE: Refinements = tuple({"max_grad_norm": clip} for clip in CLIPS)
 """heart-disease: every clipping bound."""
 
 CHEST_REFINE: Refinements = tuple(
-    {"max_grad_norm": clip, "class_weighting": weighting} for clip in CLIPS for weighting in ("none", "balanced")
+    {"max_grad_norm": clip, "class_weighting": weighting}
+    for clip in CLIPS
+    for weighting in ("none", "balanced")
 )
 """chest-xray: every clipping bound, with and without class weighting (the sites' label skew)."""
 
@@ -292,7 +389,12 @@ QUICK_GRID: Grid = [
     }
 ]
 QUICK_CHEST_GRID: Grid = [
-    {"batch_size": (32, FULL_BATCH), "schedule": ((5, 1),), "learning_rate": (0.01, 1.0), "max_grad_norm": (1.0,)}
+    {
+        "batch_size": (32, FULL_BATCH),
+        "schedule": ((5, 1),),
+        "learning_rate": (0.01, 1.0),
+        "max_grad_norm": (1.0,),
+    }
 ]
 
 
@@ -307,19 +409,99 @@ def cells(grid: Grid) -> list[dict[str, Any]]:
     return out
 
 
+def projected(site: SiteData, projection: np.ndarray | None) -> SiteData:
+    """``site``'s standardized rows times ``projection`` ``(F, k)``, standardized again by its training rows.
+
+    ``None`` returns ``site``. The projection is fixed before any site data is seen (a seed or
+    the backbone's public weights), so it costs no privacy; the second standardization uses the
+    site's own training rows, as the first does.
+    """
+    if projection is None:
+        return site
+    train, val = site.x_train @ projection, site.x_val @ projection
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    std[std == 0] = 1.0
+    return replace(
+        site, x_train=((train - mean) / std).astype(np.float32), x_val=((val - mean) / std).astype(np.float32)
+    )
+
+
+def random_projection(width: int, k: int, seed: int) -> np.ndarray:
+    """A ``(width, k)`` matrix of orthonormal columns drawn from ``seed`` alone (the same at every site)."""
+    gaussian = np.random.default_rng(seed).standard_normal((width, k))
+    q, _ = np.linalg.qr(gaussian)
+    return q.astype(np.float32)
+
+
+def public_projection(backbone: torch.nn.Module, k: int) -> np.ndarray:
+    """The top ``k`` right singular vectors ``(320, k)`` of MobileNetV2's last 1x1 convolution (320 -> 1280).
+
+    That convolution reads block -2's 320 channels; its weights (scaled by its batch norm's
+    per-channel gain, so the vectors are those of the linear map it applies) come from the
+    ImageNet training of the public backbone only.
+
+    Parameters
+    ----------
+    backbone : torch.nn.Module
+        A MobileNetV2 trunk (or ``build_model``'s input module + trunk), its ImageNet weights loaded.
+    k : int
+        Columns kept.
+    """
+    trunk = backbone[-1] if isinstance(backbone, torch.nn.Sequential) else backbone  # after the input module
+    conv, norm = trunk.features[18][0], trunk.features[18][1]
+    weight = conv.weight.detach().double().numpy()[:, :, 0, 0]
+    gain = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).detach().double().numpy()
+    _, _, vt = np.linalg.svd(gain[:, None] * weight, full_matrices=False)
+    return vt[:k].T.astype(np.float32)
+
+
+def central_auc(
+    sites: list[SiteData], *, splits: int, projection: np.ndarray | None = None
+) -> tuple[float, float]:
+    """Non-private logistic regression on every site's inner training rows pooled: weighted inner-validation AUC.
+
+    Each site's rows are standardized (and projected) as :func:`inner_score` sees them; mean and
+    sd over ``splits`` cuts. The ceiling the features put on a DP head.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    aucs = []
+    for split in range(splits):
+        inner = [projected(inner_split(s, seed=split), projection) for s in sites]
+        model = LogisticRegression(max_iter=5000).fit(
+            np.concatenate([s.x_train for s in inner]), np.concatenate([s.y_train for s in inner])
+        )
+        per_site = [
+            (len(s.y_val), binary_metrics(s.y_val, model.predict_proba(s.x_val)[:, 1]).auc) for s in inner
+        ]
+        finite = [(n, a) for n, a in per_site if math.isfinite(a)]
+        aucs.append(sum(n * a for n, a in finite) / sum(n for n, _ in finite))
+    return float(np.mean(aucs)), float(np.std(aucs, ddof=1)) if splits > 1 else 0.0
+
+
 def inner_score(
-    study: StudyConfig, sites: list[SiteData], *, splits: int, repeats: int, first_split: int = 0, features: bool = False
+    study: StudyConfig,
+    sites: list[SiteData],
+    *,
+    splits: int,
+    repeats: int,
+    first_split: int = 0,
+    features: bool = False,
+    projection: np.ndarray | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Mean and sd of each figure of :func:`site_scores` on inner validation rows over ``splits`` cuts x ``repeats`` runs.
 
     Cut ``k`` (``first_split`` .. ``first_split + splits - 1``) is :func:`inner_split` with seed
-    ``k``; run ``r`` of a cut has seed ``r`` (initialization) and fresh DP noise.
+    ``k``; run ``r`` of a cut has seed ``r`` (initialization) and fresh DP noise. A
+    ``projection`` maps each cut's standardized rows (:func:`projected`).
     """
     runs = []
     for split in range(first_split, first_split + splits):
-        inner = [inner_split(s, seed=split) for s in sites]
+        inner = [projected(inner_split(s, seed=split), projection) for s in sites]
         for repeat in range(repeats):
-            runs.append(site_scores(inner, federate(study.with_overrides(seed=repeat), inner, features=features)))
+            runs.append(
+                site_scores(inner, federate(study.with_overrides(seed=repeat), inner, features=features))
+            )
     return {
         key: (float(np.nanmean([r[key] for r in runs])), float(np.nanstd([r[key] for r in runs], ddof=1)) if len(runs) > 1 else 0.0)
         for key in runs[0]
@@ -334,26 +516,40 @@ def tune(
     repeats: int,
     refine: int = 0,
     refinements: Refinements = REFINE,
+    baseline: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Score every cell of ``grid`` on inner splits, then refine the best; rows sorted best first.
 
     The ``refine`` best cells are scored again with each override of ``refinements`` (e.g.
     every clipping bound), on ``2 * splits`` fresh cuts (seeds from 100) x ``repeats`` runs;
     those rows (``stage`` 2) rank first, by their own score, so the choice rests on the larger
-    sample.
+    sample. A ``baseline`` cell (e.g. the shipped default) is always among them, so a
+    refined cell beats it on the same cuts or the default stays.
     """
     rows = [_scored(target, cell, stage=1, splits=splits, repeats=repeats) for cell in cells(grid)]
     rows.sort(key=lambda r: -r["inner_mean"])
+    candidates = [{**_cell_of(r), **change} for r in rows[:refine] for change in refinements]
+    if baseline is not None and refine and baseline not in candidates:
+        candidates.append(baseline)
     refined = [
-        _scored(target, {**_cell_of(r), **change}, stage=2, splits=2 * splits, repeats=repeats, first_split=100)
-        for r in rows[:refine]
-        for change in refinements
-    ]  # fmt: skip
+        _scored(target, cell, stage=2, splits=2 * splits, repeats=repeats, first_split=100)
+        for cell in candidates
+    ]
     refined.sort(key=lambda r: -r["inner_mean"])
     return refined + rows
 
 
-CELL_KEYS = ("model", "batch_size", "num_rounds", "local_epochs", "learning_rate", "max_grad_norm", "class_weighting")
+CELL_KEYS = (
+    "model",
+    "batch_size",
+    "num_rounds",
+    "local_epochs",
+    "learning_rate",
+    "max_grad_norm",
+    "class_weighting",
+    "strategy",
+    "server_learning_rate",
+)
 
 
 def _cell_of(row: dict[str, Any]) -> dict[str, Any]:
@@ -377,7 +573,9 @@ def heart_target(epsilon: float) -> Target:
     return Target("heart-disease", cfg, load_sites(cfg.study, cfg.simulation.data_path), False, "accuracy")
 
 
-def chest_target(epsilon: float, data: Path, state_dir: Path, overrides: dict[str, Any] | None = None) -> Target:
+def chest_target(
+    epsilon: float, data: Path, state_dir: Path, overrides: dict[str, Any] | None = None
+) -> Target:
     """chest-xray as the benchmark runs it (the demo's defaults, ``overrides``), ranked by ``auc_bacc``.
 
     The backbone is resolved (registered on first use) in ``state_dir``'s registry and each
@@ -392,41 +590,256 @@ def chest_target(epsilon: float, data: Path, state_dir: Path, overrides: dict[st
     if cfg.study.trainable != "head":
         raise ValueError("tune_privacy tunes chest-xray's head on frozen features (trainable = head)")
     pretrained = ensure_backbone(cfg, Console(stderr=True))
-    return Target("chest-xray", cfg, training_features(cfg, pretrained, state_dir / "tune-features"), True, "auc_bacc")
+    return Target(
+        "chest-xray", cfg, training_features(cfg, pretrained, state_dir / "tune-features"), True, "auc_bacc"
+    )
+
+
+LEVER_BLOCKS: tuple[int, ...] = tuple(range(2, 19))
+"""MobileNetV2 blocks whose pooled features the feature-lever study caches at once (24 to 1280 channels)."""
+
+
+@dataclass(frozen=True)
+class FeatureLever:
+    """Features a chest-xray head could train on: pooled blocks, optionally projected to fewer columns.
+
+    Attributes
+    ----------
+    blocks : tuple[int, ...]
+        MobileNetV2 blocks (indices of :data:`LEVER_BLOCKS`), concatenated as ``feature-blocks`` would.
+    projection : str
+        ``""`` (none), ``random-K`` (:func:`random_projection`, seed 42) or ``public-K``
+        (:func:`public_projection`; block 17 alone, the last convolution's input).
+    """
+
+    blocks: tuple[int, ...]
+    projection: str = ""
+
+    @property
+    def name(self) -> str:
+        """E.g. ``blocks 11,12,13`` or ``blocks 17, public-64``."""
+        return f"blocks {','.join(map(str, self.blocks))}" + (
+            f", {self.projection}" if self.projection else ""
+        )
+
+
+FEATURE_LEVERS: tuple[FeatureLever, ...] = (
+    *(FeatureLever(b) for b in ((17,), (16,), (15,), (14,), (14, 15, 16), (13,), (12,), (11,), (10,))),
+    *(FeatureLever(b) for b in ((11, 12, 13), (12, 13), (10, 11, 12, 13), (7, 8, 9, 10))),
+    *(FeatureLever(b) for b in ((9, 10), (8,), (6,), (4, 5, 6), (2, 3, 4, 5, 6), (10, 13))),
+    *(FeatureLever(b) for b in ((7, 8, 9, 10, 11, 12, 13), (4, 5, 6, 7, 8, 9, 10))),
+    *(FeatureLever((17,), f"{kind}-{k}") for kind in ("random", "public") for k in (32, 64, 128)),
+    *(FeatureLever((11, 12, 13), f"random-{k}") for k in (32, 64, 128)),
+)
+"""What the feature-lever study compares (the demo's default before it: block 17, i.e. ``-2``; after it: 7-10)."""
+
+LEVER_CELLS: tuple[dict[str, Any], ...] = tuple(
+    {"batch_size": 32, "num_rounds": 5, "local_epochs": 5, "learning_rate": lr, "max_grad_norm": 1.0}
+    for lr in (0.003, 0.01, 0.03)
+)
+"""The schedules each feature lever is scored with (the demo's, around its learning rate)."""
+
+
+def block_widths(backbone: torch.nn.Module, blocks: tuple[int, ...]) -> dict[int, int]:
+    """The channel count of each of ``blocks``' outputs (a probe image through the trunk's stages)."""
+    trunk = backbone[-1] if isinstance(backbone, torch.nn.Sequential) else backbone
+    widths, x, training = {}, torch.zeros(1, 3, 32, 32), trunk.training
+    trunk.eval()
+    try:
+        with torch.no_grad():
+            for index, stage in enumerate(trunk.stages()[: max(blocks) + 1]):
+                x = stage(x)
+                widths[index] = int(x.shape[1])
+    finally:
+        trunk.train(training)
+    return {b: widths[b] for b in blocks}
+
+
+def lever_sites(sites: list[SiteData], widths: dict[int, int], lever: FeatureLever) -> list[SiteData]:
+    """The columns of ``lever``'s blocks out of sites whose rows are the pooled :data:`LEVER_BLOCKS` (in order)."""
+    starts = dict(zip(widths, np.cumsum([0, *widths.values()])[:-1], strict=False))
+    columns = np.concatenate([np.arange(starts[b], starts[b] + widths[b]) for b in lever.blocks])
+    return [replace(s, x_train=s.x_train[:, columns]) for s in sites]
+
+
+def lever_projection(lever: FeatureLever, width: int, backbone: torch.nn.Module) -> np.ndarray | None:
+    """The fixed ``(width, k)`` matrix of ``lever.projection`` (``None`` without one)."""
+    if not lever.projection:
+        return None
+    kind, k = lever.projection.split("-")
+    if kind == "public":
+        if lever.blocks != (17,):
+            raise ValueError("the public projection reads block 17 (the last convolution's input)")
+        return public_projection(backbone, int(k))
+    return random_projection(width, int(k), seed=42)
+
+
+def feature_levers(
+    epsilon: float,
+    data: Path,
+    state_dir: Path,
+    *,
+    levers: tuple[FeatureLever, ...] = FEATURE_LEVERS,
+    cells: tuple[dict[str, Any], ...] = LEVER_CELLS,
+    splits: int = 2,
+    repeats: int = 2,
+) -> list[dict[str, Any]]:
+    """Score each feature lever on inner splits at ``epsilon`` (DP FedAvg) and by a non-private central LR.
+
+    Each site's training features of every block of :data:`LEVER_BLOCKS` are computed once
+    (cached); a lever's columns are cut from them and (:func:`projected`) projected after the
+    inner cut's standardization. One row per lever and cell: the DP figures of
+    :func:`inner_score` and ``central_auc`` (:func:`central_auc`, 3 cuts), the ceiling the
+    features put on any head.
+    """
+    from server.local.demo import ensure_backbone
+
+    target = chest_target(epsilon, data, state_dir, {"feature_blocks": ",".join(map(str, LEVER_BLOCKS))})
+    backbone = build_model(
+        target.cfg.study.with_overrides(feature_blocks=""), ensure_backbone(target.cfg, Console(stderr=True))
+    ).backbone
+    widths = block_widths(backbone, LEVER_BLOCKS)
+    rows = []
+    for lever in levers:
+        sites = lever_sites(target.sites, widths, lever)
+        projection = lever_projection(lever, sites[0].x_train.shape[1], backbone)
+        central = central_auc(sites, splits=3, projection=projection)
+        width = sites[0].x_train.shape[1] if projection is None else projection.shape[1]
+        for cell in cells:
+            start = time.perf_counter()
+            study = target.cfg.study.with_overrides(**cell)
+            figures = inner_score(
+                study, sites, splits=splits, repeats=repeats, features=True, projection=projection
+            )
+            row = {"lever": lever.name, "width": width, **cell, "central_auc": central,
+                   **{f"inner_{k}": v for k, v in figures.items()}, "seconds": time.perf_counter() - start}  # fmt: skip
+            print(json.dumps(row), flush=True)  # noqa: T201 (a script's progress)
+            rows.append(row)
+    return rows
+
+
+SERVER_CELLS: tuple[dict[str, Any], ...] = (
+    {"strategy": "fedavg"},
+    *(
+        {"strategy": rule, "server_learning_rate": eta}
+        for rule in ("fedadam", "fedyogi")
+        for eta in (0.01, 0.03, 0.1, 0.3)
+    ),
+)
+"""The server rules and step sizes the server-momentum study adds to a task's schedule."""
+
+AGAIN: Refinements = ({},)
+"""The server grid's refinement: its best cells scored again, unchanged, on fresh cuts."""
+
+
+def server_grid(cfg: RunConfig, schedule: dict[str, Any] | None = None) -> Grid:
+    """:data:`SERVER_CELLS` on ``cfg``'s schedule (``schedule`` overriding it), as it and with twice the rounds.
+
+    The adaptive rules' moments may need more rounds than FedAvg; the local learning rate is
+    kept (FedAdam/FedYogi normalize the step, so its scale matters little).
+    """
+    study = cfg.study.with_overrides(**(schedule or {}))
+    base = {"batch_size": (study.batch_size,), "learning_rate": (study.learning_rate,),
+            "max_grad_norm": (study.max_grad_norm,)}  # fmt: skip
+    if schedule and "model" in schedule:
+        base["model"] = (schedule["model"],)
+    rounds = ((study.num_rounds, study.local_epochs), (2 * study.num_rounds, study.local_epochs))
+    return [{**base, "schedule": rounds, **{k: (v,) for k, v in server.items()}} for server in SERVER_CELLS]
+
+
+def _server(row: dict[str, Any]) -> str:
+    rule = row.get("strategy", "fedavg")
+    return rule if rule == "fedavg" else f"{rule} ({row['server_learning_rate']:g})"
+
+
+def _print_levers(rows: list[dict[str, Any]], epsilon: float) -> None:
+    table = Table(
+        title=f"tune_privacy chest-xray: feature levers, inner-validation figures at epsilon {epsilon:g}"
+    )
+    for column in ("features", "width", "lr", "AUC", "balanced acc", "central LR AUC (no DP)"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        (auc, auc_sd), (bacc, bacc_sd) = r["inner_auc"], r["inner_balanced_accuracy"]
+        table.add_row(
+            r["lever"], str(r["width"]), f"{r['learning_rate']:g}", f"{auc:.3f} ± {auc_sd:.3f}",
+            f"{bacc:.3f} ± {bacc_sd:.3f}", f"{r['central_auc'][0]:.3f} ± {r['central_auc'][1]:.3f}",
+        )  # fmt: skip
+    Console().print(table)
 
 
 def main() -> None:
     """Tune on inner splits, then report the chosen setting on the real split over seeds."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=("heart-disease", "chest-xray"), default="heart-disease")
-    parser.add_argument("--data", type=Path, default=None, help="chest-xray: PneumoniaMNIST .npz (or image folder)")
-    parser.add_argument("--state-dir", type=Path, default=Path(".carefl"), help="chest-xray: backbone registry, feature cache")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="chest-xray: PneumoniaMNIST .npz (or image folder)"
+    )
+    parser.add_argument(
+        "--state-dir", type=Path, default=Path(".carefl"), help="chest-xray: backbone registry, feature cache"
+    )
     parser.add_argument("--epsilon", type=float, default=1.0, help="target epsilon per site")
     parser.add_argument("--splits", type=int, default=3, help="inner cuts of each site's training rows")
     parser.add_argument("--repeats", type=int, default=2, help="federations (seeds, fresh DP noise) per cut")
     parser.add_argument("--refine", type=int, default=4, help="best cells re-scored with each clipping bound")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds of the final report (heart 5, chest 3)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="seeds of the final report (heart 5, chest 3)"
+    )
     parser.add_argument("--quick", action="store_true", help="a 4-cell grid (to check the script)")
     parser.add_argument("--no-test", action="store_true", help="stop after choosing")
     parser.add_argument("--json", type=Path, default=None, help="also write the grid and the report as JSON")
+    parser.add_argument(
+        "--grid", choices=("schedule", "server"), default="schedule",
+        help="schedule: batch, rounds x epochs, lr, clip; server: FedAvg vs FedAdam/FedYogi and their step, "
+        "on the shipped schedule",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        help="chest-xray: override a run-config key of the searched runs (kebab case, TOML value)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--feature-levers", action="store_true",
+        help="chest-xray: score the feature levers (blocks, fixed projections) and their central LR ceiling instead",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.task == "chest-xray" and args.data is None:
+        parser.error("--task chest-xray needs --data")
+    if args.feature_levers:
+        rows = feature_levers(
+            args.epsilon, args.data, args.state_dir, splits=args.splits, repeats=args.repeats
+        )
+        _print_levers(rows, args.epsilon)
+        if args.json:
+            args.json.write_text(json.dumps({"feature_levers": rows}, indent=2, default=float))
+        return
     if args.task == "chest-xray":
-        if args.data is None:
-            parser.error("--task chest-xray needs --data")
-        target = chest_target(args.epsilon, args.data, args.state_dir)
-        grid, refinements, seeds = QUICK_CHEST_GRID if args.quick else CHEST_GRID, CHEST_REFINE, args.seeds or 3
+        from scripts.bench_privacy import _overrides
+
+        target = chest_target(args.epsilon, args.data, args.state_dir, _overrides(args.overrides))
+        grids = {
+            "schedule": QUICK_CHEST_GRID if args.quick else CHEST_GRID,
+            "server": server_grid(target.cfg),
+        }
+        grid, seeds = grids[args.grid], args.seeds or 3
+        refinements = CHEST_REFINE if args.grid == "schedule" else AGAIN
     else:
         target = heart_target(args.epsilon)
-        grid, refinements, seeds = QUICK_GRID if args.quick else GRID, REFINE, args.seeds or 5
+        grids = {
+            "schedule": QUICK_GRID if args.quick else GRID,
+            "server": server_grid(target.cfg, DP_BENCHMARK),
+        }
+        grid, seeds = grids[args.grid], args.seeds or 5
+        refinements = REFINE if args.grid == "schedule" else AGAIN
     rows = tune(
         target, grid, splits=args.splits, repeats=args.repeats, refine=0 if args.quick else args.refine,
-        refinements=refinements,
+        refinements=refinements, baseline=_cell_of(cells(grid)[0]) if args.grid == "server" else None,
     )  # fmt: skip
     console = Console()
-    table = Table(title=f"tune_privacy {target.task}: inner-validation figures at epsilon {args.epsilon:g} (best 10)")
-    columns = ("stage", "model", "batch", "rounds x epochs", "lr", "clip", "class weights", "mean per-site acc", "AUC",
-               "balanced acc")  # fmt: skip
+    table = Table(
+        title=f"tune_privacy {target.task}: inner-validation figures at epsilon {args.epsilon:g} (best 10)"
+    )
+    columns = ("stage", "model", "batch", "rounds x epochs", "lr", "clip", "class weights", "server (step)",
+               "mean per-site acc", "AUC", "balanced acc")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right")
 
@@ -438,7 +851,7 @@ def main() -> None:
         table.add_row(
             str(r["stage"]), r.get("model", "-"), str(r["batch_size"]), f"{r['num_rounds']} x {r['local_epochs']}",
             f"{r['learning_rate']:g}", f"{r['max_grad_norm']:g}", r.get("class_weighting", "none"),
-            cell(r, "accuracy"), cell(r, "auc"),
+            _server(r), cell(r, "accuracy"), cell(r, "auc"),
             cell(r, "balanced_accuracy"),
         )  # fmt: skip
     console.print(table)

@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_proxy import ClientProxy
+from rich.console import Console
 
-from scripts.tune_privacy import FULL_BATCH, chest_target, inner_split, tune
+from scripts.bench_privacy import baselines
+from scripts.tune_privacy import (
+    FULL_BATCH,
+    FeatureLever,
+    ServerRule,
+    block_widths,
+    central_auc,
+    chest_target,
+    inner_split,
+    lever_sites,
+    public_projection,
+    random_projection,
+    tune,
+)
+from server.local.demo import ensure_backbone
+from server.recorder import FederationRecorder
+from server.strategy import make_strategy
+from shared.backbones.architectures import MobileNetV2Features
+from shared.config import RunConfig
+from shared.pipeline import build_model
 from shared.tasks.base import SiteData
+from shared.tv import torchvision_module
 
 TRAIN_MARK, VAL_MARK = 5.0, 99.0
 
@@ -69,9 +93,8 @@ def test_chest_search_never_sees_validation_images(small_npz: tuple[Path, Path],
     # Assert: no validation row in what the search sees, and the features do not depend on them
     assert all(len(s.x_val) == 0 and len(s.y_val) == 0 for s in sites)
     assert sum(len(s.y_train) for s in sites) > 0.6 * 240
-    assert all(
-        s.x_train.shape[1] == 320 for s in sites
-    )  # feature-blocks "-2": MobileNetV2's 320-channel block
+    # feature-blocks "7,8,9,10": four 64-channel blocks
+    assert all(s.x_train.shape[1] == 4 * 64 for s in sites)
     for a, b in zip(sites, other, strict=True):
         np.testing.assert_array_equal(a.x_train, b.x_train)
 
@@ -93,3 +116,110 @@ def test_chest_one_cell_grid_runs(small_npz: tuple[Path, Path], state_dir: Path)
     auc, bacc = row["inner_auc"][0], row["inner_balanced_accuracy"][0]
     assert 0.0 <= auc <= 1.0 and 0.0 <= bacc <= 1.0
     assert math.isclose(row["inner_mean"], (auc + bacc) / 2)
+
+
+class _Proxy(ClientProxy):
+    """A stand-in for a node's connection (the strategy only passes it through)."""
+
+    def get_properties(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def get_parameters(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def fit(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def evaluate(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def reconnect(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedyogi"])
+def test_server_rule_steps_as_the_federation_strategy(strategy: str) -> None:
+    # Prepare: the server's strategy of a real run, and 3 rounds of 3 sites' deltas
+    rng = np.random.default_rng(1)
+    initial = [rng.normal(size=(2, 5)).astype(np.float32), rng.normal(size=2).astype(np.float32)]
+    cfg = RunConfig.of(secure_aggregation=False, strategy=strategy, server_learning_rate=0.3)
+    real = make_strategy(
+        cfg, initial, FederationRecorder(), fit_config=lambda r: {}, evaluate_config=lambda r: {}
+    )
+    rule = ServerRule(strategy, eta=0.3)
+    counts = np.array([20, 50, 30])
+    current = [a.copy() for a in initial]
+
+    for server_round in (1, 2, 3):
+        deltas = [[0.1 * rng.normal(size=a.shape).astype(np.float32) for a in initial] for _ in counts]
+        results = [
+            (_Proxy(str(i)), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(d), int(n), {}))
+            for i, (d, n) in enumerate(zip(deltas, counts, strict=True))
+        ]
+
+        # Execute
+        parameters, _ = real.aggregate_fit(server_round, results, [])
+        mean = [sum(n * d[i] for n, d in zip(counts, deltas, strict=True)) / counts.sum() for i in range(2)]
+        current = rule.step(server_round, current, mean)
+
+        # Assert: the in-process rule lands where the federation's strategy does, every round
+        for got, expected in zip(current, parameters_to_ndarrays(parameters), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(current[0], initial[0])  # the rounds moved the model
+
+
+def test_public_projection_is_fixed_by_the_weights_alone(
+    state_dir: Path, small_npz: tuple[Path, Path]
+) -> None:
+    # Prepare: the backbone's public weights
+    target = chest_target(1.0, small_npz[0], state_dir, {**SMALL, "feature_blocks": "-2"})  # its input: 320
+    backbone = build_model(
+        target.cfg.study.with_overrides(feature_blocks=""),
+        ensure_backbone(target.cfg, Console(file=io.StringIO())),
+    ).backbone
+
+    # Execute
+    first, second = public_projection(backbone, 16), public_projection(backbone, 16)
+
+    # Assert: deterministic, orthonormal columns; the central LR check runs on the projected rows
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(first.T @ first, np.eye(16), atol=1e-5)
+    np.testing.assert_array_equal(random_projection(320, 8, 3), random_projection(320, 8, 3))
+    auc, _ = central_auc(target.sites, splits=1, projection=first)
+    assert 0.5 < auc <= 1.0
+
+
+def test_lever_sites_cut_the_blocks_columns_and_widths_match_mobilenet() -> None:
+    # Prepare: rows whose value is their column index, for blocks 7 (2 wide), 8 (3 wide) and 9 (1 wide)
+    widths = {7: 2, 8: 3, 9: 1}
+    x = np.tile(np.arange(6, dtype=np.float32), (4, 1))
+    site = SiteData("s", x, np.array([0, 1, 0, 1]), x[:0], np.zeros(0, np.int64), fingerprint="f")
+    mobilenet = torchvision_module().models.mobilenet_v2(weights=None).features
+
+    # Execute
+    cut = lever_sites([site], widths, FeatureLever((7, 9)))[0]
+    measured = block_widths(MobileNetV2Features(), (4, 11, 14, 17, 18))
+
+    # Assert: block 7's two columns then block 9's; the widths are torchvision's output channels
+    np.testing.assert_array_equal(cut.x_train[0], [0, 1, 5])
+    assert (
+        measured
+        == {b: mobilenet[b].out_channels for b in (4, 11, 14, 17, 18)}
+        == {4: 32, 11: 96, 14: 160, 17: 320, 18: 1280}
+    )
+
+
+def test_bench_baselines_report_site_alone_and_scratch(small_npz: tuple[Path, Path], state_dir: Path) -> None:
+    # Prepare: the small chest federation (2 sites) and its backbone
+    target = chest_target(1.0, small_npz[0], state_dir, SMALL)
+    pretrained = ensure_backbone(target.cfg, Console(file=io.StringIO()))
+    cheap = {"num_rounds": 1, "local_epochs": 1, "learning_rate": 0.05}
+
+    # Execute
+    figures = baselines(target.cfg.with_overrides(num_rounds=1, local_epochs=1), pretrained, 1.0, 2, cheap)
+
+    # Assert: both methods, every figure a mean and an sd over the 2 seeds, AUCs in range
+    assert set(figures) == {"each site alone", "federated from scratch"}
+    for method in figures.values():
+        assert 0.0 <= method["weighted_auc"]["mean"] <= 1.0 and method["weighted_auc"]["sd"] >= 0.0
+        assert 0.0 <= method["weighted_balanced_accuracy"]["mean"] <= 1.0
