@@ -86,7 +86,7 @@ def step_times(cfg: RunConfig, pretrained: Pretrained) -> dict[str, float]:
     for label, dp in (("plain", False), ("dp", True)):
         runs = {}
         for epochs in (1, 1, LONG_EPOCHS):  # the first 1-epoch pass is a warm-up
-            settings = train_settings(cfg.with_overrides(local_epochs=epochs), server_round=1)
+            settings = train_settings(cfg.study.with_overrides(local_epochs=epochs), server_round=1)
             samples = []
             for _ in range(REPEATS):
                 module = problem().module

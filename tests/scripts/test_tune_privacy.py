@@ -12,7 +12,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.server.client_proxy import ClientProxy
 from rich.console import Console
 
-from scripts.bench_privacy import baselines
+from scripts.bench_privacy import baselines, step_times
 from scripts.tune_privacy import (
     FULL_BATCH,
     FeatureLever,
@@ -223,3 +223,17 @@ def test_bench_baselines_report_site_alone_and_scratch(small_npz: tuple[Path, Pa
     for method in figures.values():
         assert 0.0 <= method["weighted_auc"]["mean"] <= 1.0 and method["weighted_auc"]["sd"] >= 0.0
         assert 0.0 <= method["weighted_balanced_accuracy"]["mean"] <= 1.0
+
+
+def test_bench_step_times_time_a_dp_step_against_a_plain_one(small_npz: tuple[Path, Path], state_dir: Path) -> None:
+    # Prepare: the small chest federation's head, as bench_privacy's step-time table times it
+    target = chest_target(1.0, small_npz[0], state_dir, SMALL)
+    pretrained = ensure_backbone(target.cfg, Console(file=io.StringIO()))
+
+    # Execute
+    times = step_times(target.cfg, pretrained)
+
+    # Assert: positive per-step times, their ratio, and the head's trainable parameters (2 x 256 + 2)
+    assert times["plain_step_s"] > 0 and times["dp_step_s"] > 0
+    assert times["ratio"] == pytest.approx(times["dp_step_s"] / times["plain_step_s"])
+    assert times["trainable_params"] == 2 * 256 + 2
