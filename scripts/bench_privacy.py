@@ -245,7 +245,7 @@ def main() -> None:
     epsilons = [None if e.strip() == "none" else float(e) for e in args.epsilons.split(",")]
     tasks = {t.strip() for t in args.tasks.split(",")}
     torch.set_num_threads(1)
-    console = Console()
+    console = Console(width=200)  # wide tables also when written to a file
     registry = str(args.state_dir / "registry")
     chest = demo_config(
         "chest-xray", registry_dir=registry, data_path=str(args.data), **_overrides(args.chest_set)
