@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -245,7 +246,7 @@ def main() -> None:
     epsilons = [None if e.strip() == "none" else float(e) for e in args.epsilons.split(",")]
     tasks = {t.strip() for t in args.tasks.split(",")}
     torch.set_num_threads(1)
-    console = Console(width=200)  # wide tables also when written to a file
+    console = Console(width=None if sys.stdout.isatty() else 200)  # a file gets wide tables
     registry = str(args.state_dir / "registry")
     chest = demo_config(
         "chest-xray", registry_dir=registry, data_path=str(args.data), **_overrides(args.chest_set)

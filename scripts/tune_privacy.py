@@ -49,6 +49,7 @@ import argparse
 import itertools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -764,7 +765,7 @@ def _print_levers(rows: list[dict[str, Any]], epsilon: float) -> None:
             r["lever"], str(r["width"]), f"{r['learning_rate']:g}", f"{auc:.3f} ± {auc_sd:.3f}",
             f"{bacc:.3f} ± {bacc_sd:.3f}", f"{r['central_auc'][0]:.3f} ± {r['central_auc'][1]:.3f}",
         )  # fmt: skip
-    Console(width=200).print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 def main() -> None:
@@ -834,7 +835,7 @@ def main() -> None:
         target, grid, splits=args.splits, repeats=args.repeats, refine=0 if args.quick else args.refine,
         refinements=refinements, baseline=_cell_of(cells(grid)[0]) if args.grid == "server" else None,
     )  # fmt: skip
-    console = Console(width=200)  # wide tables also when written to a file
+    console = Console(width=None if sys.stdout.isatty() else 200)  # a file gets wide tables
     table = Table(
         title=f"tune_privacy {target.task}: inner-validation figures at epsilon {args.epsilon:g} (best 10)"
     )
