@@ -3,7 +3,8 @@
 - the contract: :mod:`shared.protocol` (wire names), :mod:`shared.config` (the study each site
   receives), :mod:`shared.secagg` and :mod:`shared.masks` (secure aggregation);
 - the ML core: :mod:`shared.tasks`, :mod:`shared.backbones`, :mod:`shared.pipeline`,
-  :mod:`shared.features`, :mod:`shared.training`, :mod:`shared.dp`, :mod:`shared.privacy`;
+  :mod:`shared.features`, :mod:`shared.training`, :mod:`shared.dp` (with :mod:`shared.dp_linear`),
+  :mod:`shared.privacy`;
 - the common plumbing: errors, log, atomic writes, hashing, the Flower environment, processes.
 
 It imports neither :mod:`server` nor :mod:`client` (``tests/test_layering.py``). Network use:
