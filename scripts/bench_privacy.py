@@ -22,7 +22,7 @@ Usage::
     .venv/bin/python scripts/bench_privacy.py --data ../shared/data/pneumoniamnist.npz --epsilons 1 --no-step-times
     .venv/bin/python scripts/bench_privacy.py --data ../shared/data/pneumoniamnist.npz --epsilons 1 --no-step-times \
         --tasks heart-disease,heart-transfer [--heart-schedule previous]
-    .venv/bin/python scripts/bench_privacy.py --data ../shared/data/pneumoniamnist.npz --epsilons 1 --no-step-times \
+    PYTHONPATH=. .venv/bin/python scripts/bench_privacy.py --data ../shared/data/pneumoniamnist.npz --epsilons 1 --no-step-times \
         --tasks chest-xray --baselines --scratch-set num-rounds=5 --scratch-set local-epochs=1 \
         --scratch-set learning-rate=0.05 --scratch-set max-grad-norm=1.0
 

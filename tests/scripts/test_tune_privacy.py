@@ -13,19 +13,15 @@ from flwr.server.client_proxy import ClientProxy
 from rich.console import Console
 
 from scripts.bench_privacy import baselines, step_times
-from scripts.tune_privacy import (
-    FULL_BATCH,
+from scripts.feature_levers import (
     FeatureLever,
-    ServerRule,
     block_widths,
     central_auc,
-    chest_target,
-    inner_split,
     lever_sites,
     public_projection,
     random_projection,
-    tune,
 )
+from scripts.tune_privacy import FULL_BATCH, ServerRule, chest_target, inner_split, tune
 from server.local.demo import ensure_backbone
 from server.recorder import FederationRecorder
 from server.strategy import make_strategy
