@@ -35,7 +35,7 @@ demo-chest: setup
 # Two workers, a test file per worker at a time (module fixtures stay in one process): the
 # deployments mostly wait on Flower's polling, so the other worker's tests run meanwhile.
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # The developer's loop: everything but the federations (tests marked `slow`, all of tests/e2e).
 test-fast: setup
