@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server.client_proxy import ClientProxy
 from rich.console import Console
 
 from scripts.bench_privacy import baselines, step_times
@@ -30,6 +29,7 @@ from shared.config import RunConfig
 from shared.pipeline import build_model
 from shared.tasks.base import SiteData
 from shared.tv import torchvision_module
+from tests.node_proxy import NodeProxy
 
 TRAIN_MARK, VAL_MARK = 5.0, 99.0
 
@@ -114,25 +114,6 @@ def test_chest_one_cell_grid_runs(small_npz: tuple[Path, Path], state_dir: Path)
     assert math.isclose(row["inner_mean"], (auc + bacc) / 2)
 
 
-class _Proxy(ClientProxy):
-    """A stand-in for a node's connection (the strategy only passes it through)."""
-
-    def get_properties(self, *a, **k):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def get_parameters(self, *a, **k):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def fit(self, *a, **k):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def evaluate(self, *a, **k):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def reconnect(self, *a, **k):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedyogi"])
 def test_server_rule_steps_as_the_federation_strategy(strategy: str) -> None:
     # Prepare: the server's strategy of a real run, and 3 rounds of 3 sites' deltas
@@ -149,7 +130,7 @@ def test_server_rule_steps_as_the_federation_strategy(strategy: str) -> None:
     for server_round in (1, 2, 3):
         deltas = [[0.1 * rng.normal(size=a.shape).astype(np.float32) for a in initial] for _ in counts]
         results = [
-            (_Proxy(str(i)), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(d), int(n), {}))
+            (NodeProxy(str(i)), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(d), int(n), {}))
             for i, (d, n) in enumerate(zip(deltas, counts, strict=True))
         ]
 

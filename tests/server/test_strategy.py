@@ -12,31 +12,12 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.server.client_proxy import ClientProxy
 
 from server.recorder import FederationRecorder
 from server.strategy import make_strategy
 from shared import protocol as wire
 from shared.config import RunConfig
-
-
-class _Proxy(ClientProxy):
-    """A stand-in for the network connection to a node (collaborator only)."""
-
-    def get_properties(self, *a, **k):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def get_parameters(self, *a, **k):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def fit(self, *a, **k):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def evaluate(self, *a, **k):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def reconnect(self, *a, **k):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
+from tests.node_proxy import NodeProxy
 
 
 def _fit_res(arrays: list[np.ndarray], n: int) -> FitRes:
@@ -54,7 +35,7 @@ def test_fedavg_on_deltas_equals_weighted_mean_of_local_weights() -> None:
         RunConfig.of(secure_aggregation=False), global_w, recorder, fit_config=lambda r: {}, evaluate_config=lambda r: {}
     )
     results = [
-        (_Proxy(str(i)), _fit_res([lw - g for lw, g in zip(local, global_w)], n))
+        (NodeProxy(str(i)), _fit_res([lw - g for lw, g in zip(local, global_w)], n))
         for i, (local, n) in enumerate(zip(locals_w, counts))
     ]
 
@@ -81,7 +62,7 @@ def test_fedadam_moves_towards_the_mean_delta() -> None:
     )
 
     # Execute
-    params, _ = strategy.aggregate_fit(1, [(_Proxy("0"), _fit_res(delta, 5))], [])
+    params, _ = strategy.aggregate_fit(1, [(NodeProxy("0"), _fit_res(delta, 5))], [])
 
     # Assert: Adam's first step, computed by hand with Flower's bias correction (t = round + 1)
     beta_1, beta_2, eta, t = 0.9, 0.99, 0.1, 2.0
@@ -103,8 +84,8 @@ def test_each_sites_dropped_rows_reach_the_recorder() -> None:
         fit_config=lambda r: {}, evaluate_config=lambda r: {},
     )  # fmt: skip
     replies = [
-        (_Proxy("1"), EvaluateRes(Status(Code.OK, ""), 0.5, 89, {wire.METRIC_SITE: "Hungary", wire.METRIC_DROPPED_ROWS: 33})),
-        (_Proxy("2"), EvaluateRes(Status(Code.OK, ""), 0.4, 16, {wire.METRIC_SITE: "Switzerland", wire.METRIC_DROPPED_ROWS: 77})),
+        (NodeProxy("1"), EvaluateRes(Status(Code.OK, ""), 0.5, 89, {wire.METRIC_SITE: "Hungary", wire.METRIC_DROPPED_ROWS: 33})),
+        (NodeProxy("2"), EvaluateRes(Status(Code.OK, ""), 0.4, 16, {wire.METRIC_SITE: "Switzerland", wire.METRIC_DROPPED_ROWS: 77})),
     ]
 
     # Execute
@@ -128,8 +109,8 @@ def test_each_sites_clinical_scores_and_operating_point_reach_its_row() -> None:
     )  # fmt: skip
     clinical = {key: 0.01 * (i + 1) for i, key in enumerate(wire.CLINICAL_METRICS)}
     replies = [
-        (_Proxy("1"), EvaluateRes(Status(Code.OK, ""), 0.5, 89, {wire.METRIC_SITE: "Hungary", **clinical})),
-        (_Proxy("2"), EvaluateRes(Status(Code.OK, ""), 0.4, 16, {wire.METRIC_SITE: "Switzerland"})),
+        (NodeProxy("1"), EvaluateRes(Status(Code.OK, ""), 0.5, 89, {wire.METRIC_SITE: "Hungary", **clinical})),
+        (NodeProxy("2"), EvaluateRes(Status(Code.OK, ""), 0.4, 16, {wire.METRIC_SITE: "Switzerland"})),
     ]
 
     # Execute
@@ -163,7 +144,7 @@ def test_metrics_of_round_r_plus_1s_fit_land_on_the_model_after_round_r() -> Non
     strategy = make_strategy(
         cfg, [np.zeros(2, dtype=np.float32)], recorder, fit_config=lambda r: {}, evaluate_config=lambda r: {}
     )
-    a, b = _Proxy("a"), _Proxy("b")
+    a, b = NodeProxy("a"), NodeProxy("b")
 
     # Execute: round 1 (the initial model's evaluation), round 2, then the final evaluate
     strategy.aggregate_fit(1, [(a, _trained(10, "A", 1.0, (0.7, 5, _evaluation(0.50, 0.0)))),
@@ -194,7 +175,7 @@ def test_a_fit_without_carried_evaluations_records_no_row() -> None:
     )
 
     # Execute
-    strategy.aggregate_fit(1, [(_Proxy(s), _trained(10, s, 1.0, (0.7, 5, _evaluation(0.5, 0.0)))) for s in "AB"], [])
+    strategy.aggregate_fit(1, [(NodeProxy(s), _trained(10, s, 1.0, (0.7, 5, _evaluation(0.5, 0.0)))) for s in "AB"], [])
 
     # Assert
     assert recorder.rows == []

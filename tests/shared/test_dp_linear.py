@@ -10,7 +10,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
 from torch import nn
 
 import shared.dp
@@ -19,7 +18,7 @@ from shared.config import StudyConfig
 from shared.dp import train_dp
 from shared.dp_linear import input_gram, linear_head, record_errors, record_norms
 from shared.errors import ConfigError
-from shared.privacy import Charge, poisson_schedule
+from shared.privacy import Charge
 from shared.training import RecordLoss, TrainSettings, class_weights, train
 
 SETTINGS = TrainSettings(epochs=3, batch_size=8, learning_rate=0.5, seed=0)  # SGD momentum 0.9, as shipped
@@ -173,39 +172,6 @@ def test_empty_poisson_batches_still_step_noise_and_count(monkeypatch: pytest.Mo
     assert empty >= 2
     torch.testing.assert_close(trained["linear"], trained["hooks"], rtol=1e-4, atol=1e-5)
     assert charges["linear"] == charges["hooks"] == (Charge(1.0, 1 / 20, 40),)
-
-
-def test_the_epsilon_is_the_opacus_modes_and_dp_accountings() -> None:
-    # Prepare
-    dp_accounting = pytest.importorskip("dp_accounting")
-    from dp_accounting import dp_event
-
-    x, y = _data((20, 8, 6), seed=4)
-    sigma, delta = 1.2, 1e-3
-    q, per_epoch = poisson_schedule(len(y), SETTINGS.batch_size)
-
-    # Execute
-    charges = {
-        mode: train_dp(
-            _linear(),
-            x,
-            y,
-            replace(SETTINGS, grad_sample_mode=mode),
-            noise_multiplier=sigma,
-            max_grad_norm=1.0,
-        ).charges
-        for mode in ("auto", "linear", "hooks", "ghost", "functorch")
-    }
-
-    # Assert: one schedule in every mode, so one epsilon, which Google's accountant computes too
-    assert set(charges.values()) == {(Charge(sigma, q, SETTINGS.epochs * per_epoch),)}
-    accountant = RDPAccountant()
-    accountant.history = [(sigma, q, SETTINGS.epochs * per_epoch)]
-    google = dp_accounting.rdp.RdpAccountant(orders=list(RDPAccountant.DEFAULT_ALPHAS))
-    google.compose(dp_event.SelfComposedDpEvent(
-        dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), SETTINGS.epochs * per_epoch
-    ))  # fmt: skip
-    assert accountant.get_epsilon(delta) == pytest.approx(google.get_epsilon(delta), rel=0.03)
 
 
 def test_each_records_contribution_is_bounded() -> None:

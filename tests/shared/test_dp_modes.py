@@ -87,12 +87,13 @@ def test_an_unknown_mode_is_refused() -> None:
         StudyConfig.from_run_config({"grad-sample-mode": "ew"})
 
 
-def test_the_accountants_epsilon_does_not_depend_on_the_mode() -> None:
-    # Prepare
+@pytest.mark.parametrize("shape", [(64, 6), (20, 8, 6)], ids=["one view", "8 views"])
+def test_the_accountants_epsilon_does_not_depend_on_the_mode(shape: tuple[int, ...]) -> None:
+    # Prepare: every mode, CareFL's closed form (linear, and auto's choice of it) among them
     dp_accounting = pytest.importorskip("dp_accounting")
     from dp_accounting import dp_event
 
-    x, y = _data((64, 6), seed=1)
+    x, y = _data(shape, seed=1)
     sigma, delta = 1.2, 1e-3
     q, per_epoch = poisson_schedule(len(y), SETTINGS.batch_size)
 
@@ -106,7 +107,7 @@ def test_the_accountants_epsilon_does_not_depend_on_the_mode() -> None:
             noise_multiplier=sigma,
             max_grad_norm=1.0,
         ).charges
-        for mode in MODES
+        for mode in GRAD_SAMPLE_MODES
     }
 
     # Assert: the same schedule in every mode, so the same epsilon, which Google's accountant computes too
