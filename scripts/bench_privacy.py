@@ -142,10 +142,15 @@ def over_seeds(cfg: RunConfig, eps: float | None, seeds: int) -> dict[str, dict[
     for seed in range(seeds):
         with tempfile.TemporaryDirectory() as root:
             runs.append(utility(cfg.with_overrides(seed=seed), eps, Path(root)))
+    return mean_sd(runs)
+
+
+def mean_sd(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The mean and sample standard deviation (0 for one run) of each figure of ``runs``."""
     return {
         key: {
             "mean": float(np.mean([r[key] for r in runs])),
-            "sd": float(np.std([r[key] for r in runs], ddof=1)) if seeds > 1 else 0.0,
+            "sd": float(np.std([r[key] for r in runs], ddof=1)) if len(runs) > 1 else 0.0,
         }
         for key in runs[0]
     }
@@ -162,9 +167,8 @@ def baselines(
     in-process (:func:`scripts.tune_privacy.federate`, what the simulation runs, without its
     messaging), with the run-config overrides ``scratch`` (a shorter schedule keeps it cheap).
     """
-    from scripts.tune_privacy import federate
+    from scripts.tune_privacy import federate, site_scores
     from server.local.baselines import site_alone
-    from shared.scores import binary_metrics
 
     run_cfg = cfg.with_overrides(dp=True, target_epsilon=eps)
     out: dict[str, list[dict[str, float]]] = {"each site alone": [], "federated from scratch": []}
@@ -178,24 +182,12 @@ def baselines(
         )
         start = time.perf_counter()
         study = seeded.study.with_overrides(setup="scratch", **scratch)
-        probabilities = federate(study, sites)
-        figures = [
-            (len(s.y_val), binary_metrics(s.y_val, p[:, 1]))
-            for s, p in zip(sites, probabilities, strict=True)
-        ]
-        total = sum(n for n, _ in figures)
+        scores = site_scores(sites, federate(study, sites))  # example-weighted over the sites, as above
         out["federated from scratch"].append({
-            "weighted_auc": sum(n * m.auc for n, m in figures if math.isfinite(m.auc)) / total,
-            "weighted_balanced_accuracy": sum(n * m.balanced_accuracy for n, m in figures) / total,
+            "weighted_auc": scores["auc"], "weighted_balanced_accuracy": scores["balanced_accuracy"],
             "seconds": time.perf_counter() - start,
         })  # fmt: skip
-    return {
-        method: {
-            key: {"mean": float(np.mean([r[key] for r in runs])), "sd": float(np.std([r[key] for r in runs], ddof=1)) if seeds > 1 else 0.0}
-            for key in runs[0]
-        }
-        for method, runs in out.items()
-    }  # fmt: skip
+    return {method: mean_sd(runs) for method, runs in out.items()}
 
 
 def _cell(figure: dict[str, float]) -> str:
